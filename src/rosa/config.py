@@ -1,0 +1,158 @@
+"""RosaConfig: everything that defines a RoSA adapter and its training schedule."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft.config import PeftConfig
+
+PEFT_TYPE = "ROSA"
+
+MaskMethod = Literal["fisher", "grad", "magnitude", "random"]
+SparseStrategy = Literal["auto", "spmm", "fold"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RosaConfigError(ValueError):
+    """A RosaConfig field has a value RoSA cannot use."""
+
+
+@dataclass
+class RosaConfig(PeftConfig):
+    """Configuration of a RoSA adapter: a LoRA pair plus a sparse matrix whose support is chosen from data.
+
+    ``density`` 0 gives plain LoRA; ``r`` 0 gives sparse-only adaptation (SpA). ``rank_pattern`` and
+    ``density_pattern`` map a module-name regex (matched against the end of the full name, as in PEFT) to
+    a per-module value.
+    """
+
+    r: int = field(default=16, metadata={"help": "LoRA rank; 0 disables the low-rank part (SpA)."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: s = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (not on the sparse path)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Use s = lora_alpha / sqrt(r) (rsLoRA)."})
+    density: float = field(
+        default=0.006, metadata={"help": "Fraction of each adapted weight in the sparse support, in [0, 1]."}
+    )
+    target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={"help": "Module names or a regex; 'all-linear' adapts every linear layer but the output head."},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted."})
+    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank overrides."})
+    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha overrides."})
+    density_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module density overrides."}
+    )
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "dtype of A, B and the sparse values."}
+    )
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored (in, out), as GPT-2 Conv1D."})
+    bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none' is supported."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules trained and saved."})
+    init_lora_weights: bool = field(
+        default=True, metadata={"help": "PEFT's default init (Kaiming A, zero B); False makes B random (tests)."}
+    )
+    sparse_strategy: SparseStrategy = field(
+        default="auto",
+        metadata={"help": "'spmm' (sparse matmuls), 'fold' (S added to a dense weight copy) or 'auto' (cost rule)."},
+    )
+    # Mask selection and schedule (used by rosa.masks and rosa.scheduler).
+    mask_method: MaskMethod = field(default="fisher", metadata={"help": "How the sparse support is scored."})
+    mask_allocation: Literal["layer", "global"] = field(
+        default="layer",
+        metadata={"help": "'layer': top-k per layer at its density; 'global': the same total budget spread by score."},
+    )
+    global_capacity_factor: float = field(
+        default=2.0,
+        metadata={"help": "With global allocation, a layer may take up to this many times its own budget."},
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "LoRA-only optimizer steps before mask collection."})
+    mask_steps: int = field(default=16, metadata={"help": "Micro-batches whose gradients score the mask."})
+    restart_after_mask: bool = field(
+        default=True,
+        metadata={"help": "Reset A and B to their initial values once the mask is fixed (the paper's best runs)."},
+    )
+    mask_memory_budget: float | None = field(
+        default=None,
+        metadata={"help": "Cap, in GiB, on the extra memory mask collection may use (None: automatic)."},
+    )
+    mask_seed: int = field(default=0, metadata={"help": "Seed for the random mask method and tie-free scoring."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        _check_rank(self.r, "r")
+        _check_density(self.density, "density")
+        for pattern, rank in self.rank_pattern.items():
+            _check_rank(rank, f"rank_pattern[{pattern!r}]")
+        for pattern, density in self.density_pattern.items():
+            _check_density(density, f"density_pattern[{pattern!r}]")
+        for pattern in (*self.rank_pattern, *self.density_pattern, *self.alpha_pattern):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise RosaConfigError(f"pattern {pattern!r} is not a valid regex: {e}") from None
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise RosaConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.adapter_dtype not in _DTYPES:
+            raise RosaConfigError(f"adapter_dtype must be one of {sorted(_DTYPES)}, got {self.adapter_dtype!r}")
+        if self.sparse_strategy not in ("auto", "spmm", "fold"):
+            raise RosaConfigError(f"sparse_strategy must be 'auto', 'spmm' or 'fold', got {self.sparse_strategy!r}")
+        if self.mask_method not in ("fisher", "grad", "magnitude", "random"):
+            raise RosaConfigError(
+                f"mask_method must be 'fisher', 'grad', 'magnitude' or 'random', got {self.mask_method!r}"
+            )
+        if self.mask_allocation not in ("layer", "global"):
+            raise RosaConfigError(f"mask_allocation must be 'layer' or 'global', got {self.mask_allocation!r}")
+        if self.global_capacity_factor < 1.0:
+            raise RosaConfigError(f"global_capacity_factor must be >= 1, got {self.global_capacity_factor}")
+        if self.warmup_steps < 0 or self.mask_steps < 0:
+            raise RosaConfigError("warmup_steps and mask_steps must be >= 0")
+        if self.mask_memory_budget is not None and self.mask_memory_budget <= 0:
+            raise RosaConfigError(f"mask_memory_budget must be positive (GiB), got {self.mask_memory_budget}")
+        if self.bias != "none":
+            raise RosaConfigError(f"bias must be 'none', got {self.bias!r}")
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype:
+        return _DTYPES[self.adapter_dtype]
+
+    def rank_for(self, module_name: str) -> int:
+        return _match_pattern(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _match_pattern(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def density_for(self, module_name: str) -> float:
+        return _match_pattern(self.density_pattern, module_name, self.density)
+
+
+def _match_pattern(patterns: dict, module_name: str, default):
+    """PEFT's rule: a key matches when it matches the end of the name at a '.' boundary."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def _check_rank(rank: int, name: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise RosaConfigError(f"{name} must be a non-negative integer, got {rank!r}")
+
+
+def _check_density(density: float, name: str) -> None:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= float(density) <= 1.0:
+        raise RosaConfigError(f"{name} must be a number in [0, 1], got {density!r}")

@@ -1,0 +1,306 @@
+"""RosaLayer / RosaLinear: a frozen base linear plus a LoRA pair plus a sparse matrix with a fixed support.
+
+    y = base(x) + s * B(A(dropout(x))) + x S^T
+
+A and B are ``nn.Linear`` modules exactly as in PEFT's LoRA, so the low-rank part is PEFT's. S is a trainable
+vector of values plus integer buffers holding its CSR support and the transpose; ``rosa.sparse`` computes the
+sparse term without ever forming S densely. Before a mask exists the support is empty: the values are allocated
+at their final size from the start (so optimizers and DDP see a fixed parameter set) but take no part in the
+forward, hence get no gradient and no optimizer update.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from .sparse import Support, empty_support, ops
+from .sparse.strategy import choose_strategy
+
+try:  # GPT-2 style layers store their weight as (in, out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+SUPPORT_FIELDS = ("row_offsets", "col_idx", "t_row_offsets", "t_col_idx", "t_perm")
+SUPPORT_BUFFERS = tuple(f"rosa_{field}" for field in SUPPORT_FIELDS)
+
+
+class RosaLayer(BaseTunerLayer):
+    adapter_layer_names = ("rosa_A", "rosa_B", "rosa_values")
+    other_param_names = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "rosa_dropout",
+        "density",
+        "capacity",
+        "sparse_strategy",
+        *SUPPORT_BUFFERS,
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.density: dict[str, float] = {}
+        self.capacity: dict[str, int] = {}
+        self.sparse_strategy: dict[str, str] = {}
+        self.rosa_dropout = nn.ModuleDict({})
+        self.rosa_A = nn.ModuleDict({})
+        self.rosa_B = nn.ModuleDict({})
+        self.rosa_values = nn.ParameterDict({})
+        for name in SUPPORT_BUFFERS:
+            setattr(self, name, BufferDict({}, persistent=True))
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        if self.in_features is None:
+            raise TypeError(f"RoSA cannot adapt a {type(self.get_base_layer()).__name__}: only linear layers")
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D) if Conv1D else False
+        self.kwargs = kwargs
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        density: float = 0.0,
+        capacity: int | None = None,
+        use_rslora: bool = False,
+        init_lora_weights: bool = True,
+        adapter_dtype: torch.dtype = torch.float32,
+        sparse_strategy: str = "auto",
+        inference_mode: bool = False,
+    ) -> None:
+        """Add (or replace) one named adapter. ``capacity`` is the size of the sparse value vector; it defaults
+        to the layer's own budget ``round(density * out * in)``."""
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {density}")
+        budget = nnz_budget(density, self.out_features, self.in_features)
+        capacity = budget if capacity is None else capacity
+        if not budget <= capacity <= self.out_features * self.in_features:
+            raise ValueError(f"capacity {capacity} must lie in [{budget}, {self.out_features * self.in_features}]")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.density[adapter_name] = density
+        self.capacity[adapter_name] = capacity
+        self.sparse_strategy[adapter_name] = sparse_strategy
+        self.scaling[adapter_name] = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r else 0.0
+        self.rosa_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if r > 0:
+            self.rosa_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=adapter_dtype)
+            self.rosa_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=adapter_dtype)
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.rosa_values[adapter_name] = nn.Parameter(torch.zeros(capacity, dtype=adapter_dtype))
+        self.set_support(adapter_name, empty_support((self.out_features, self.in_features)))
+        self._place_adapter(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
+        """PEFT's LoRA init: Kaiming-uniform A, zero B (so the adapter starts as the identity)."""
+        if adapter_name not in self.rosa_A:
+            return
+        nn.init.kaiming_uniform_(self.rosa_A[adapter_name].weight, a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.rosa_B[adapter_name].weight)
+        else:
+            nn.init.normal_(self.rosa_B[adapter_name].weight, std=0.02)
+
+    def _place_adapter(self, adapter_name: str) -> None:
+        """Move this adapter to the base weight's device, keeping its own dtype (fp32 adapters on a bf16 base
+        stay fp32, unlike PEFT's default cast)."""
+        device = _base_device(self.get_base_layer())
+        if device is None or device.type == "meta":
+            return
+        for name in self.adapter_layer_names + SUPPORT_BUFFERS:
+            container = getattr(self, name)
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device)
+
+    # --- the sparse support ---------------------------------------------------------------------------
+
+    def support(self, adapter_name: str) -> Support:
+        return Support(*(getattr(self, name)[adapter_name] for name in SUPPORT_BUFFERS))
+
+    def nnz(self, adapter_name: str) -> int:
+        """Active nonzeros of this adapter's sparse part (0 before its mask exists). No host sync."""
+        return self.rosa_col_idx[adapter_name].numel() if adapter_name in self.rosa_col_idx else 0
+
+    def set_support(self, adapter_name: str, support: Support) -> None:
+        """Fix the sparse support. The values of the active entries are reset to zero, since a value belongs to
+        a position and the positions have changed."""
+        if support.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"support shape {support.shape} does not match the layer's {(self.out_features, self.in_features)}"
+            )
+        if support.nnz > self.capacity[adapter_name]:
+            raise ValueError(
+                f"support has {support.nnz} nonzeros but adapter {adapter_name!r} holds at most "
+                f"{self.capacity[adapter_name]} sparse values"
+            )
+        device = self.rosa_values[adapter_name].device
+        for name, field in zip(SUPPORT_BUFFERS, SUPPORT_FIELDS):
+            getattr(self, name)[adapter_name] = getattr(support, field).to(device)
+        with torch.no_grad():
+            self.rosa_values[adapter_name].zero_()
+
+    def _active_values(self, adapter_name: str) -> torch.Tensor:
+        values = self.rosa_values[adapter_name]
+        nnz = self.nnz(adapter_name)
+        return values if nnz == values.numel() else values[:nnz]
+
+    # --- forward --------------------------------------------------------------------------------------
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _can_fold(self) -> bool:
+        """Fold needs a plain, frozen dense weight whose forward we may replace (no quantization, no hooks)."""
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        return (
+            type(base) in (nn.Linear, Conv1D)
+            and isinstance(weight, torch.Tensor)
+            and type(weight) in (torch.Tensor, nn.Parameter)
+            and not weight.requires_grad
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and self.quantization_backend is None
+        )
+
+    def _fold_adapter(self, tokens: int, device: torch.device) -> str | None:
+        """The adapter whose sparse part should be folded into the base weight for this call, if any."""
+        for name in self.active_adapters:
+            nnz = self.nnz(name)
+            if name not in self.rosa_values or nnz == 0:
+                continue
+            strategy = self.sparse_strategy[name]
+            if strategy == "auto":
+                strategy = choose_strategy(device.type, self.out_features, self.in_features, nnz, tokens)
+            if strategy == "fold" and self._can_fold():
+                return name
+        return None
+
+    def _sparse_term(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        s = self.support(adapter_name)
+        return ops.sparse_linear(
+            x2d,
+            self._active_values(adapter_name),
+            s.row_offsets,
+            s.col_idx,
+            s.t_row_offsets,
+            s.t_col_idx,
+            s.t_perm,
+        )
+
+    def _folded_base(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        weight = self._base_weight_out_in()
+        s = self.support(adapter_name)
+        y = ops.folded_linear(
+            x2d.to(weight.dtype), weight, self._active_values(adapter_name), s.flat_index(), s.row_offsets, s.col_idx
+        )
+        bias = self.get_base_layer().bias
+        return y if bias is None else y + bias
+
+
+class RosaLinear(nn.Module, RosaLayer):
+    """RoSA around an ``nn.Linear``, a GPT-2 ``Conv1D`` or a bitsandbytes ``Linear4bit``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        nn.Module.__init__(self)
+        RosaLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+
+        x2d = x.reshape(-1, self.in_features)
+        folded = self._fold_adapter(x2d.shape[0], x.device)
+        if folded is None:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            result = self._folded_base(x2d, folded).reshape(*x.shape[:-1], self.out_features)
+        result_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.rosa_values:
+                continue
+            if self.r[name] > 0:
+                lora_a, lora_b = self.rosa_A[name], self.rosa_B[name]
+                h = self._cast_input_dtype(x, lora_a.weight.dtype)
+                result = result + (lora_b(lora_a(self.rosa_dropout[name](h))) * self.scaling[name]).to(result_dtype)
+            if name != folded and self.nnz(name) > 0:
+                sparse = self._sparse_term(x2d, name).reshape(*x.shape[:-1], self.out_features)
+                result = result + sparse.to(result_dtype)
+        return result.to(result_dtype)
+
+    # --- merging --------------------------------------------------------------------------------------
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense fp32 ``s * B @ A + S`` in (out, in) layout. Only for merging: builds an out x in tensor."""
+        device = self.rosa_values[adapter_name].device
+        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=device)
+        if self.r[adapter_name] > 0:
+            a = self.rosa_A[adapter_name].weight.float()
+            b = self.rosa_B[adapter_name].weight.float()
+            delta += (b @ a) * self.scaling[adapter_name]
+        if self.nnz(adapter_name) > 0:
+            flat = self.support(adapter_name).flat_index()
+            delta.view(-1).index_add_(0, flat, self._active_values(adapter_name).float())
+        return delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.rosa_values:
+                continue
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name)
+            merged = (weight.float() + (delta.t() if self.fan_in_fan_out else delta)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs found when merging adapter {name!r}; the base weight is unchanged")
+            self.set_base_weight(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name)
+            self.set_base_weight((weight.float() - (delta.t() if self.fan_in_fan_out else delta)).to(weight.dtype))
+
+    def __repr__(self) -> str:
+        return "rosa." + super().__repr__()
+
+
+def nnz_budget(density: float, out_features: int, in_features: int) -> int:
+    """The number of sparse values a layer gets at ``density``: round(density * out * in)."""
+    return round(density * out_features * in_features)
+
+
+def _base_device(base: nn.Module) -> torch.device | None:
+    for tensor in (*base.parameters(recurse=False), *base.buffers(recurse=False)):
+        return tensor.device
+    return None

@@ -1,0 +1,191 @@
+"""RoSA's sparse operations as torch.library custom ops, with autograd and fake-tensor support.
+
+Two differentiable ops cover the two strategies:
+
+- ``rosa::sparse_linear(x, values, support...) = x @ S^T`` (the "spmm" strategy): forward SpMM, input
+  gradient by SpMM with the prebuilt transpose, value gradient by SDDMM. Nothing dense of size out x in.
+- ``rosa::folded_linear(x, weight, values, support...) = x @ (W + S)^T`` (the "fold" strategy): S is added
+  into a dense copy of the frozen weight for the forward and input-gradient matmuls, the values still get
+  their gradient by SDDMM. The copy is rebuilt in the backward instead of being kept, so it lives only
+  for the duration of one matmul.
+
+Each op picks its backend by device: PyTorch's sparse kernels on CPU, Triton kernels on CUDA (falling back to
+cuSPARSE with a one-time warning where Triton is missing). ``ROSA_SPARSE_BACKEND=torch|triton`` forces one,
+which is how the Triton kernels are run on CPU under ``TRITON_INTERPRET=1`` in tests.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import cache
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import torch_ops
+
+
+@cache
+def _triton_backend() -> ModuleType | None:
+    try:
+        from . import triton_ops
+    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
+        return None
+    return triton_ops if getattr(triton_ops, "HAS_TRITON", False) else None
+
+
+@cache
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "rosa: Triton is not available; CUDA tensors use PyTorch's cuSPARSE path, which is slower.", stacklevel=3
+    )
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    """The module implementing spmm / spmm_t / sddmm / fold for tensors on ``device``."""
+    forced = os.environ.get("ROSA_SPARSE_BACKEND", "").lower()
+    if forced == "torch":
+        return torch_ops
+    if forced == "triton" or device.type == "cuda":
+        backend = _triton_backend()
+        if backend is not None:
+            return backend
+        if forced == "triton":
+            raise RuntimeError("ROSA_SPARSE_BACKEND=triton but Triton cannot be imported")
+        _warn_no_triton()
+    return torch_ops
+
+
+# --- primitive ops (no autograd of their own: they are the backward of the two ops below) -----------------
+
+
+@torch.library.custom_op("rosa::spmm", mutates_args=())
+def spmm(x: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, out_features: int) -> Tensor:
+    """``x @ S^T``: (tokens, in) -> (tokens, out) in x.dtype, accumulated in fp32."""
+    return backend_for(x.device).spmm(x, values, row_offsets, col_idx, out_features)
+
+
+@spmm.register_fake
+def _(x, values, row_offsets, col_idx, out_features):
+    return _token_major_like(x, out_features)
+
+
+@torch.library.custom_op("rosa::spmm_t", mutates_args=())
+def spmm_t(
+    dy: Tensor, values: Tensor, t_row_offsets: Tensor, t_col_idx: Tensor, t_perm: Tensor, in_features: int
+) -> Tensor:
+    """``dy @ S``: (tokens, out) -> (tokens, in) in dy.dtype, accumulated in fp32."""
+    return backend_for(dy.device).spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features)
+
+
+@spmm_t.register_fake
+def _(dy, values, t_row_offsets, t_col_idx, t_perm, in_features):
+    return _token_major_like(dy, in_features)
+
+
+@torch.library.custom_op("rosa::sddmm", mutates_args=())
+def sddmm(dy: Tensor, x: Tensor, row_offsets: Tensor, col_idx: Tensor) -> Tensor:
+    """``dy^T x`` sampled at the support, in CSR order, fp32."""
+    return backend_for(dy.device).sddmm(dy, x, row_offsets, col_idx)
+
+
+@sddmm.register_fake
+def _(dy, x, row_offsets, col_idx):
+    return dy.new_empty(col_idx.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("rosa::fold", mutates_args=())
+def fold(weight: Tensor, values: Tensor, flat_index: Tensor) -> Tensor:
+    """A new dense ``W + S`` in weight.dtype (the fold strategy only)."""
+    return backend_for(weight.device).fold(weight, values, flat_index)
+
+
+@fold.register_fake
+def _(weight, values, flat_index):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _token_major_like(x: Tensor, features: int) -> Tensor:
+    """Fake output with the strides the real kernels produce: the CPU path returns the transpose of a
+    (features, tokens) result, the Triton path a contiguous (tokens, features) one."""
+    if x.device.type == "cpu" and backend_for(x.device) is torch_ops:
+        return x.new_empty(features, x.shape[0]).t()
+    return x.new_empty(x.shape[0], features)
+
+
+# --- spmm strategy: y = x @ S^T -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rosa::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: Tensor,
+    values: Tensor,
+    row_offsets: Tensor,
+    col_idx: Tensor,
+    t_row_offsets: Tensor,
+    t_col_idx: Tensor,
+    t_perm: Tensor,
+) -> Tensor:
+    """``x @ S^T`` for 2-D x, differentiable in x and values."""
+    return spmm(x, values, row_offsets, col_idx, row_offsets.shape[0] - 1)
+
+
+@sparse_linear.register_fake
+def _(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm):
+    return _token_major_like(x, row_offsets.shape[0] - 1)
+
+
+def _sparse_linear_setup(ctx, inputs, output) -> None:
+    x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm = inputs
+    ctx.save_for_backward(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm)
+
+
+def _sparse_linear_backward(ctx, grad_out):
+    x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm = ctx.saved_tensors
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        grad_x = spmm_t(grad_out, values, t_row_offsets, t_col_idx, t_perm, x.shape[1]).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_values = sddmm(grad_out, x, row_offsets, col_idx).to(values.dtype)
+    return grad_x, grad_values, None, None, None, None, None
+
+
+sparse_linear.register_autograd(_sparse_linear_backward, setup_context=_sparse_linear_setup)
+
+
+# --- fold strategy: y = x @ (W + S)^T ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("rosa::folded_linear", mutates_args=())
+def folded_linear(
+    x: Tensor, weight: Tensor, values: Tensor, flat_index: Tensor, row_offsets: Tensor, col_idx: Tensor
+) -> Tensor:
+    """``x @ (W + S)^T`` for 2-D x and a frozen (out, in) weight; differentiable in x and values."""
+    return x @ fold(weight, values, flat_index).t()
+
+
+@folded_linear.register_fake
+def _(x, weight, values, flat_index, row_offsets, col_idx):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _folded_linear_setup(ctx, inputs, output) -> None:
+    x, weight, values, flat_index, row_offsets, col_idx = inputs
+    ctx.save_for_backward(x, weight, values, flat_index, row_offsets, col_idx)
+
+
+def _folded_linear_backward(ctx, grad_out):
+    x, weight, values, flat_index, row_offsets, col_idx = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("rosa: the fold strategy needs a frozen base weight")
+    grad_x = grad_values = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out @ fold(weight, values, flat_index)
+    if ctx.needs_input_grad[2]:
+        grad_values = sddmm(grad_out, x, row_offsets, col_idx).to(values.dtype)
+    return grad_x, None, grad_values, None, None, None
+
+
+folded_linear.register_autograd(_folded_linear_backward, setup_context=_folded_linear_setup)

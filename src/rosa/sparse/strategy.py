@@ -1,0 +1,52 @@
+"""The cost rule that picks, per layer and per call, between the spmm and fold strategies.
+
+Both strategies compute the value gradient by the same SDDMM, and both run the base layer's dense matmuls, so
+only what differs is compared:
+
+- spmm: the forward SpMM and the transposed SpMM of the backward. Each streams the activations once
+  (``tokens * (in + out)`` elements) and does ``nnz * tokens`` multiply-adds through an index.
+- fold: adding S into a dense copy of the weight, once in the forward and once in the backward
+  (``out * in`` elements written each time); the matmuls then run on the folded weight in place of the base's.
+
+    spmm_cost = 2 * (nnz * tokens / sparse_rate + tokens * (in + out) / stream_rate)
+    fold_cost = 2 * out * in / fold_rate
+
+and fold is chosen when ``fold_cost < spmm_cost``. The rates are per device type; the CPU ones were fitted to
+``benchmarks/sparse_ops.py`` on the 2-core development machine (see docs/benchmarks/sparse_ops.json). The CUDA
+ones are estimates for a Hopper GPU (memory-bound fold at ~2 TB/s of 2-byte elements; SpMM through the Triton
+kernels) until ``benchmarks/gpu.py`` has been run on one: they make fold win for all but very small weights,
+which is what the dense tensor cores favour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Strategy = Literal["spmm", "fold"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    sparse_rate: float  # index-driven multiply-adds per second
+    stream_rate: float  # activation elements streamed per second by the sparse kernels
+    fold_rate: float  # weight elements folded (copied + scattered) per second
+
+    def spmm_cost(self, out_features: int, in_features: int, nnz: int, tokens: int) -> float:
+        return 2.0 * (nnz * tokens / self.sparse_rate + tokens * (in_features + out_features) / self.stream_rate)
+
+    def fold_cost(self, out_features: int, in_features: int) -> float:
+        return 2.0 * out_features * in_features / self.fold_rate
+
+
+COST_MODELS: dict[str, CostModel] = {
+    "cpu": CostModel(sparse_rate=5e9, stream_rate=6e8, fold_rate=6e8),
+    "cuda": CostModel(sparse_rate=2e11, stream_rate=1e12, fold_rate=5e11),
+}
+
+
+def choose_strategy(device_type: str, out_features: int, in_features: int, nnz: int, tokens: int) -> Strategy:
+    """'fold' when adding S into a weight copy is predicted cheaper than the two SpMMs, else 'spmm'."""
+    model = COST_MODELS.get(device_type, COST_MODELS["cpu"])
+    spmm = model.spmm_cost(out_features, in_features, nnz, tokens)
+    return "fold" if model.fold_cost(out_features, in_features) < spmm else "spmm"

@@ -1,0 +1,561 @@
+"""Triton kernels for RoSA's three sparse operations (and the fold used by merging / the fold strategy).
+
+``S`` is an ``out x in`` sparse matrix with a fixed CSR support (``row_offsets`` int32 [out+1], ``col_idx``
+int32 [nnz]) plus the CSR of its transpose (``t_row_offsets``, ``t_col_idx``, ``t_perm`` with
+``values_T = values[t_perm]``). All ops take 2-D tensors, accumulate in fp32, launch a grid whose size depends
+only on shapes, and never synchronise with the host (no ``.item()``, no data-dependent output shape).
+
+Memory layout. Every kernel reads activations *token-major*: for a column ``c`` of ``x`` (tokens, features)
+it loads ``x[t0:t0+BT, c]`` as one contiguous run. A row-major ``x`` is therefore copied once into a
+transposed buffer (one pass over the activations); a tensor that already has token stride 1 (for example
+``xT.t()`` of a contiguous ``xT``) is used as is, so a caller that keeps ``x^T`` around pays nothing.
+
+- ``spmm`` / ``spmm_t`` (``x @ S^T`` / ``dy @ S``): one program per (block of ``BR`` sparse rows, block of
+  ``BT`` tokens). The ``BR`` rows are processed as lanes, ELL-style: step ``j`` gathers the ``j``-th nonzero of
+  every lane, i.e. a ``[BR, BT]`` tile of contiguous token runs, and does one fp32 FMA into a ``[BR, BT]``
+  accumulator (no reduction, no ``tl.dot``). The result is written token-contiguous into an ``(out, T)``
+  buffer and transposed once at the end.
+- Load balancing: the rows are visited in order of decreasing nonzero count (a stable device-side argsort of
+  the row lengths; support-invariant, so callers can compute it once with :func:`balanced_row_order` and pass
+  ``row_order=``). Rows of similar length share a program, so masked (idle) lanes are rare even for skewed
+  supports, and the heaviest programs are launched first (longest-processing-time-first scheduling).
+- ``sddmm`` (value gradient): one program per block of ``BK`` consecutive nonzeros (so work is split exactly
+  by nonzeros), looping over tokens in tiles of ``BT`` with fp32 ``[BK, BT]`` products of two token-contiguous
+  gathers. Each nonzero finds its row by a branch-free binary search over ``row_offsets``. When there are too
+  few nonzero blocks to fill the GPU, the token range is split over a second grid axis into a
+  ``(splits, nnz)`` fp32 buffer that is summed afterwards (deterministic, no atomics).
+- ``fold``: one program per block of nonzeros adding ``S`` in fp32 into a contiguous copy of the weight.
+
+This module imports on machines without Triton (``HAS_TRITON`` is then False) and without CUDA. Kernels are
+JIT-wrapped lazily at the first call, so ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests)
+is honoured whenever it is set before that call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cache
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001 - ImportError, or a broken install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "balanced_row_order",
+    "choose_blocks",
+    "fold",
+    "is_interpreting",
+    "sddmm",
+    "spmm",
+    "spmm_t",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# --- kernels (plain functions; JIT-wrapped lazily by _kernels()) ---------------------------------------------
+
+if HAS_TRITON:
+
+    def _csr_spmm_kernel(
+        x_ptr,  # activations, element (t, c) at x_ptr + c * stride_xc + t * stride_xt (stride_xt is 1 on GPU)
+        stride_xc,
+        stride_xt,
+        val_ptr,  # sparse values, CSR order (or permuted through perm_ptr)
+        perm_ptr,  # int64 [nnz] value permutation (read only when HAS_PERM)
+        ro_ptr,  # int32 [n_rows + 1]
+        ci_ptr,  # int32 [nnz]
+        order_ptr,  # int32 [n_rows]: rows in the order they are assigned to lanes
+        y_ptr,  # output, element (row, t) at y_ptr + row * stride_yr + t * stride_yt
+        stride_yr,
+        stride_yt,
+        n_rows,
+        n_tokens,
+        HAS_PERM: tl.constexpr,
+        BR: tl.constexpr,
+        BT: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        lanes = pid_r * BR + tl.arange(0, BR)
+        lane_ok = lanes < n_rows
+        rows = tl.load(order_ptr + lanes, mask=lane_ok, other=0)
+        start = tl.load(ro_ptr + rows, mask=lane_ok, other=0)
+        end = tl.load(ro_ptr + rows + 1, mask=lane_ok, other=0)
+        length = end - start
+        max_len = tl.max(length, axis=0)
+
+        t = pid_t * BT + tl.arange(0, BT)
+        t_ok = t < n_tokens
+        t_off = t * stride_xt
+        acc = tl.zeros([BR, BT], dtype=tl.float32)
+        for j in range(0, max_len):
+            k = start + j
+            k_ok = j < length
+            c = tl.load(ci_ptr + k, mask=k_ok, other=0)
+            if HAS_PERM:
+                p = tl.load(perm_ptr + k, mask=k_ok, other=0)
+                v = tl.load(val_ptr + p, mask=k_ok, other=0.0)
+            else:
+                v = tl.load(val_ptr + k, mask=k_ok, other=0.0)
+            xg = tl.load(
+                x_ptr + c.to(tl.int64)[:, None] * stride_xc + t_off[None, :],
+                mask=k_ok[:, None] & t_ok[None, :],
+                other=0.0,
+            )
+            acc += v.to(tl.float32)[:, None] * xg.to(tl.float32)
+
+        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yr + (t * stride_yt)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=lane_ok[:, None] & t_ok[None, :])
+
+    def _sddmm_kernel(
+        dy_ptr,  # element (t, r) at dy_ptr + r * stride_dr + t * stride_dt
+        stride_dr,
+        stride_dt,
+        x_ptr,  # element (t, c) at x_ptr + c * stride_xc + t * stride_xt
+        stride_xc,
+        stride_xt,
+        ro_ptr,
+        ci_ptr,
+        out_ptr,  # fp32 [splits, nnz]
+        stride_os,
+        nnz,
+        n_rows,
+        n_tokens,
+        tokens_per_split,
+        LOG: tl.constexpr,  # binary-search steps: >= ceil(log2(n_rows))
+        BK: tl.constexpr,
+        BT: tl.constexpr,
+    ):
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        k = pid_k * BK + tl.arange(0, BK)
+        k_ok = k < nnz
+        c = tl.load(ci_ptr + k, mask=k_ok, other=0)
+
+        # Row of each nonzero: the largest r in [0, n_rows) with row_offsets[r] <= k.
+        # Invariant row_offsets[lo] <= k < row_offsets[hi]; every probe is in bounds (lo <= mid < hi <= n_rows).
+        lo = tl.zeros([BK], dtype=tl.int32)
+        hi = tl.zeros([BK], dtype=tl.int32) + n_rows
+        for _ in tl.static_range(LOG):
+            mid = (lo + hi) // 2
+            go_right = tl.load(ro_ptr + mid) <= k
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+
+        dy_base = lo.to(tl.int64) * stride_dr
+        x_base = c.to(tl.int64) * stride_xc
+        t_begin = pid_s * tokens_per_split
+        t_end = tl.minimum(t_begin + tokens_per_split, n_tokens)
+        acc = tl.zeros([BK, BT], dtype=tl.float32)
+        for t0 in range(t_begin, t_end, BT):
+            t = t0 + tl.arange(0, BT)
+            m = k_ok[:, None] & (t < t_end)[None, :]
+            a = tl.load(dy_ptr + dy_base[:, None] + (t * stride_dt)[None, :], mask=m, other=0.0)
+            b = tl.load(x_ptr + x_base[:, None] + (t * stride_xt)[None, :], mask=m, other=0.0)
+            acc += a.to(tl.float32) * b.to(tl.float32)
+        tl.store(out_ptr + pid_s * stride_os + k, tl.sum(acc, axis=1), mask=k_ok)
+
+    def _fold_kernel(
+        w_ptr,  # contiguous (out, in) copy of the weight, updated in place
+        n_cols,
+        val_ptr,
+        ro_ptr,  # int32 [n_rows + 1] (unused when FLAT)
+        idx_ptr,  # col_idx, or the row-major flat index row * in + col when FLAT
+        nnz,
+        n_rows,
+        FLAT: tl.constexpr,
+        LOG: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        k = tl.program_id(0) * BK + tl.arange(0, BK)
+        k_ok = k < nnz
+        idx = tl.load(idx_ptr + k, mask=k_ok, other=0).to(tl.int64)
+        if FLAT:
+            offs = idx
+        else:
+            lo = tl.zeros([BK], dtype=tl.int32)
+            hi = tl.zeros([BK], dtype=tl.int32) + n_rows
+            for _ in tl.static_range(LOG):
+                mid = (lo + hi) // 2
+                go_right = tl.load(ro_ptr + mid) <= k
+                lo = tl.where(go_right, mid, lo)
+                hi = tl.where(go_right, hi, mid)
+            offs = lo.to(tl.int64) * n_cols + idx
+        v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+        tl.store(w_ptr + offs, (w + v).to(w_ptr.dtype.element_ty), mask=k_ok)
+
+
+def is_interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if not HAS_TRITON:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@cache
+def _kernels_for(interpret: bool) -> SimpleNamespace:
+    # ``triton.jit`` decides between compiled and interpreted at wrap time; keying the cache on the mode lets
+    # a process that set TRITON_INTERPRET after importing this module still get interpreted kernels.
+    del interpret
+    return SimpleNamespace(
+        spmm=triton.jit(_csr_spmm_kernel),
+        sddmm=triton.jit(_sddmm_kernel),
+        fold=triton.jit(_fold_kernel),
+    )
+
+
+def _kernels() -> SimpleNamespace:
+    if not HAS_TRITON:
+        raise RuntimeError("rosa.sparse.triton_ops: Triton is not installed")
+    return _kernels_for(is_interpreting())
+
+
+# --- block-size rules ----------------------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_programs_target(device: torch.device) -> int:
+    """Programs needed to fill the device a few times over (matters for the sddmm token split)."""
+    if device.type == "cuda" and not is_interpreting():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 4 * _sm_count(index)
+    return 4
+
+
+def choose_blocks(op: str, *, tokens: int, rows: int, nnz: int, programs_target: int = 512) -> dict[str, int]:
+    """Block sizes for ``op`` in {"spmm", "sddmm", "fold"} from shapes alone (no autotuning, no sync).
+
+    - spmm / spmm_t: ``BR`` sparse rows (lanes) x ``BT`` tokens per program. Small token counts (decoding)
+      get more rows per program so each program still moves a reasonable tile.
+    - sddmm: ``BK`` nonzeros x ``BT`` tokens per step, and ``splits`` of the token range so that
+      ``cdiv(nnz, BK) * splits`` reaches ``programs_target``.
+    - fold: ``BK`` nonzeros per program.
+    """
+    bt = min(128, max(16, _next_pow2(tokens)))
+    if op == "spmm":
+        br = 16 if bt >= 64 else 32
+        br = min(br, max(1, _next_pow2(rows)))
+        return {"BR": br, "BT": bt, "num_warps": 4}
+    if op == "sddmm":
+        bk = 32
+        n_blocks = max(1, -(-nnz // bk))
+        n_tiles = max(1, -(-tokens // bt))
+        splits = max(1, min(n_tiles, -(-programs_target // n_blocks)))
+        return {"BK": bk, "BT": bt, "splits": splits, "num_warps": 8 if bt >= 128 else 4}
+    if op == "fold":
+        return {"BK": 256, "num_warps": 4}
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _merge_blocks(defaults: dict[str, int], override: Mapping[str, int] | None) -> dict[str, int]:
+    if not override:
+        return defaults
+    unknown = set(override) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown block parameters {sorted(unknown)}; expected a subset of {sorted(defaults)}")
+    merged = {**defaults, **{k: int(v) for k, v in override.items()}}
+    for key in ("BR", "BT", "BK"):
+        if key in merged and (merged[key] < 1 or merged[key] & (merged[key] - 1)):
+            raise ValueError(f"{key} must be a power of two, got {merged[key]}")
+    return merged
+
+
+def _launch_kwargs(blocks: dict[str, int]) -> dict[str, int]:
+    return {} if is_interpreting() else {"num_warps": blocks["num_warps"]}
+
+
+# --- argument handling -------------------------------------------------------------------------------------
+
+
+def _check_runnable(*tensors: Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("rosa.sparse.triton_ops: Triton is not installed")
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and not is_interpreting():
+        raise RuntimeError(
+            f"rosa.sparse.triton_ops: Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+            "before importing triton to run them on CPU"
+        )
+
+
+def _check_float(name: str, t: Tensor, dim: int) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _index(name: str, t: Tensor, numel: int | None = None) -> Tensor:
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} must have {numel} entries, got {t.numel()}")
+    return t.contiguous()
+
+
+def _token_major(x: Tensor) -> Tensor:
+    """``x`` (tokens, features) with token stride 1, copying (one pass) only when needed."""
+    if x.shape[0] <= 1 or x.stride(0) == 1:
+        return x
+    return x.t().contiguous().t()
+
+
+def _device_ctx(t: Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _search_steps(n_rows: int) -> int:
+    return max(1, int(n_rows).bit_length())
+
+
+# --- public ops ----------------------------------------------------------------------------------------------
+
+
+def balanced_row_order(row_offsets: Tensor) -> Tensor:
+    """Rows sorted by decreasing nonzero count (stable), int32, computed on device without a sync.
+
+    The support is fixed, so a caller can compute this once per support (for ``row_offsets`` and for
+    ``t_row_offsets``) and pass it as ``row_order=`` to :func:`spmm` / :func:`spmm_t`.
+    """
+    lengths = row_offsets[1:] - row_offsets[:-1]
+    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+
+
+def _rowwise(
+    x: Tensor,
+    values: Tensor,
+    perm: Tensor | None,
+    row_offsets: Tensor,
+    col_idx: Tensor,
+    n_rows: int,
+    row_order: Tensor | None,
+    blocks: Mapping[str, int] | None,
+) -> Tensor:
+    tokens = x.shape[0]
+    nnz = col_idx.numel()
+    if tokens == 0 or n_rows == 0 or nnz == 0:
+        return x.new_zeros(tokens, n_rows)
+    order = balanced_row_order(row_offsets) if row_order is None else _index("row_order", row_order, n_rows)
+    cfg = _merge_blocks(choose_blocks("spmm", tokens=tokens, rows=n_rows, nnz=nnz), blocks)
+    xv = _token_major(x)
+    y_t = torch.empty(n_rows, tokens, dtype=x.dtype, device=x.device)  # token-contiguous stores
+    grid = (triton.cdiv(n_rows, cfg["BR"]), triton.cdiv(tokens, cfg["BT"]))
+    with _device_ctx(x):
+        _kernels().spmm[grid](
+            xv,
+            xv.stride(1),
+            xv.stride(0),
+            values,
+            perm if perm is not None else col_idx,  # dummy pointer when HAS_PERM is False
+            row_offsets,
+            col_idx,
+            order,
+            y_t,
+            y_t.stride(0),
+            y_t.stride(1),
+            n_rows,
+            tokens,
+            HAS_PERM=perm is not None,
+            BR=cfg["BR"],
+            BT=cfg["BT"],
+            **_launch_kwargs(cfg),
+        )
+    return y_t.t().contiguous()
+
+
+def spmm(
+    x: Tensor,
+    values: Tensor,
+    row_offsets: Tensor,
+    col_idx: Tensor,
+    out_features: int,
+    *,
+    row_order: Tensor | None = None,
+    blocks: Mapping[str, int] | None = None,
+) -> Tensor:
+    """``x @ S^T``: x (tokens, in) -> (tokens, out), contiguous, in ``x.dtype``, accumulated in fp32.
+
+    ``row_order`` (optional, int32 [out]) is :func:`balanced_row_order` of ``row_offsets``, precomputed.
+    ``blocks`` overrides entries of :func:`choose_blocks` (``BR``, ``BT``, ``num_warps``).
+    """
+    _check_runnable(x, values, row_offsets, col_idx)
+    _check_float("x", x, 2)
+    _check_float("values", values, 1)
+    row_offsets = _index("row_offsets", row_offsets, out_features + 1)
+    col_idx = _index("col_idx", col_idx, values.numel())
+    return _rowwise(x, values.contiguous(), None, row_offsets, col_idx, out_features, row_order, blocks)
+
+
+def spmm_t(
+    dy: Tensor,
+    values: Tensor,
+    t_row_offsets: Tensor,
+    t_col_idx: Tensor,
+    t_perm: Tensor,
+    in_features: int,
+    *,
+    row_order: Tensor | None = None,
+    blocks: Mapping[str, int] | None = None,
+) -> Tensor:
+    """``dy @ S``: dy (tokens, out) -> (tokens, in), contiguous, in ``dy.dtype``, accumulated in fp32.
+
+    Runs the spmm kernel on the CSR of ``S^T``, reading ``values[t_perm]`` inside the kernel.
+    ``row_order`` (optional, int32 [in]) is :func:`balanced_row_order` of ``t_row_offsets``.
+    """
+    _check_runnable(dy, values, t_row_offsets, t_col_idx, t_perm)
+    _check_float("dy", dy, 2)
+    _check_float("values", values, 1)
+    t_row_offsets = _index("t_row_offsets", t_row_offsets, in_features + 1)
+    t_col_idx = _index("t_col_idx", t_col_idx, values.numel())
+    t_perm = _index("t_perm", t_perm, values.numel())
+    return _rowwise(dy, values.contiguous(), t_perm, t_row_offsets, t_col_idx, in_features, row_order, blocks)
+
+
+def sddmm(
+    dy: Tensor,
+    x: Tensor,
+    row_offsets: Tensor,
+    col_idx: Tensor,
+    *,
+    blocks: Mapping[str, int] | None = None,
+) -> Tensor:
+    """``(dy^T x)`` sampled at the support: ``out[k] = sum_t dy[t, row_k] * x[t, col_k]``, fp32, CSR order.
+
+    ``blocks`` overrides entries of :func:`choose_blocks` (``BK``, ``BT``, ``splits``, ``num_warps``).
+    """
+    _check_runnable(dy, x, row_offsets, col_idx)
+    _check_float("dy", dy, 2)
+    _check_float("x", x, 2)
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy and x must have the same number of tokens, got {dy.shape[0]} and {x.shape[0]}")
+    n_rows = dy.shape[1]
+    row_offsets = _index("row_offsets", row_offsets, n_rows + 1)
+    col_idx = _index("col_idx", col_idx)
+    tokens, nnz = x.shape[0], col_idx.numel()
+    if nnz == 0 or tokens == 0:
+        return torch.zeros(nnz, dtype=torch.float32, device=dy.device)
+    cfg = _merge_blocks(
+        choose_blocks("sddmm", tokens=tokens, rows=n_rows, nnz=nnz, programs_target=_num_programs_target(dy.device)),
+        blocks,
+    )
+    n_tiles = triton.cdiv(tokens, cfg["BT"])
+    splits = max(1, min(cfg["splits"], n_tiles))
+    tokens_per_split = triton.cdiv(n_tiles, splits) * cfg["BT"]
+    splits = triton.cdiv(tokens, tokens_per_split)  # no empty split
+    dyv, xv = _token_major(dy), _token_major(x)
+    partial = torch.empty(splits, nnz, dtype=torch.float32, device=dy.device)
+    grid = (triton.cdiv(nnz, cfg["BK"]), splits)
+    with _device_ctx(dy):
+        _kernels().sddmm[grid](
+            dyv,
+            dyv.stride(1),
+            dyv.stride(0),
+            xv,
+            xv.stride(1),
+            xv.stride(0),
+            row_offsets,
+            col_idx,
+            partial,
+            partial.stride(0),
+            nnz,
+            n_rows,
+            tokens,
+            tokens_per_split,
+            LOG=_search_steps(n_rows),
+            BK=cfg["BK"],
+            BT=cfg["BT"],
+            **_launch_kwargs(cfg),
+        )
+    return partial[0] if splits == 1 else partial.sum(dim=0)
+
+
+def fold(
+    weight: Tensor,
+    values: Tensor,
+    row_offsets: Tensor,
+    col_idx: Tensor | None = None,
+    *,
+    blocks: Mapping[str, int] | None = None,
+) -> Tensor:
+    """A new contiguous dense ``weight + S`` (out, in) in ``weight.dtype``; the add is done in fp32.
+
+    Called as ``fold(weight, values, row_offsets, col_idx)``. For compatibility with callers that carry the
+    row-major flat index ``row * in + col`` (int64 [nnz]) instead, ``fold(weight, values, flat_index)`` (no
+    ``col_idx``) is accepted too.
+    """
+    if col_idx is None:
+        flat_index, row_offsets = row_offsets, None
+        _check_runnable(weight, values, flat_index)
+    else:
+        _check_runnable(weight, values, row_offsets, col_idx)
+    _check_float("weight", weight, 2)
+    _check_float("values", values, 1)
+    n_rows, n_cols = weight.shape
+    if col_idx is None:
+        idx = _index("flat_index", flat_index, values.numel())
+        ro = idx  # unused by the kernel
+    else:
+        ro = _index("row_offsets", row_offsets, n_rows + 1)
+        idx = _index("col_idx", col_idx, values.numel())
+    folded = weight.clone(memory_format=torch.contiguous_format)
+    nnz = idx.numel()
+    if nnz == 0:
+        return folded
+    cfg = _merge_blocks(choose_blocks("fold", tokens=0, rows=n_rows, nnz=nnz), blocks)
+    grid = (triton.cdiv(nnz, cfg["BK"]),)
+    with _device_ctx(weight):
+        _kernels().fold[grid](
+            folded,
+            n_cols,
+            values.contiguous(),
+            ro,
+            idx,
+            nnz,
+            n_rows,
+            FLAT=col_idx is None,
+            LOG=_search_steps(n_rows),
+            BK=cfg["BK"],
+            **_launch_kwargs(cfg),
+        )
+    return folded
