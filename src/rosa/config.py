@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from peft.config import PeftConfig
+from peft.utils import PeftType
 
 PEFT_TYPE = "ROSA"
 
@@ -81,12 +83,18 @@ class RosaConfig(PeftConfig):
         metadata={"help": "Cap, in GiB, on the extra memory mask collection may use (None: automatic)."},
     )
     mask_seed: int = field(default=0, metadata={"help": "Seed for the random mask method and tie-free scoring."})
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None, metadata={"help": "Token ids whose embeddings are also trained (as in PEFT's LoRA)."}
+    )
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = PEFT_TYPE
+        from .peft_registration import register
+
+        register()
+        self.peft_type = PeftType(PEFT_TYPE)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -125,6 +133,15 @@ class RosaConfig(PeftConfig):
             raise RosaConfigError(f"mask_memory_budget must be positive (GiB), got {self.mask_memory_budget}")
         if self.bias != "none":
             raise RosaConfigError(f"bias must be 'none', got {self.bias!r}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """PEFT's loader, after refusing folders whose weights are pickle-only (adapters load from safetensors)."""
+        from .model import check_adapter_dir
+
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        check_adapter_dir(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype:

@@ -62,6 +62,9 @@ class RosaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        # Support buffers change size when a mask is set; a checkpoint's support must be validated and the
+        # buffers resized before torch copies it in.
+        self.register_load_state_dict_pre_hook(_load_support_pre_hook)
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         if self.in_features is None:
             raise TypeError(f"RoSA cannot adapt a {type(self.get_base_layer()).__name__}: only linear layers")
@@ -293,6 +296,12 @@ class RosaLinear(nn.Module, RosaLayer):
 
     def __repr__(self) -> str:
         return "rosa." + super().__repr__()
+
+
+def _load_support_pre_hook(module: RosaLayer, state_dict, prefix, *args) -> None:
+    from .serialization import expand_layer_support
+
+    expand_layer_support(module, state_dict, prefix, list(module.rosa_values.keys()))
 
 
 def nnz_budget(density: float, out_features: int, in_features: int) -> int:
