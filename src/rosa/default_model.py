@@ -89,7 +89,8 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
+    for key in ("_name_or_path", "_model_name_or_path"):  # the GGUF's internal run name, not a usable path
+        config_dict.pop(key, None)
     config = LlamaConfig.from_dict(config_dict)
     config.dtype = torch.float32
     model = LlamaForCausalLM(config)
@@ -100,13 +101,19 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         raise RuntimeError("lm_head is not tied to embed_tokens after conversion")
     if not tokenizer.chat_template:
         raise RuntimeError("the GGUF tokenizer carries no chat template")
+    tokenizer.model_max_length = config.max_position_embeddings
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    info = {"source": WHEEL_REQUIREMENT, "gguf_file": GGUF_FILENAME, "gguf_bytes": gguf_path.stat().st_size,
-            "dtype": "float32", "note": "weights are the Q4_1 GGUF values expanded, not the bf16 release"}
+    info = {
+        "source": WHEEL_REQUIREMENT,
+        "gguf_file": GGUF_FILENAME,
+        "gguf_bytes": gguf_path.stat().st_size,
+        "dtype": "float32",
+        "note": "weights are the Q4_1 GGUF values expanded, not the bf16 release",
+    }
     (out_dir / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -122,12 +129,13 @@ def default_model_path() -> Path:
         return target
     gguf_path = find_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # a directory without the marker was not written by a complete conversion
+    if target.exists() and not _is_complete(target):  # no marker: not written by a complete conversion
         logger.warning("removing incomplete default-model cache at %s", target)
         shutil.rmtree(target, ignore_errors=True)
     logger.warning("converting %s to a transformers checkpoint in %s (once)", gguf_path, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_SUBDIR}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable directory
         _convert(gguf_path, tmp)
         try:
             os.replace(tmp, target)

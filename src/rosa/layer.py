@@ -131,8 +131,13 @@ class RosaLayer(BaseTunerLayer):
             return
         for name in self.adapter_layer_names + SUPPORT_BUFFERS:
             container = getattr(self, name)
-            if adapter_name in container:
-                container[adapter_name] = container[adapter_name].to(device)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            tensors = [item] if isinstance(item, torch.Tensor) else list(item.parameters())
+            if any(t.device.type == "meta" for t in tensors):
+                continue  # created under PEFT's low_cpu_mem_usage (init_empty_weights): loading assigns real tensors
+            container[adapter_name] = item.to(device)
 
     # --- the sparse support ---------------------------------------------------------------------------
 
@@ -156,6 +161,8 @@ class RosaLayer(BaseTunerLayer):
                 f"{self.capacity[adapter_name]} sparse values"
             )
         device = self.rosa_values[adapter_name].device
+        if device.type == "meta":
+            device = support.col_idx.device  # PEFT's low_cpu_mem_usage: values come at load, buffers stay real
         for name, field in zip(SUPPORT_BUFFERS, SUPPORT_FIELDS):
             getattr(self, name)[adapter_name] = getattr(support, field).to(device)
         with torch.no_grad():
@@ -200,22 +207,23 @@ class RosaLayer(BaseTunerLayer):
 
     def _sparse_term(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
         s = self.support(adapter_name)
-        return ops.sparse_linear(
-            x2d,
-            self._active_values(adapter_name),
-            s.row_offsets,
-            s.col_idx,
-            s.t_row_offsets,
-            s.t_col_idx,
-            s.t_perm,
-        )
+        with _no_autocast(x2d):
+            return ops.sparse_linear(
+                x2d,
+                self._active_values(adapter_name),
+                s.row_offsets,
+                s.col_idx,
+                s.t_row_offsets,
+                s.t_col_idx,
+                s.t_perm,
+            )
 
     def _folded_base(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
         weight = self._base_weight_out_in()
         s = self.support(adapter_name)
-        y = ops.folded_linear(
-            x2d.to(weight.dtype), weight, self._active_values(adapter_name), s.flat_index(), s.row_offsets, s.col_idx
-        )
+        with _no_autocast(x2d):
+            values = self._active_values(adapter_name)
+            y = ops.folded_linear(x2d.to(weight.dtype), weight, values, s.flat_index(), s.row_offsets, s.col_idx)
         bias = self.get_base_layer().bias
         return y if bias is None else y + bias
 
@@ -302,6 +310,13 @@ def _load_support_pre_hook(module: RosaLayer, state_dict, prefix, *args) -> None
     from .serialization import expand_layer_support
 
     expand_layer_support(module, state_dict, prefix, list(module.rosa_values.keys()))
+
+
+def _no_autocast(x: torch.Tensor):
+    """The sparse ops pick their own dtypes (fp32 accumulation). Left on, autocast (Trainer/SFTTrainer bf16=True)
+    recasts the matmuls inside them: CPU has no bf16 sparse CSR matmul, and the fold op's forward returned bf16
+    while its backward multiplied a bf16 gradient by the fp32 weight."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def nnz_budget(density: float, out_features: int, in_features: int) -> int:

@@ -58,7 +58,8 @@ def expand_layer_support(
         try:
             support = support_from_csr(offsets.cpu(), cols.cpu(), layer.in_features)
         except SupportError as e:
-            raise AdapterFileError(f"{cols_key}: {e}") from None
+            # name the tensor at fault: validate_csr's messages about the offsets all say "row offset"
+            raise AdapterFileError(f"{offsets_key if 'row offset' in str(e) else cols_key}: {e}") from None
         if support.nnz > layer.capacity[name]:
             raise AdapterFileError(
                 f"{cols_key}: {support.nnz} nonzeros but the layer holds at most {layer.capacity[name]} sparse values "
@@ -69,9 +70,9 @@ def expand_layer_support(
             for field in ("row_offsets", "col_idx", "t_row_offsets", "t_col_idx", "t_perm")
         }
     for name, tensors in staged.items():
-        device = layer.rosa_values[name].device
         for attr, tensor in tensors.items():
             state_dict[f"{prefix}{attr}.{name}"] = tensor
+            device = getattr(layer, attr)[name].device  # the buffer's own: the values may still be on meta
             getattr(layer, attr)[name] = torch.empty_like(tensor, device=device)
 
 

@@ -31,7 +31,7 @@ from . import torch_ops
 def _triton_backend() -> ModuleType | None:
     try:
         from . import triton_ops
-    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
+    except Exception:  # any import failure means "no Triton here"
         return None
     return triton_ops if getattr(triton_ops, "HAS_TRITON", False) else None
 
@@ -39,7 +39,8 @@ def _triton_backend() -> ModuleType | None:
 @cache
 def _warn_no_triton() -> None:
     warnings.warn(
-        "rosa: Triton is not available; CUDA tensors use PyTorch's cuSPARSE path, which is slower.", stacklevel=3
+        "rosa: Triton is not available; CUDA tensors use PyTorch's cuSPARSE path, which is slower.",
+        stacklevel=3,
     )
 
 
@@ -58,17 +59,138 @@ def backend_for(device: torch.device) -> ModuleType:
     return torch_ops
 
 
+# --- argument checks: metadata only (no host sync), run by the real and the fake implementations alike ----
+
+
+def _check_devices(op: str, **tensors: Tensor) -> None:
+    """The kernels take raw pointers: a tensor on another device must fail here, not read foreign memory."""
+    if len({t.device for t in tensors.values()}) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise RuntimeError(f"rosa::{op}: all tensors must be on the same device, got {where}")
+
+
+def _check_shape(op: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"rosa::{op}: {message}")
+
+
+def _check_spmm(x, values, row_offsets, col_idx, out_features) -> None:
+    _check_devices("spmm", x=x, values=values, row_offsets=row_offsets, col_idx=col_idx)
+    _check_shape("spmm", x.dim() == 2, f"x must be 2-D (tokens, in), got shape {tuple(x.shape)}")
+    _check_shape(
+        "spmm",
+        values.shape[0] == col_idx.shape[0],
+        f"{values.shape[0]} values for {col_idx.shape[0]} nonzeros",
+    )
+    _check_shape(
+        "spmm",
+        row_offsets.shape[0] == out_features + 1,
+        f"{row_offsets.shape[0]} row offsets for {out_features} rows",
+    )
+
+
+def _check_spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features) -> None:
+    _check_devices(
+        "spmm_t", dy=dy, values=values, t_row_offsets=t_row_offsets, t_col_idx=t_col_idx, t_perm=t_perm
+    )
+    _check_shape("spmm_t", dy.dim() == 2, f"dy must be 2-D (tokens, out), got shape {tuple(dy.shape)}")
+    _check_shape(
+        "spmm_t",
+        values.shape[0] == t_col_idx.shape[0] == t_perm.shape[0],
+        f"{values.shape[0]} values, {t_col_idx.shape[0]} transposed indices and {t_perm.shape[0]} permutation entries",
+    )
+    _check_shape(
+        "spmm_t",
+        t_row_offsets.shape[0] == in_features + 1,
+        f"{t_row_offsets.shape[0]} offsets for {in_features} columns",
+    )
+
+
+def _check_sddmm(dy, x, row_offsets, col_idx) -> None:
+    _check_devices("sddmm", dy=dy, x=x, row_offsets=row_offsets, col_idx=col_idx)
+    _check_shape(
+        "sddmm",
+        dy.dim() == 2 and x.dim() == 2 and dy.shape[0] == x.shape[0],
+        f"dy and x must be 2-D with the same number of tokens, got {tuple(dy.shape)} and {tuple(x.shape)}",
+    )
+    _check_shape(
+        "sddmm",
+        row_offsets.shape[0] == dy.shape[1] + 1,
+        f"{row_offsets.shape[0]} row offsets for {dy.shape[1]} rows",
+    )
+
+
+def _check_fold(weight, values, flat_index) -> None:
+    _check_devices("fold", weight=weight, values=values, flat_index=flat_index)
+    _check_shape("fold", weight.dim() == 2, f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    _check_shape(
+        "fold",
+        values.shape[0] == flat_index.shape[0],
+        f"{values.shape[0]} values for {flat_index.shape[0]} nonzeros",
+    )
+
+
+def _check_sparse_linear(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm) -> None:
+    _check_devices(
+        "sparse_linear",
+        x=x,
+        values=values,
+        row_offsets=row_offsets,
+        col_idx=col_idx,
+        t_row_offsets=t_row_offsets,
+        t_col_idx=t_col_idx,
+        t_perm=t_perm,
+    )
+    _check_shape(
+        "sparse_linear",
+        x.dim() == 2 and x.shape[1] == t_row_offsets.shape[0] - 1,
+        f"x must be 2-D with {t_row_offsets.shape[0] - 1} features, got shape {tuple(x.shape)}",
+    )
+    _check_shape(
+        "sparse_linear",
+        values.shape[0] == col_idx.shape[0] == t_col_idx.shape[0] == t_perm.shape[0],
+        f"{values.shape[0]} values for a support of {col_idx.shape[0]} nonzeros "
+        f"({t_col_idx.shape[0]} transposed, {t_perm.shape[0]} permuted)",
+    )
+
+
+def _check_folded_linear(x, weight, values, flat_index, row_offsets, col_idx) -> None:
+    _check_devices(
+        "folded_linear",
+        x=x,
+        weight=weight,
+        values=values,
+        flat_index=flat_index,
+        row_offsets=row_offsets,
+        col_idx=col_idx,
+    )
+    _check_shape(
+        "folded_linear",
+        weight.dim() == 2 and x.dim() == 2 and x.shape[1] == weight.shape[1],
+        f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not make a linear layer",
+    )
+    _check_shape(
+        "folded_linear",
+        values.shape[0] == flat_index.shape[0] == col_idx.shape[0]
+        and row_offsets.shape[0] == weight.shape[0] + 1,
+        f"{values.shape[0]} values for a support of {col_idx.shape[0]} nonzeros ({flat_index.shape[0]} flat) "
+        f"and {row_offsets.shape[0]} row offsets for {weight.shape[0]} rows",
+    )
+
+
 # --- primitive ops (no autograd of their own: they are the backward of the two ops below) -----------------
 
 
 @torch.library.custom_op("rosa::spmm", mutates_args=())
 def spmm(x: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, out_features: int) -> Tensor:
     """``x @ S^T``: (tokens, in) -> (tokens, out) in x.dtype, accumulated in fp32."""
+    _check_spmm(x, values, row_offsets, col_idx, out_features)
     return backend_for(x.device).spmm(x, values, row_offsets, col_idx, out_features)
 
 
 @spmm.register_fake
 def _(x, values, row_offsets, col_idx, out_features):
+    _check_spmm(x, values, row_offsets, col_idx, out_features)
     return _token_major_like(x, out_features)
 
 
@@ -77,33 +199,39 @@ def spmm_t(
     dy: Tensor, values: Tensor, t_row_offsets: Tensor, t_col_idx: Tensor, t_perm: Tensor, in_features: int
 ) -> Tensor:
     """``dy @ S``: (tokens, out) -> (tokens, in) in dy.dtype, accumulated in fp32."""
+    _check_spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features)
     return backend_for(dy.device).spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features)
 
 
 @spmm_t.register_fake
 def _(dy, values, t_row_offsets, t_col_idx, t_perm, in_features):
+    _check_spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features)
     return _token_major_like(dy, in_features)
 
 
 @torch.library.custom_op("rosa::sddmm", mutates_args=())
 def sddmm(dy: Tensor, x: Tensor, row_offsets: Tensor, col_idx: Tensor) -> Tensor:
-    """``dy^T x`` sampled at the support, in CSR order, fp32."""
+    """``dy^T x`` sampled at the support, in CSR order, fp32 (fp64 when dy or x is fp64)."""
+    _check_sddmm(dy, x, row_offsets, col_idx)
     return backend_for(dy.device).sddmm(dy, x, row_offsets, col_idx)
 
 
 @sddmm.register_fake
 def _(dy, x, row_offsets, col_idx):
-    return dy.new_empty(col_idx.shape[0], dtype=torch.float32)
+    _check_sddmm(dy, x, row_offsets, col_idx)
+    return dy.new_empty(col_idx.shape[0], dtype=torch_ops.acc_dtype(dy.dtype, x.dtype))
 
 
 @torch.library.custom_op("rosa::fold", mutates_args=())
 def fold(weight: Tensor, values: Tensor, flat_index: Tensor) -> Tensor:
     """A new dense ``W + S`` in weight.dtype (the fold strategy only)."""
+    _check_fold(weight, values, flat_index)
     return backend_for(weight.device).fold(weight, values, flat_index)
 
 
 @fold.register_fake
 def _(weight, values, flat_index):
+    _check_fold(weight, values, flat_index)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -129,11 +257,13 @@ def sparse_linear(
     t_perm: Tensor,
 ) -> Tensor:
     """``x @ S^T`` for 2-D x, differentiable in x and values."""
+    _check_sparse_linear(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm)
     return spmm(x, values, row_offsets, col_idx, row_offsets.shape[0] - 1)
 
 
 @sparse_linear.register_fake
 def _(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm):
+    _check_sparse_linear(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm)
     return _token_major_like(x, row_offsets.shape[0] - 1)
 
 
@@ -163,11 +293,13 @@ def folded_linear(
     x: Tensor, weight: Tensor, values: Tensor, flat_index: Tensor, row_offsets: Tensor, col_idx: Tensor
 ) -> Tensor:
     """``x @ (W + S)^T`` for 2-D x and a frozen (out, in) weight; differentiable in x and values."""
+    _check_folded_linear(x, weight, values, flat_index, row_offsets, col_idx)
     return x @ fold(weight, values, flat_index).t()
 
 
 @folded_linear.register_fake
 def _(x, weight, values, flat_index, row_offsets, col_idx):
+    _check_folded_linear(x, weight, values, flat_index, row_offsets, col_idx)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 

@@ -84,10 +84,17 @@ def support_from_mask(mask: torch.Tensor) -> Support:
 def support_from_coo(
     rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], assume_sorted: bool = False
 ) -> Support:
-    """Build CSR and transposed CSR from COO coordinates."""
+    """Build CSR and transposed CSR from COO coordinates (checked, unless ``assume_sorted``: internal callers
+    that pass valid, row-major sorted, duplicate-free coordinates)."""
     out_features, in_features = shape
     rows, cols = rows.long(), cols.long()
     if not assume_sorted:
+        # Check each coordinate on its own: a column past the end would otherwise alias the next row's entry.
+        for name, idx, size in (("row", rows, out_features), ("column", cols, in_features)):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise SupportError(
+                    f"{name} index out of range [0, {size}): min {int(idx.min())}, max {int(idx.max())}"
+                )
         return support_from_flat_index(rows * in_features + cols, shape)
     device = rows.device
     row_offsets = torch.zeros(out_features + 1, dtype=torch.int64, device=device)
@@ -156,5 +163,9 @@ def validate_csr(row_offsets: torch.Tensor, col_idx: torch.Tensor, in_features: 
     row_starts = torch.zeros(nnz, dtype=torch.bool, device=cols.device)
     starts = offsets[:-1][row_lengths > 0]
     row_starts[starts] = True
-    if bool(((step <= 0) & ~row_starts[1:]).any()):
-        raise SupportError(f"{name}: column indices must be strictly increasing within each row")
+    bad = (step <= 0) & ~row_starts[1:]
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0]) + 1  # the first offending entry
+        row = int(torch.searchsorted(offsets, k, right=True)) - 1
+        what = f"duplicate entry (row {row}, column {int(cols[k])})" if int(step[k - 1]) == 0 else f"unsorted row {row}"
+        raise SupportError(f"{name}: {what}: column indices must be strictly increasing within each row")

@@ -1,12 +1,23 @@
 """The three sparse operations with PyTorch's own sparse kernels (MKL on CPU, cuSPARSE on CUDA).
 
-Everything is computed in fp32 whatever the input dtype: PyTorch's CSR kernels accumulate in the input dtype,
-and bf16 accumulation over thousands of tokens loses the small gradients the sparse values live on.
+Everything is computed in fp32 whatever the input dtype (fp64 for fp64 inputs, so that gradcheck sees exact
+derivatives): PyTorch's CSR kernels accumulate in the input dtype, and bf16 accumulation over thousands of
+tokens loses the small gradients the sparse values live on.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+# The CSR layout is only used as a call-local view of our own validated buffers.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: fp32, or fp64 when any input is fp64 (never a downcast of fp64)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _csr(values: torch.Tensor, row_offsets: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]):
@@ -20,10 +31,12 @@ def spmm(
     """``x @ S^T`` for 2-D ``x`` (tokens, in); returns (tokens, out) in x.dtype."""
     tokens, in_features = x.shape
     if values.numel() == 0 or tokens == 0:
-        return x.new_zeros(tokens, out_features)
-    s = _csr(values.float(), row_offsets, col_idx, (out_features, in_features))
+        # Same strides as the non-empty result (the transpose of an (out, tokens) tensor), as the fake says.
+        return x.new_zeros(out_features, tokens).t()
+    acc = acc_dtype(x.dtype)
+    s = _csr(values.to(acc), row_offsets, col_idx, (out_features, in_features))
     # S @ X^T reads X^T through strides (no copy) and yields (out, tokens); hand back its transpose.
-    return torch.sparse.mm(s, x.float().t()).t().to(x.dtype)
+    return torch.sparse.mm(s, x.to(acc).t()).t().to(x.dtype)
 
 
 def spmm_t(
@@ -37,19 +50,23 @@ def spmm_t(
     """``dy @ S`` through the prebuilt CSR of ``S^T``; returns (tokens, in) in dy.dtype."""
     tokens, out_features = dy.shape
     if values.numel() == 0 or tokens == 0:
-        return dy.new_zeros(tokens, in_features)
-    s_t = _csr(values.float()[t_perm], t_row_offsets, t_col_idx, (in_features, out_features))
-    return torch.sparse.mm(s_t, dy.float().t()).t().to(dy.dtype)
+        return dy.new_zeros(in_features, tokens).t()
+    acc = acc_dtype(dy.dtype)
+    s_t = _csr(values.to(acc)[t_perm], t_row_offsets, t_col_idx, (in_features, out_features))
+    return torch.sparse.mm(s_t, dy.to(acc).t()).t().to(dy.dtype)
 
 
-def sddmm(dy: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
-    """``(dy^T x)`` sampled at the support, in CSR order, fp32: the gradient of the sparse values."""
+def sddmm(
+    dy: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_idx: torch.Tensor
+) -> torch.Tensor:
+    """``(dy^T x)`` sampled at the support, in CSR order, fp32 (fp64 for fp64 inputs): the value gradient."""
     out_features, in_features = dy.shape[1], x.shape[1]
     nnz = col_idx.numel()
+    acc = acc_dtype(dy.dtype, x.dtype)
     if nnz == 0 or dy.shape[0] == 0:
-        return dy.new_zeros(nnz, dtype=torch.float32)
-    pattern = _csr(dy.new_zeros(nnz, dtype=torch.float32), row_offsets, col_idx, (out_features, in_features))
-    out = torch.sparse.sampled_addmm(pattern, dy.float().t().contiguous(), x.float(), beta=0.0)
+        return dy.new_zeros(nnz, dtype=acc)
+    pattern = _csr(dy.new_zeros(nnz, dtype=acc), row_offsets, col_idx, (out_features, in_features))
+    out = torch.sparse.sampled_addmm(pattern, dy.to(acc).t().contiguous(), x.to(acc), beta=0.0)
     return out.values()
 
 
@@ -58,5 +75,6 @@ def fold(weight: torch.Tensor, values: torch.Tensor, flat_index: torch.Tensor) -
     folded = weight.clone(memory_format=torch.contiguous_format)
     flat = folded.view(-1)
     # Add in fp32 and round once, so a bf16 weight loses no more of S than one rounding.
-    flat[flat_index] = (flat[flat_index].float() + values.float()).to(flat.dtype)
+    acc = acc_dtype(weight.dtype, values.dtype)
+    flat[flat_index] = (flat[flat_index].to(acc) + values.to(acc)).to(flat.dtype)
     return folded

@@ -11,8 +11,8 @@ transposed buffer (one pass over the activations); a tensor that already has tok
 ``xT.t()`` of a contiguous ``xT``) is used as is, so a caller that keeps ``x^T`` around pays nothing.
 
 - ``spmm`` / ``spmm_t`` (``x @ S^T`` / ``dy @ S``): one program per (block of ``BR`` sparse rows, block of
-  ``BT`` tokens). The ``BR`` rows are processed as lanes, ELL-style: step ``j`` gathers the ``j``-th nonzero of
-  every lane, i.e. a ``[BR, BT]`` tile of contiguous token runs, and does one fp32 FMA into a ``[BR, BT]``
+  ``BT`` tokens). The ``BR`` rows are processed as lanes, ELL-style: step ``j`` gathers the ``j``-th nonzero
+  of every lane, i.e. a ``[BR, BT]`` tile of contiguous token runs, and does one fp32 FMA into a ``[BR, BT]``
   accumulator (no reduction, no ``tl.dot``). The result is written token-contiguous into an ``(out, T)``
   buffer and transposed once at the end.
 - Load balancing: the rows are visited in order of decreasing nonzero count (a stable device-side argsort of
@@ -21,14 +21,17 @@ transposed buffer (one pass over the activations); a tensor that already has tok
   supports, and the heaviest programs are launched first (longest-processing-time-first scheduling).
 - ``sddmm`` (value gradient): one program per block of ``BK`` consecutive nonzeros (so work is split exactly
   by nonzeros), looping over tokens in tiles of ``BT`` with fp32 ``[BK, BT]`` products of two token-contiguous
-  gathers. Each nonzero finds its row by a branch-free binary search over ``row_offsets``. When there are too
+  gathers. Each nonzero reads its row from ``row_idx=`` (COO rows, support-invariant) when given, otherwise
+  finds it by a branch-free binary search over ``row_offsets``. When there are too
   few nonzero blocks to fill the GPU, the token range is split over a second grid axis into a
   ``(splits, nnz)`` fp32 buffer that is summed afterwards (deterministic, no atomics).
 - ``fold``: one program per block of nonzeros adding ``S`` in fp32 into a contiguous copy of the weight.
 
-This module imports on machines without Triton (``HAS_TRITON`` is then False) and without CUDA. Kernels are
-JIT-wrapped lazily at the first call, so ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests)
-is honoured whenever it is set before that call.
+This module imports on machines without Triton (``HAS_TRITON`` is then False) and without CUDA. With
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter (how the tests run them); they
+are JIT-wrapped at first use, so the variable only has to be set before the first call. bf16 outputs are then
+rounded by hand, because the interpreter truncates where GPUs round to nearest even, so CPU results match the
+GPU's bit for bit.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ try:  # pragma: no cover - depends on the environment
     import triton.language as tl
 
     HAS_TRITON = True
-except Exception:  # noqa: BLE001 - ImportError, or a broken install
+except Exception:
     triton = None
     tl = None
     HAS_TRITON = False
@@ -66,7 +69,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-# --- kernels (plain functions; JIT-wrapped lazily by _kernels()) ---------------------------------------------
+# --- kernels ------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
 
@@ -74,8 +77,7 @@ if HAS_TRITON:
         x_ptr,  # activations, element (t, c) at x_ptr + c * stride_xc + t * stride_xt (stride_xt is 1 on GPU)
         stride_xc,
         stride_xt,
-        val_ptr,  # sparse values, CSR order (or permuted through perm_ptr)
-        perm_ptr,  # int64 [nnz] value permutation (read only when HAS_PERM)
+        val_ptr,  # [nnz] sparse values in the order of ci_ptr
         ro_ptr,  # int32 [n_rows + 1]
         ci_ptr,  # int32 [nnz]
         order_ptr,  # int32 [n_rows]: rows in the order they are assigned to lanes
@@ -84,7 +86,8 @@ if HAS_TRITON:
         stride_yt,
         n_rows,
         n_tokens,
-        HAS_PERM: tl.constexpr,
+        RNE_BF16: tl.constexpr,  # round to bf16 by hand (the interpreter truncates, GPUs round to nearest)
+        NO_STDLIB: tl.constexpr,  # interpreter: avoid tl.max / tl.sum (see _kernels_for)
         BR: tl.constexpr,
         BT: tl.constexpr,
     ):
@@ -96,30 +99,48 @@ if HAS_TRITON:
         start = tl.load(ro_ptr + rows, mask=lane_ok, other=0)
         end = tl.load(ro_ptr + rows + 1, mask=lane_ok, other=0)
         length = end - start
-        max_len = tl.max(length, axis=0)
+        if NO_STDLIB:
+            # The same maximum from scalar loads (pid_r * BR < n_rows: the grid has no empty row block).
+            base = pid_r * BR
+            r0 = tl.load(order_ptr + base)
+            max_len = tl.load(ro_ptr + r0 + 1) - tl.load(ro_ptr + r0)
+            for i in tl.static_range(1, BR):
+                ok = base + i < n_rows
+                ri = tl.load(order_ptr + base + i, mask=ok, other=0)
+                li = tl.load(ro_ptr + ri + 1, mask=ok, other=0) - tl.load(ro_ptr + ri, mask=ok, other=0)
+                max_len = tl.maximum(max_len, li)
+        else:
+            max_len = tl.max(length, axis=0)
 
         t = pid_t * BT + tl.arange(0, BT)
         t_ok = t < n_tokens
         t_off = t * stride_xt
-        acc = tl.zeros([BR, BT], dtype=tl.float32)
+        acc = tl.full([BR, BT], 0.0, tl.float32)
+        # Column index and value of step j are fetched one step ahead, so the only memory latency on the
+        # loop's critical path is the gather itself.
+        k_ok = length > 0
+        c = tl.load(ci_ptr + start, mask=k_ok, other=0)
+        v = tl.load(val_ptr + start, mask=k_ok, other=0.0)
         for j in range(0, max_len):
-            k = start + j
-            k_ok = j < length
-            c = tl.load(ci_ptr + k, mask=k_ok, other=0)
-            if HAS_PERM:
-                p = tl.load(perm_ptr + k, mask=k_ok, other=0)
-                v = tl.load(val_ptr + p, mask=k_ok, other=0.0)
-            else:
-                v = tl.load(val_ptr + k, mask=k_ok, other=0.0)
+            nxt_ok = j + 1 < length
+            c_nxt = tl.load(ci_ptr + start + j + 1, mask=nxt_ok, other=0)
+            v_nxt = tl.load(val_ptr + start + j + 1, mask=nxt_ok, other=0.0)
             xg = tl.load(
                 x_ptr + c.to(tl.int64)[:, None] * stride_xc + t_off[None, :],
                 mask=k_ok[:, None] & t_ok[None, :],
                 other=0.0,
             )
             acc += v.to(tl.float32)[:, None] * xg.to(tl.float32)
+            c, v, k_ok = c_nxt, v_nxt, nxt_ok
 
+        if RNE_BF16:
+            u = acc.to(tl.uint32, bitcast=True)
+            u = tl.where(acc != acc, 0x7FC00000, u + 0x7FFF + ((u >> 16) & 1))
+            out = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = acc.to(y_ptr.dtype.element_ty)
         y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yr + (t * stride_yt)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=lane_ok[:, None] & t_ok[None, :])
+        tl.store(y_ptrs, out, mask=lane_ok[:, None] & t_ok[None, :])
 
     def _sddmm_kernel(
         dy_ptr,  # element (t, r) at dy_ptr + r * stride_dr + t * stride_dt
@@ -130,15 +151,19 @@ if HAS_TRITON:
         stride_xt,
         ro_ptr,
         ci_ptr,
+        rows_ptr,  # COO row of every nonzero (read only when HAS_ROWS)
         out_ptr,  # fp32 [splits, nnz]
         stride_os,
         nnz,
         n_rows,
         n_tokens,
         tokens_per_split,
+        HAS_ROWS: tl.constexpr,
+        NO_STDLIB: tl.constexpr,
         LOG: tl.constexpr,  # binary-search steps: >= ceil(log2(n_rows))
         BK: tl.constexpr,
         BT: tl.constexpr,
+        LOG_BT: tl.constexpr,  # log2(BT)
     ):
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -146,28 +171,42 @@ if HAS_TRITON:
         k_ok = k < nnz
         c = tl.load(ci_ptr + k, mask=k_ok, other=0)
 
-        # Row of each nonzero: the largest r in [0, n_rows) with row_offsets[r] <= k.
-        # Invariant row_offsets[lo] <= k < row_offsets[hi]; every probe is in bounds (lo <= mid < hi <= n_rows).
-        lo = tl.zeros([BK], dtype=tl.int32)
-        hi = tl.zeros([BK], dtype=tl.int32) + n_rows
-        for _ in tl.static_range(LOG):
-            mid = (lo + hi) // 2
-            go_right = tl.load(ro_ptr + mid) <= k
-            lo = tl.where(go_right, mid, lo)
-            hi = tl.where(go_right, hi, mid)
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + k, mask=k_ok, other=0)
+        else:
+            # Row of each nonzero: the largest r in [0, n_rows) with row_offsets[r] <= k. Invariant
+            # row_offsets[lo] <= k < row_offsets[hi]; every probe is in bounds (lo <= mid < hi <= n_rows).
+            lo = tl.full([BK], 0, tl.int32)
+            hi = tl.full([BK], 0, tl.int32) + n_rows
+            for _ in tl.static_range(LOG):
+                mid = (lo + hi) // 2
+                go_right = tl.load(ro_ptr + mid) <= k
+                lo = tl.where(go_right, mid, lo)
+                hi = tl.where(go_right, hi, mid)
+            r = lo
 
-        dy_base = lo.to(tl.int64) * stride_dr
+        dy_base = r.to(tl.int64) * stride_dr
         x_base = c.to(tl.int64) * stride_xc
         t_begin = pid_s * tokens_per_split
         t_end = tl.minimum(t_begin + tokens_per_split, n_tokens)
-        acc = tl.zeros([BK, BT], dtype=tl.float32)
+        acc = tl.full([BK, BT], 0.0, tl.float32)
         for t0 in range(t_begin, t_end, BT):
+            # tokens_per_split is a multiple of BT, so only the last tile of the last split can overhang:
+            # masking with n_tokens (not t_end) keeps the mask provably constant over aligned runs and the
+            # loads vectorized.
             t = t0 + tl.arange(0, BT)
-            m = k_ok[:, None] & (t < t_end)[None, :]
+            m = k_ok[:, None] & (t < n_tokens)[None, :]
             a = tl.load(dy_ptr + dy_base[:, None] + (t * stride_dt)[None, :], mask=m, other=0.0)
             b = tl.load(x_ptr + x_base[:, None] + (t * stride_xt)[None, :], mask=m, other=0.0)
             acc += a.to(tl.float32) * b.to(tl.float32)
-        tl.store(out_ptr + pid_s * stride_os + k, tl.sum(acc, axis=1), mask=k_ok)
+        if NO_STDLIB:
+            for _ in tl.static_range(LOG_BT):  # pairwise halving of the token axis: BT -> 1
+                a, b = tl.split(tl.reshape(acc, [BK, acc.shape[1] // 2, 2]))
+                acc = a + b
+            res = tl.reshape(acc, [BK])
+        else:
+            res = tl.sum(acc, axis=1)
+        tl.store(out_ptr + pid_s * stride_os + k, res, mask=k_ok)
 
     def _fold_kernel(
         w_ptr,  # contiguous (out, in) copy of the weight, updated in place
@@ -178,6 +217,7 @@ if HAS_TRITON:
         nnz,
         n_rows,
         FLAT: tl.constexpr,
+        RNE_BF16: tl.constexpr,
         LOG: tl.constexpr,
         BK: tl.constexpr,
     ):
@@ -187,8 +227,8 @@ if HAS_TRITON:
         if FLAT:
             offs = idx
         else:
-            lo = tl.zeros([BK], dtype=tl.int32)
-            hi = tl.zeros([BK], dtype=tl.int32) + n_rows
+            lo = tl.full([BK], 0, tl.int32)
+            hi = tl.full([BK], 0, tl.int32) + n_rows
             for _ in tl.static_range(LOG):
                 mid = (lo + hi) // 2
                 go_right = tl.load(ro_ptr + mid) <= k
@@ -196,12 +236,18 @@ if HAS_TRITON:
                 hi = tl.where(go_right, hi, mid)
             offs = lo.to(tl.int64) * n_cols + idx
         v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
-        tl.store(w_ptr + offs, (w + v).to(w_ptr.dtype.element_ty), mask=k_ok)
+        w = tl.load(w_ptr + offs, mask=k_ok, other=0.0).to(tl.float32) + v
+        if RNE_BF16:
+            u = w.to(tl.uint32, bitcast=True)
+            u = tl.where(w != w, 0x7FC00000, u + 0x7FFF + ((u >> 16) & 1))
+            out = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = w.to(w_ptr.dtype.element_ty)
+        tl.store(w_ptr + offs, out, mask=k_ok)
 
 
 def is_interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """True when Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``) at this moment."""
     if not HAS_TRITON:
         return False
     knobs = getattr(triton, "knobs", None)
@@ -212,23 +258,24 @@ def is_interpreting() -> bool:
 
 @cache
 def _kernels_for(interpret: bool) -> SimpleNamespace:
-    # ``triton.jit`` decides between compiled and interpreted at wrap time; keying the cache on the mode lets
-    # a process that set TRITON_INTERPRET after importing this module still get interpreted kernels.
-    del interpret
+    """The kernels, JIT-wrapped for the given mode (``triton.jit`` picks compiled or interpreted as it wraps).
+
+    Wrapping lazily, per mode, makes the kernels follow TRITON_INTERPRET as it is when first used, even if
+    triton was imported earlier (say by another library). Triton's own helpers (tl.sum, tl.max, tl.zeros) were
+    wrapped when triton was imported and may be in the other mode, so interpreted kernels avoid them
+    (NO_STDLIB).
+    """
+    del interpret  # the cache key; triton.jit reads the mode itself
     return SimpleNamespace(
-        spmm=triton.jit(_csr_spmm_kernel),
-        sddmm=triton.jit(_sddmm_kernel),
-        fold=triton.jit(_fold_kernel),
+        spmm=triton.jit(_csr_spmm_kernel), sddmm=triton.jit(_sddmm_kernel), fold=triton.jit(_fold_kernel)
     )
 
 
 def _kernels() -> SimpleNamespace:
-    if not HAS_TRITON:
-        raise RuntimeError("rosa.sparse.triton_ops: Triton is not installed")
     return _kernels_for(is_interpreting())
 
 
-# --- block-size rules ----------------------------------------------------------------------------------------
+# --- block-size rules ---------------------------------------------------------------------------------------
 
 
 def _next_pow2(n: int) -> int:
@@ -278,7 +325,9 @@ def _merge_blocks(defaults: dict[str, int], override: Mapping[str, int] | None) 
         return defaults
     unknown = set(override) - set(defaults)
     if unknown:
-        raise ValueError(f"unknown block parameters {sorted(unknown)}; expected a subset of {sorted(defaults)}")
+        raise ValueError(
+            f"unknown block parameters {sorted(unknown)}; expected a subset of {sorted(defaults)}"
+        )
     merged = {**defaults, **{k: int(v) for k, v in override.items()}}
     for key in ("BR", "BT", "BK"):
         if key in merged and (merged[key] < 1 or merged[key] & (merged[key] - 1)):
@@ -290,7 +339,7 @@ def _launch_kwargs(blocks: dict[str, int]) -> dict[str, int]:
     return {} if is_interpreting() else {"num_warps": blocks["num_warps"]}
 
 
-# --- argument handling -------------------------------------------------------------------------------------
+# --- argument handling --------------------------------------------------------------------------------------
 
 
 def _check_runnable(*tensors: Tensor) -> None:
@@ -302,8 +351,8 @@ def _check_runnable(*tensors: Tensor) -> None:
             raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
     if device.type != "cuda" and not is_interpreting():
         raise RuntimeError(
-            f"rosa.sparse.triton_ops: Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
-            "before importing triton to run them on CPU"
+            f"rosa.sparse.triton_ops: Triton kernels need CUDA tensors (got {device}); set "
+            "TRITON_INTERPRET=1 to run them on CPU in Triton's interpreter"
         )
 
 
@@ -345,11 +394,17 @@ class _NullCtx:
         return False
 
 
+def _manual_bf16_rounding(dtype: torch.dtype) -> bool:
+    # Triton's interpreter converts fp32 -> bf16 by truncation, compiled kernels round to nearest even;
+    # rounding by hand under the interpreter makes CPU test results bit-identical to what the GPU produces.
+    return dtype == torch.bfloat16 and is_interpreting()
+
+
 def _search_steps(n_rows: int) -> int:
     return max(1, int(n_rows).bit_length())
 
 
-# --- public ops ----------------------------------------------------------------------------------------------
+# --- public ops ---------------------------------------------------------------------------------------------
 
 
 def balanced_row_order(row_offsets: Tensor) -> Tensor:
@@ -365,7 +420,6 @@ def balanced_row_order(row_offsets: Tensor) -> Tensor:
 def _rowwise(
     x: Tensor,
     values: Tensor,
-    perm: Tensor | None,
     row_offsets: Tensor,
     col_idx: Tensor,
     n_rows: int,
@@ -387,7 +441,6 @@ def _rowwise(
             xv.stride(1),
             xv.stride(0),
             values,
-            perm if perm is not None else col_idx,  # dummy pointer when HAS_PERM is False
             row_offsets,
             col_idx,
             order,
@@ -396,7 +449,8 @@ def _rowwise(
             y_t.stride(1),
             n_rows,
             tokens,
-            HAS_PERM=perm is not None,
+            RNE_BF16=_manual_bf16_rounding(y_t.dtype),
+            NO_STDLIB=is_interpreting(),
             BR=cfg["BR"],
             BT=cfg["BT"],
             **_launch_kwargs(cfg),
@@ -417,6 +471,8 @@ def spmm(
     """``x @ S^T``: x (tokens, in) -> (tokens, out), contiguous, in ``x.dtype``, accumulated in fp32.
 
     ``row_order`` (optional, int32 [out]) is :func:`balanced_row_order` of ``row_offsets``, precomputed.
+    Any permutation of ``range(out)`` gives the same result (only its shape is checked); the balanced one is
+    the fastest.
     ``blocks`` overrides entries of :func:`choose_blocks` (``BR``, ``BT``, ``num_warps``).
     """
     _check_runnable(x, values, row_offsets, col_idx)
@@ -424,7 +480,7 @@ def spmm(
     _check_float("values", values, 1)
     row_offsets = _index("row_offsets", row_offsets, out_features + 1)
     col_idx = _index("col_idx", col_idx, values.numel())
-    return _rowwise(x, values.contiguous(), None, row_offsets, col_idx, out_features, row_order, blocks)
+    return _rowwise(x, values.contiguous(), row_offsets, col_idx, out_features, row_order, blocks)
 
 
 def spmm_t(
@@ -440,7 +496,7 @@ def spmm_t(
 ) -> Tensor:
     """``dy @ S``: dy (tokens, out) -> (tokens, in), contiguous, in ``dy.dtype``, accumulated in fp32.
 
-    Runs the spmm kernel on the CSR of ``S^T``, reading ``values[t_perm]`` inside the kernel.
+    Runs the spmm kernel on the CSR of ``S^T`` with the values gathered as ``values[t_perm]``.
     ``row_order`` (optional, int32 [in]) is :func:`balanced_row_order` of ``t_row_offsets``.
     """
     _check_runnable(dy, values, t_row_offsets, t_col_idx, t_perm)
@@ -449,7 +505,10 @@ def spmm_t(
     t_row_offsets = _index("t_row_offsets", t_row_offsets, in_features + 1)
     t_col_idx = _index("t_col_idx", t_col_idx, values.numel())
     t_perm = _index("t_perm", t_perm, values.numel())
-    return _rowwise(dy, values.contiguous(), t_perm, t_row_offsets, t_col_idx, in_features, row_order, blocks)
+    # values in S^T's CSR order: one gather over nnz (cheap next to the kernel), so the kernel reads them
+    # sequentially instead of through a second level of indirection.
+    values_t = values.detach().index_select(0, t_perm)
+    return _rowwise(dy, values_t, t_row_offsets, t_col_idx, in_features, row_order, blocks)
 
 
 def sddmm(
@@ -458,10 +517,13 @@ def sddmm(
     row_offsets: Tensor,
     col_idx: Tensor,
     *,
+    row_idx: Tensor | None = None,
     blocks: Mapping[str, int] | None = None,
 ) -> Tensor:
     """``(dy^T x)`` sampled at the support: ``out[k] = sum_t dy[t, row_k] * x[t, col_k]``, fp32, CSR order.
 
+    ``row_idx`` (optional, int32/int64 [nnz]) is the COO row of every nonzero, precomputed once per support;
+    without it each program finds its rows by binary search in ``row_offsets``.
     ``blocks`` overrides entries of :func:`choose_blocks` (``BK``, ``BT``, ``splits``, ``num_warps``).
     """
     _check_runnable(dy, x, row_offsets, col_idx)
@@ -473,10 +535,14 @@ def sddmm(
     row_offsets = _index("row_offsets", row_offsets, n_rows + 1)
     col_idx = _index("col_idx", col_idx)
     tokens, nnz = x.shape[0], col_idx.numel()
+    if row_idx is not None:
+        row_idx = _index("row_idx", row_idx, nnz)
     if nnz == 0 or tokens == 0:
         return torch.zeros(nnz, dtype=torch.float32, device=dy.device)
     cfg = _merge_blocks(
-        choose_blocks("sddmm", tokens=tokens, rows=n_rows, nnz=nnz, programs_target=_num_programs_target(dy.device)),
+        choose_blocks(
+            "sddmm", tokens=tokens, rows=n_rows, nnz=nnz, programs_target=_num_programs_target(dy.device)
+        ),
         blocks,
     )
     n_tiles = triton.cdiv(tokens, cfg["BT"])
@@ -496,15 +562,19 @@ def sddmm(
             xv.stride(0),
             row_offsets,
             col_idx,
+            row_idx if row_idx is not None else col_idx,  # dummy pointer when HAS_ROWS is False
             partial,
             partial.stride(0),
             nnz,
             n_rows,
             tokens,
             tokens_per_split,
+            HAS_ROWS=row_idx is not None,
+            NO_STDLIB=is_interpreting(),
             LOG=_search_steps(n_rows),
             BK=cfg["BK"],
             BT=cfg["BT"],
+            LOG_BT=cfg["BT"].bit_length() - 1,
             **_launch_kwargs(cfg),
         )
     return partial[0] if splits == 1 else partial.sum(dim=0)
@@ -554,6 +624,7 @@ def fold(
             nnz,
             n_rows,
             FLAT=col_idx is None,
+            RNE_BF16=_manual_bf16_rounding(folded.dtype),
             LOG=_search_steps(n_rows),
             BK=cfg["BK"],
             **_launch_kwargs(cfg),

@@ -1,0 +1,461 @@
+#!/usr/bin/env python
+"""CPU benchmark of RoSA's sparse operations against a dense GEMM and the dense-masked approach.
+
+For each weight shape (out x in) and density, with 512 tokens in fp32 and a uniform random support:
+
+- ``gemm``: one dense fp32 GEMM of that shape, ``x @ W^T`` (the unit every ratio is given in);
+- ``spmm``, ``spmm_t``, ``sddmm``: each sparse op alone, through the ``rosa::`` custom ops a training step uses;
+- ``spmm strategy``: its extra cost over the base layer's own two matmuls (forward, input gradient) is the three
+  sparse ops, timed back to back (``spmm; spmm_t; sddmm``);
+- ``fold strategy``: S is added into a dense copy of the frozen weight, once in the forward and once in the
+  backward, and that copy's matmuls *replace* the base's. Its extra cost is ``fold; fold; sddmm`` timed back
+  to back;
+- ``dense-masked``: what PEFT's SHiRA and Super-Tuning do, in the form ``x @ (W + delta * mask)^T`` with a dense
+  out x in ``delta``: the forward builds the masked dense weight (``addcmul``, its matmuls replace the base's)
+  and the backward computes the dense weight gradient ``dY^T X`` and masks it. Its extra cost is
+  ``addcmul; (dY^T @ X) * mask`` timed back to back. (PEFT's SHiRA keeps only the nnz values as parameters
+  but still clones the dense weight and gets a dense weight gradient every step, so its time is this one.)
+- totals: the base's two matmuls (``x @ W^T`` and ``dY @ W``, timed together) plus each strategy's extra.
+
+Memory: ``extra MiB`` is the peak of bytes allocated through PyTorch's CPU allocator during one forward and
+backward of the approach's autograd path, above the level at entry, measured with
+``torch.profiler(profile_memory=True)`` (allocation events in time order, running sum, maximum); for fold and
+dense-masked, the same peak of the plain base matmul's forward and backward is subtracted (their matmuls
+replace the base's). MKL's own internal scratch space is not allocated through PyTorch and is not seen.
+``state MiB`` is the analytic persistent extra: trainable values with gradient and two Adam moments (16
+bytes each) plus the index arrays (int32 CSR and transposed CSR, int64 permutation) for RoSA; the dense delta
+with gradient and Adam moments plus a bool mask for dense-masked.
+
+Every time is the median of ``--repeats`` runs after a warm-up run; torch's thread count is left at its
+default. The cost rule of rosa.sparse.strategy is fitted to the same measurements (least squares on
+relative error) and its choice is compared with the measured faster strategy on every row.
+
+    python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N]
+
+The full run writes docs/benchmarks/sparse_ops.json; ``--quick`` (fewer shapes, densities and repeats) writes
+nothing unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rosa.sparse import ops, support_from_flat_index
+from rosa.sparse.strategy import COST_MODELS, CostModel
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs" / "benchmarks" / "sparse_ops.json"
+
+SHAPES = [  # (label, out, in)
+    ("SmolLM2-135M q/o", 576, 576),
+    ("SmolLM2-135M gate/up", 1536, 576),
+    ("LLaMA-7B q/k/v/o", 4096, 4096),
+    ("LLaMA-7B gate/up", 11008, 4096),
+]
+DENSITIES = [0.001, 0.003, 0.006, 0.01, 0.02, 0.05]
+QUICK_SHAPES = [SHAPES[0], SHAPES[2]]
+QUICK_DENSITIES = [0.001, 0.01, 0.05]
+TARGET_SHAPE, TARGET_DENSITY = (4096, 4096), 0.01
+
+MiB = 2**20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="two shapes, three densities, three repeats")
+    p.add_argument("--out", type=Path, default=None, help=f"JSON output (full run default: {DEFAULT_OUT})")
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per measurement (default 5, quick 3)"
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurements")
+    p.add_argument(
+        "--shapes", default=None, help="comma-separated OUTxIN to run instead of the default shapes"
+    )
+    p.add_argument(
+        "--densities", default=None, help="comma-separated densities (fractions) instead of the default"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# --- measurement helpers ------------------------------------------------------------------------------
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def peak_extra_bytes(fn) -> int:
+    """Peak bytes allocated through PyTorch's CPU allocator while ``fn`` runs, above the level at entry."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for e in events:  # CPU-only run: every allocation event is the CPU allocator's
+        running += e.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def random_support(out_features: int, in_features: int, nnz: int, gen: torch.Generator):
+    """A uniform random support of exactly ``nnz`` entries, without an out*in permutation."""
+    total = out_features * in_features
+    flat = torch.empty(0, dtype=torch.long)
+    while flat.numel() < nnz:
+        draw = torch.randint(0, total, (int((nnz - flat.numel()) * 1.1) + 16,), generator=gen)
+        flat = torch.unique(torch.cat([flat, draw]))
+    flat = flat[torch.randperm(flat.numel(), generator=gen)[:nnz]]
+    return support_from_flat_index(flat, (out_features, in_features))
+
+
+def rosa_state_bytes(out_features: int, in_features: int, nnz: int) -> int:
+    # values + grad + Adam m, v (fp32) | col_idx, t_col_idx (int32), t_perm (int64) | row offsets (int32)
+    return 16 * nnz + 16 * nnz + 4 * (out_features + 1 + in_features + 1)
+
+
+def masked_state_bytes(out_features: int, in_features: int) -> int:
+    return 16 * out_features * in_features + out_features * in_features  # delta + grad + Adam, bool mask
+
+
+# --- one shape ----------------------------------------------------------------------------------------
+
+
+def bench_shape(label, out_features, in_features, densities, tokens, repeats, memory, gen) -> list[dict]:
+    x = torch.randn(tokens, in_features, generator=gen)
+    dy = torch.randn(tokens, out_features, generator=gen)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+
+    t_gemm = median_time(lambda: x @ weight.t(), repeats)
+    t_base = median_time(lambda: (x @ weight.t(), dy @ weight), repeats)
+
+    # Dense-masked: the mask's density does not change the dense work, so it is timed once per shape.
+    delta = torch.zeros(out_features, in_features)
+    mask = torch.rand(out_features, in_features, generator=gen) < 0.01
+    mask_f = mask.float()
+
+    def masked_extra():
+        w_eff = torch.addcmul(weight, delta, mask_f)
+        grad_delta = (dy.t() @ x) * mask_f
+        return w_eff, grad_delta
+
+    t_masked = median_time(masked_extra, repeats)
+
+    mem_base = mem_masked = None
+    if memory:
+
+        def base_fwd_bwd():
+            xg = x.detach().requires_grad_(True)
+            (xg @ weight.t()).backward(dy)
+
+        def masked_fwd_bwd():
+            xg = x.detach().requires_grad_(True)
+            d = delta.detach().requires_grad_(True)
+            (xg @ torch.addcmul(weight, d, mask_f).t()).backward(dy)
+
+        mem_base = peak_extra_bytes(base_fwd_bwd)
+        mem_masked = peak_extra_bytes(masked_fwd_bwd) - mem_base
+
+    rows = []
+    for density in densities:
+        nnz = round(density * out_features * in_features)
+        s = random_support(out_features, in_features, nnz, gen)
+        flat = s.flat_index()
+        values = torch.randn(nnz, generator=gen) * 0.01
+
+        def run_spmm(s=s, values=values):
+            return ops.spmm(x, values, s.row_offsets, s.col_idx, out_features)
+
+        def run_spmm_t(s=s, values=values):
+            return ops.spmm_t(dy, values, s.t_row_offsets, s.t_col_idx, s.t_perm, in_features)
+
+        def run_sddmm(s=s):
+            return ops.sddmm(dy, x, s.row_offsets, s.col_idx)
+
+        def run_fold(values=values, flat=flat):
+            return ops.fold(weight, values, flat)
+
+        t = {
+            "spmm": median_time(run_spmm, repeats),
+            "spmm_t": median_time(run_spmm_t, repeats),
+            "sddmm": median_time(run_sddmm, repeats),
+            "fold": median_time(run_fold, repeats),
+        }
+        t["spmm_strategy_extra"] = median_time(lambda: (run_spmm(), run_spmm_t(), run_sddmm()), repeats)
+        t["fold_strategy_extra"] = median_time(lambda: (run_fold(), run_fold(), run_sddmm()), repeats)
+        t["dense_masked_extra"] = t_masked
+        t["gemm"] = t_gemm
+        t["base_two_matmuls"] = t_base
+        t["spmm_strategy_total"] = t_base + t["spmm_strategy_extra"]
+        t["fold_strategy_total"] = t_base + t["fold_strategy_extra"]
+        t["dense_masked_total"] = t_base + t_masked
+
+        mem = {}
+        if memory:
+
+            def spmm_fwd_bwd(s=s, values=values):
+                xg = x.detach().requires_grad_(True)
+                v = values.detach().requires_grad_(True)
+                ops.sparse_linear(
+                    xg, v, s.row_offsets, s.col_idx, s.t_row_offsets, s.t_col_idx, s.t_perm
+                ).backward(dy)
+
+            def fold_fwd_bwd(s=s, values=values, flat=flat):
+                xg = x.detach().requires_grad_(True)
+                v = values.detach().requires_grad_(True)
+                ops.folded_linear(xg, weight, v, flat, s.row_offsets, s.col_idx).backward(dy)
+
+            mem = {
+                "spmm_strategy_peak_extra": peak_extra_bytes(spmm_fwd_bwd),
+                "fold_strategy_peak_extra": peak_extra_bytes(fold_fwd_bwd) - mem_base,
+                "dense_masked_peak_extra": mem_masked,
+                "base_fwd_bwd_peak": mem_base,
+            }
+        mem["rosa_state"] = rosa_state_bytes(out_features, in_features, nnz)
+        mem["dense_masked_state"] = masked_state_bytes(out_features, in_features)
+
+        rows.append(
+            {
+                "label": label,
+                "out": out_features,
+                "in": in_features,
+                "tokens": tokens,
+                "density": density,
+                "nnz": nnz,
+                "seconds": t,
+                "bytes": mem,
+            }
+        )
+        print(_format_row(rows[-1]), flush=True)
+    return rows
+
+
+# --- the cost rule ---------------------------------------------------------------------------------------
+
+
+def fit_cost_model(rows: list[dict]) -> CostModel:
+    """Fit the rates of rosa.sparse.strategy.CostModel, minimising relative error.
+
+    spmm + spmm_t = 2 * (nnz * tokens / sparse_rate + tokens * (in + out) / stream_rate)
+    fold          = out * in / fold_rate
+    """
+    a = np.array(
+        [[2 * r["nnz"] * r["tokens"], 2 * r["tokens"] * (r["in"] + r["out"])] for r in rows], dtype=float
+    )
+    y = np.array([r["seconds"]["spmm"] + r["seconds"]["spmm_t"] for r in rows], dtype=float)
+    w = 1.0 / y
+    coef, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
+    if coef[0] <= 0 or coef[1] <= 0:  # keep both rates positive: refit the other one alone
+        keep = 0 if coef[0] > 0 else 1
+        c, *_ = np.linalg.lstsq(a[:, [keep]] * w[:, None], y * w, rcond=None)
+        coef = np.array([c[0], 1e-30] if keep == 0 else [1e-30, c[0]])
+    n = np.array([r["out"] * r["in"] for r in rows], dtype=float)
+    tf = np.array([r["seconds"]["fold"] for r in rows], dtype=float)
+    c_fold = float(np.sum(n / tf) / np.sum(n**2 / tf**2))
+    return CostModel(
+        sparse_rate=float(1 / coef[0]), stream_rate=float(1 / coef[1]), fold_rate=float(1 / c_fold)
+    )
+
+
+def rule_pick(model: CostModel, r: dict) -> str:
+    spmm = model.spmm_cost(r["out"], r["in"], r["nnz"], r["tokens"])
+    return "fold" if model.fold_cost(r["out"], r["in"]) < spmm else "spmm"
+
+
+def faster(r: dict) -> str:
+    s = r["seconds"]
+    return "fold" if s["fold_strategy_extra"] < s["spmm_strategy_extra"] else "spmm"
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+HEADER = (
+    f"{'shape (out x in)':>24} {'dens%':>5} {'gemm ms':>8} | {'spmm':>6} {'spmm_t':>6} {'sddmm':>6} "
+    f"{'3 ops':>6} {'x gemm':>6} | {'fold':>6} {'2f+sdd':>6} {'x gemm':>6} | {'masked':>7} {'x 3ops':>6} | "
+    f"{'tot spmm':>8} {'tot fold':>8} {'tot mask':>8} | {'MiB spmm':>8} {'fold':>6} {'masked':>7} "
+    f"{'state':>6} {'m.state':>7} | rule / faster"
+)
+
+
+def _format_row(r: dict, pick: str | None = None) -> str:
+    s, b = r["seconds"], r["bytes"]
+    ms = {k: 1e3 * v for k, v in s.items()}
+
+    def mib(key):
+        return f"{b[key] / MiB:.1f}" if b.get(key) is not None else "-"
+
+    pick = pick or "?"
+    return (
+        f"{r['label'] + ' ' + str(r['out']) + 'x' + str(r['in']):>24} {100 * r['density']:>5.1f} {ms['gemm']:>8.1f} | "
+        f"{ms['spmm']:>6.1f} {ms['spmm_t']:>6.1f} {ms['sddmm']:>6.1f} {ms['spmm_strategy_extra']:>6.1f} "
+        f"{s['spmm_strategy_extra'] / s['gemm']:>6.2f} | {ms['fold']:>6.1f} {ms['fold_strategy_extra']:>6.1f} "
+        f"{s['fold_strategy_extra'] / s['gemm']:>6.2f} | {ms['dense_masked_extra']:>7.1f} "
+        f"{s['dense_masked_extra'] / s['spmm_strategy_extra']:>6.1f} | {ms['spmm_strategy_total']:>8.1f} "
+        f"{ms['fold_strategy_total']:>8.1f} {ms['dense_masked_total']:>8.1f} | {mib('spmm_strategy_peak_extra'):>8} "
+        f"{mib('fold_strategy_peak_extra'):>6} {mib('dense_masked_peak_extra'):>7} {mib('rosa_state'):>6} "
+        f"{mib('dense_masked_state'):>7} | {pick} / {faster(r)}"
+    )
+
+
+def machine_info() -> dict:
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "mkl": torch.backends.mkl.is_available(),
+        "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [("custom", *map(int, spec.split("x"))) for spec in args.shapes.split(",")]
+    densities = QUICK_DENSITIES if args.quick else DENSITIES
+    if args.densities:
+        densities = [float(d) for d in args.densities.split(",")]
+    repeats = args.repeats or (3 if args.quick else 5)
+    out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    gen = torch.Generator().manual_seed(args.seed)
+    info = machine_info()
+    print(
+        f"rosa sparse-op benchmark: {info['cpu_model']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch "
+        f"threads, torch {info['torch']}, load average {info['load_average_start']}, {args.tokens} tokens, fp32, "
+        f"median of {repeats}"
+    )
+    print(
+        "times in ms; 'x gemm' = multiple of one dense GEMM of the shape; 'x 3ops' = dense-masked / spmm strategy"
+    )
+    print(HEADER)
+    t0 = time.perf_counter()
+    rows = []
+    for label, out_features, in_features in shapes:
+        rows += bench_shape(
+            label, out_features, in_features, densities, args.tokens, repeats, not args.no_memory, gen
+        )
+    elapsed = time.perf_counter() - t0
+
+    fitted = fit_cost_model(rows)
+    current = COST_MODELS["cpu"]
+    for r in rows:
+        r["faster"] = faster(r)
+        r["rule_current"] = rule_pick(current, r)
+        r["rule_fitted"] = rule_pick(fitted, r)
+
+    print("\nwith the rule's choice (current constants of rosa.sparse.strategy):")
+    print(HEADER)
+    for r in rows:
+        print(_format_row(r, r["rule_current"]))
+    n = len(rows)
+    agree_current = sum(r["rule_current"] == r["faster"] for r in rows)
+    agree_fitted = sum(r["rule_fitted"] == r["faster"] for r in rows)
+    print(
+        f"\ncost rule, current constants {current}: picks the measured faster strategy on {agree_current}/{n} rows"
+    )
+    print(
+        f"cost rule, fitted constants  {fitted}: picks the measured faster strategy on {agree_fitted}/{n} rows"
+    )
+
+    targets = {}
+    target_rows = [r for r in rows if (r["out"], r["in"]) == TARGET_SHAPE and r["density"] == TARGET_DENSITY]
+    if target_rows:
+        s = target_rows[0]["seconds"]
+        three_vs_gemm = s["spmm_strategy_extra"] / s["gemm"]
+        masked_vs_three = s["dense_masked_extra"] / s["spmm_strategy_extra"]
+        targets = {
+            "three_sparse_ops_over_gemm": three_vs_gemm,
+            "three_sparse_ops_over_gemm_target": 0.5,
+            "three_sparse_ops_over_gemm_met": three_vs_gemm <= 0.5,
+            "dense_masked_over_three_sparse_ops": masked_vs_three,
+            "dense_masked_over_three_sparse_ops_target": 4.0,
+            "dense_masked_over_three_sparse_ops_met": masked_vs_three >= 4.0,
+        }
+        print(
+            f"\ntarget 1 (4096x4096, 1%): three sparse ops = {three_vs_gemm:.2f} x one dense GEMM "
+            f"(target <= 0.5): {'MET' if targets['three_sparse_ops_over_gemm_met'] else 'NOT MET'}"
+        )
+        print(
+            f"target 2 (4096x4096, 1%): dense-masked extra = {masked_vs_three:.1f} x the three sparse ops "
+            f"(target >= 4): {'MET' if targets['dense_masked_over_three_sparse_ops_met'] else 'NOT MET'}"
+        )
+    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["elapsed_s"] = elapsed
+    print(
+        f"\nelapsed {elapsed:.0f} s; load average at start {info['load_average_start']}, end {info['load_average_end']}"
+    )
+
+    if out_path is not None:
+        result = {
+            "benchmark": "benchmarks/sparse_ops.py",
+            "command": " ".join(
+                ["python", "benchmarks/sparse_ops.py", *(argv if argv is not None else sys.argv[1:])]
+            ),
+            "machine": info,
+            "settings": {
+                "tokens": args.tokens,
+                "dtype": "float32",
+                "repeats": repeats,
+                "warmup": 1,
+                "support": "uniform",
+            },
+            "definitions": __doc__,
+            "targets": targets,
+            "cost_rule": {
+                "current": dataclasses.asdict(current),
+                "fitted": {
+                    "sparse_rate": fitted.sparse_rate,
+                    "stream_rate": fitted.stream_rate,
+                    "fold_rate": fitted.fold_rate,
+                },
+                "rows_agreeing_current": agree_current,
+                "rows_agreeing_fitted": agree_fitted,
+                "rows": n,
+            },
+            "rows": rows,
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

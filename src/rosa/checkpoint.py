@@ -1,0 +1,106 @@
+"""Atomic, pickle-free training checkpoints: adapter, optimizer, LR schedule, RNG, data position, schedule.
+
+A checkpoint is a folder ``step-<N>`` holding the PEFT adapter files, ``state.safetensors`` (every tensor of
+the optimizer state, RNG states and the RoSA restart snapshot) and ``state.json`` (everything else). It is
+written under a temporary name and renamed into place, then ``latest`` is replaced atomically, so a run
+killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    extra_tensors: dict[str, torch.Tensor],
+    extra_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``run_dir/checkpoints/step-<step>`` atomically and point ``latest`` at it."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors = {**opt_tensors, "rng.torch": torch.get_rng_state(), **extra_tensors}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
+    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": lr_scheduler.state_dict(), **extra_state}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    _fsync_dir(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(root / LATEST, final.name)
+    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the JSON state of a checkpoint (the adapter is loaded separately)."""
+    tensors = load_file(path / "state.safetensors")
+    state = json.loads((path / "state.json").read_text())
+    return tensors, state
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,162 @@
+"""The ``rosa`` command: train, eval, merge, mask.
+
+Every subcommand takes an optional YAML config and ``section.key=value`` overrides (see ``rosa.run_config``);
+with no arguments at all, ``rosa train`` fine-tunes the built-in SmolLM2-135M on the built-in synthetic task,
+offline, and prints exact-match accuracy before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """
+examples:
+  rosa train                                   # built-in model + task, offline, ~minutes on a CPU
+  rosa train my.yaml train.steps=500 rosa.density=0.006
+  rosa train data.task=jsonl data.path=pairs.jsonl data.prompt_column=instruction data.response_column=output
+  rosa train model.load_in_4bit=true           # QRoSA
+  rosa train --resume output_dir=runs/rosa-default
+  rosa eval --adapter runs/rosa-default/adapter
+  rosa merge --adapter runs/rosa-default/adapter --out merged/
+  rosa mask --out mask.safetensors rosa.mask_steps=32
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rosa",
+        description="Fine-tune causal language models with RoSA (low-rank + sparse adaptation).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="YAML run config (optional)")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", help="fine-tune with RoSA and evaluate before/after", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+
+    p = sub.add_parser("eval", help="score a model (optionally with an adapter) on the held-out split")
+    common(p)
+    p.add_argument("--adapter", help="folder written by save_pretrained / rosa train (omit: the base model)")
+    p.add_argument("--out", help="write the results JSON here (default: print only)")
+
+    p = sub.add_parser("merge", help="merge an adapter into its base model and save a plain transformers model")
+    common(p)
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="output folder for the merged model")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--requantize", action="store_true", help="save 4-bit NF4 again (lossy; default: lossless)")
+
+    p = sub.add_parser("mask", help="run warm-up and mask collection only, and save the mask")
+    common(p)
+    p.add_argument("--out", required=True, help="mask file (.safetensors)")
+    return parser
+
+
+def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """argparse cannot tell 'config' from a first override; an argument with '=' is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="rosa: %(message)s")
+    from .run_config import load_run_config
+
+    try:
+        config_path, overrides = _split_overrides(args)
+        run = load_run_config(config_path, overrides)
+        if args.command == "train":
+            return _train(run, args)
+        if args.command == "eval":
+            return _eval(run, args)
+        if args.command == "merge":
+            return _merge(run, args)
+        return _mask(run, args)
+    except KeyboardInterrupt:
+        print("\nrosa: interrupted; continue with: rosa train --resume (same config and overrides)", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for the errors a user can fix; tracebacks for the rest
+        if _is_user_error(e):
+            print(f"rosa: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from .model import AdapterFileError
+    from .run_config import RunConfigError
+    from .sparse.support import SupportError
+    from .train import RunError
+
+    return isinstance(e, (RunConfigError, RunError, AdapterFileError, SupportError, FileNotFoundError, ValueError))
+
+
+def _train(run, args) -> int:
+    from .train import train
+
+    result = train(run, resume=args.resume, show_progress=not args.quiet)
+    before = result.before["exact_match"] if result.before else None
+    after = result.after["exact_match"] if result.after else None
+    print(f"\nrun folder: {result.output_dir} ({result.steps} steps, {result.wall_seconds:.0f} s)")
+    if before is not None:
+        print(f"exact match before training: {before:.1%} ({result.before['correct']}/{result.before['count']})")
+    if after is not None:
+        print(f"exact match after training:  {after:.1%} ({result.after['correct']}/{result.after['count']})")
+    return 0
+
+
+def _eval(run, args) -> int:
+    from .model import load_rosa_model
+    from .train import _evaluate, load_model_and_tokenizer, load_task_examples
+
+    task, _, held_out = load_task_examples(run.data)
+    if run.eval.limit is not None:
+        held_out = held_out[: run.eval.limit]
+    model, tokenizer = load_model_and_tokenizer(run.model, for_training=False)
+    if args.adapter:
+        model = load_rosa_model(model, args.adapter)
+    result = _evaluate(model, tokenizer, held_out, task, run, "eval", not args.quiet)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['count']}), "
+          f"held-out loss {result['heldout_loss']:.4f}")
+    return 0
+
+
+def _merge(run, args) -> int:
+    from .merge import merge_adapter_to_disk
+
+    path = merge_adapter_to_disk(run.model, args.adapter, args.out, dtype=args.dtype, requantize=args.requantize)
+    print(f"merged model written to {path}")
+    return 0
+
+
+def _mask(run, args) -> int:
+    from .train import collect_mask_only
+
+    path = collect_mask_only(run, Path(args.out), show_progress=not args.quiet)
+    print(f"mask written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

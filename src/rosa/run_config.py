@@ -1,0 +1,162 @@
+"""The run configuration of the ``rosa`` command: a YAML file, then ``section.key=value`` overrides.
+
+Every key is declared here with its default, so a misspelt key is an error naming the key and the ones that
+exist, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RosaConfig
+
+
+class RunConfigError(ValueError):
+    """The run configuration (file or override) is invalid."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m"  # the built-in offline default, or any causal LM id or local path
+    load_in_4bit: bool = False  # QRoSA: bitsandbytes NF4 with double quantization
+    dtype: str = "float32"  # compute dtype of the (non-quantized) base model: float32 or bfloat16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    task: str = "synthetic"  # synthetic | gsm8k | viggo | sql | jsonl | csv
+    path: str | None = None  # local file, or a Hugging Face dataset name when online
+    eval_path: str | None = None  # optional separate evaluation file
+    prompt_column: str | None = None  # generic jsonl/csv: column holding the prompt
+    response_column: str | None = None  # generic jsonl/csv: column holding the response
+    max_length: int = 256
+    train_size: int | None = None  # cap on training rows (None: all)
+    val_size: int = 64  # rows held out for evaluation when there is no eval_path
+    split_seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 120
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 5
+    save_every: int = 25
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class EvalSection:
+    before: bool = True  # score the base model before training
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    limit: int | None = None  # evaluate on at most this many held-out rows
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/rosa-default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    rosa: dict[str, Any] = field(
+        default_factory=lambda: {
+            "r": 16,
+            "lora_alpha": 32,
+            "density": 0.01,
+            "warmup_steps": 10,
+            "mask_steps": 8,
+            "mask_method": "fisher",
+        }
+    )
+
+    def rosa_config(self) -> RosaConfig:
+        try:
+            return RosaConfig(task_type="CAUSAL_LM", **self.rosa)
+        except TypeError as e:
+            known = sorted(f.name for f in dataclasses.fields(RosaConfig))
+            raise RunConfigError(f"rosa: {e}; known keys: {', '.join(known)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RunConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise RunConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} must look like section.key=value")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+    return _build(RunConfig, raw, "")
+
+
+def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise RunConfigError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+    tree[keys[-1]] = value
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        name = f"{where}{sorted(unknown)[0]}"
+        raise RunConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(fields))}")
+    config = cls()
+    for name, value in raw.items():
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{where}{name} must be a section (a mapping), got {value!r}")
+            value = _build(type(current), value, f"{where}{name}.")
+        elif name == "rosa":
+            if not isinstance(value, dict):
+                raise RunConfigError(f"rosa must be a mapping of RosaConfig fields, got {value!r}")
+            value = {**current, **value}
+        else:
+            value = _coerce(value, current, f"{where}{name}")
+        setattr(config, name, value)
+    if cls is RunConfig:
+        config.rosa_config()  # validate the adapter settings now, not after the model is loaded
+    return config
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Check a scalar against the type of its default (ints accepted for floats; None where the default is None)."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise RunConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
+        raise RunConfigError(f"{name} must be a {type(current).__name__}, got {value!r}")
+    return value

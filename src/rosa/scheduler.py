@@ -1,0 +1,307 @@
+"""The RoSA schedule: LoRA-only warm-up -> mask collection -> mask fixed -> A, B and sparse values train together.
+
+Counting is in optimizer steps for the warm-up and in micro-batches (forward + backward passes) for the
+collection:
+
+1. ``warmup_steps`` optimizer steps of LoRA-only training. The sparse values exist from the first step
+   (allocated at capacity) but the support is empty, so they take no part in the forward, get no gradient
+   (``grad is None``) and the optimizer neither updates nor weight-decays them, nor creates state for them.
+2. The next ``mask_steps`` micro-batches of *ordinary training* are observed by hooks (LoRA keeps training):
+   each layer group (see ``RosaConfig.mask_memory_budget``) observes its own ``mask_steps`` micro-batches, one
+   group after another. Data-free methods (``magnitude``, ``random``) skip this phase.
+3. At the first optimizer-step boundary after the last group is complete the mask is selected and set. With
+   ``restart_after_mask`` (the paper's best runs) every ``rosa_A``/``rosa_B`` is copied back, in place, to the
+   exact values snapshotted when the schedule started, and the optimizer state of A, B and the sparse values
+   is deleted (``optimizer.state.pop(param)``): an Adam-type optimizer then starts those parameters afresh
+   (step 0, zero moments) exactly as a new optimizer would, while the parameter objects and param groups stay
+   the same (no parameter appears or disappears; DDP/FSDP see no change). The learning-rate schedule is not
+   touched. Without restart, training simply continues from the warmed-up LoRA and its optimizer state.
+
+Plain PyTorch::
+
+    sched = RosaScheduler(model, config)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+        sched.step(optimizer)
+
+(with gradient accumulation, calling ``sched.micro_batch_end()`` after each backward makes the micro-batch
+count exact for layers called several times per forward; ordinary layers are counted without it).
+Or, without interleaving: ``rosa.masks.collect_mask(model, batches)`` scores the mask in place with no
+optimizer step at all.
+
+HF Trainer: ``Trainer(..., callbacks=[RosaTrainerCallback(config)])``.
+
+A saved mask (``mask_path``) skips warm-up and collection: joint training starts at step 0 (the paper's
+two-run recipe). ``save_mask_path`` writes the mask as soon as it is fixed. A model that already has a mask
+(e.g. resumed from a checkpoint after the mask was set) starts in the joint phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .masks import (
+    MaskBuilder,
+    MaskError,
+    Method,
+    apply_mask,
+    has_mask,
+    load_mask,
+    method_name,
+    resolve_adapter,
+    rosa_layers,
+    save_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+WARMUP, COLLECT, JOINT = "warmup", "collect", "joint"
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer (accelerate's AcceleratedOptimizer and similar wrappers hold it as
+    ``.optimizer``)."""
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def reset_optimizer_state(optimizer: Any, params: Iterable[torch.Tensor]) -> int:
+    """Delete the optimizer state of ``params`` (lazily re-created from scratch at their next step).
+
+    Returns how many parameters had state."""
+    inner = unwrap_optimizer(optimizer)
+    state = getattr(inner, "state", None)
+    if state is None:
+        raise MaskError(f"cannot reset the state of optimizer {type(optimizer).__name__}: it has no .state")
+    return sum(state.pop(p, None) is not None for p in params)
+
+
+class RosaScheduler:
+    """Drives the RoSA schedule from a training loop; see the module docstring.
+
+    ``config`` defaults to the PEFT model's ``peft_config[adapter]``. ``method`` overrides
+    ``config.mask_method`` (and may be a callable, see :mod:`rosa.masks`); ``stats`` names the statistics a
+    callable needs. ``start_step`` is the number of optimizer steps already done (for a resumed run).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Any = None,
+        *,
+        adapter_name: str | None = None,
+        method: Method | None = None,
+        stats: Iterable[str] | None = None,
+        accumulator_dtype: torch.dtype = torch.float32,
+        mask_path: str | os.PathLike | None = None,
+        save_mask_path: str | os.PathLike | None = None,
+        start_step: int = 0,
+    ) -> None:
+        self.model = model
+        self.adapter_name = resolve_adapter(model, adapter_name)
+        if config is None:
+            peft_config = getattr(model, "peft_config", None)
+            config = peft_config.get(self.adapter_name) if isinstance(peft_config, dict) else None
+        if config is None:
+            raise MaskError("RosaScheduler needs a RosaConfig (none found on the model)")
+        self.config = config
+        self.layers = rosa_layers(model, self.adapter_name)
+        self.method = method if method is not None else config.mask_method
+        self.stats = stats
+        self.accumulator_dtype = accumulator_dtype
+        self.save_mask_path = save_mask_path
+        self.warmup_steps = int(config.warmup_steps)
+        self.mask_steps = int(config.mask_steps)
+        self.restart_after_mask = bool(config.restart_after_mask)
+        self.optimizer_steps = int(start_step)
+        self.events: list[dict[str, Any]] = []
+        self.builder: MaskBuilder | None = None
+        a = self.adapter_name
+        self._snapshot = {
+            name: (layer.rosa_A[a].weight.detach().clone(), layer.rosa_B[a].weight.detach().clone())
+            for name, layer in self.layers.items()
+            if a in layer.rosa_A
+        }
+        if mask_path is not None:
+            load_mask(model, mask_path, adapter_name=a)
+            self.phase = JOINT
+            self._event("mask_loaded", path=os.fspath(mask_path))
+        elif has_mask(model, a):
+            self.phase = JOINT
+            self._event("mask_present")
+        else:
+            self.phase = WARMUP
+            self._make_builder()
+            if self.optimizer_steps >= self.warmup_steps:
+                self._begin_collection()
+                if self.builder.done:  # data-free method and no warm-up: fix the mask before any step
+                    self._fix_mask(None)
+
+    # --- public -------------------------------------------------------------------------------------------
+
+    @property
+    def mask_ready(self) -> bool:
+        return self.phase == JOINT
+
+    @property
+    def micro_batches_collected(self) -> int:
+        """Micro-batches observed by the group being collected (0 outside the collection phase)."""
+        if self.builder is None or self.builder.collector is None:
+            return 0
+        return self.builder.collector.micro_batches
+
+    def micro_batch_end(self) -> None:
+        """Mark the end of a micro-batch (forward + backward). Optional: see the module docstring."""
+        if self.phase == COLLECT:
+            self.builder.collector.end_micro_batch()
+            self._advance_groups()
+
+    def step(self, optimizer: Any = None) -> None:
+        """Call after every optimizer step (with the optimizer, so its state can be reset on restart)."""
+        self.optimizer_steps += 1
+        if self.phase == COLLECT:
+            self.builder.collector.end_micro_batch()
+            self._advance_groups()
+        if self.phase == WARMUP and self.optimizer_steps >= self.warmup_steps:
+            self._begin_collection()
+        if self.phase == COLLECT and self.builder.done:
+            self._fix_mask(optimizer)
+
+    def close(self) -> None:
+        """Remove any hooks and accumulators (e.g. when training stops during collection)."""
+        if self.builder is not None:
+            self.builder.close()
+
+    # --- internals ----------------------------------------------------------------------------------------
+
+    def _event(self, kind: str, **info: Any) -> None:
+        event = {"event": kind, "optimizer_step": self.optimizer_steps, **info}
+        self.events.append(event)
+        logger.info("rosa schedule: %s", event)
+
+    def _make_builder(self) -> None:
+        self.builder = MaskBuilder(
+            self.layers,
+            self.adapter_name,
+            method=self.method,
+            allocation=self.config.mask_allocation,
+            seed=self.config.mask_seed,
+            memory_budget=self.config.mask_memory_budget,
+            accumulator_dtype=self.accumulator_dtype,
+            stats=self.stats,
+            max_micro_batches=self.mask_steps,
+        )
+        if self.builder.needs_data and self.mask_steps < 1:
+            raise MaskError(f"mask method {method_name(self.method)!r} needs mask_steps >= 1")
+
+    def _begin_collection(self) -> None:
+        self.phase = COLLECT
+        if self.builder.needs_data:
+            self.builder.start_group()
+            self._event("collect_start", groups=len(self.builder.groups))
+        else:
+            self._event("collect_start", groups=0)
+
+    def _advance_groups(self) -> None:
+        builder = self.builder
+        while builder.collector is not None and builder.collector.micro_batches >= self.mask_steps:
+            builder.finish_group()
+            self._event("group_done", group=builder.current_group - 1)
+            if not builder.done:
+                builder.start_group()
+
+    def _fix_mask(self, optimizer: Any) -> None:
+        supports = self.builder.build()
+        apply_mask(self.model, supports, self.adapter_name)
+        nnz = sum(s.nnz for s in supports.values())
+        a = self.adapter_name
+        if self.restart_after_mask:
+            with torch.no_grad():
+                for name, (a0, b0) in self._snapshot.items():
+                    layer = self.layers[name]
+                    layer.rosa_A[a].weight.copy_(a0)
+                    layer.rosa_B[a].weight.copy_(b0)
+        if optimizer is not None:
+            params = [layer.rosa_values[a] for layer in self.layers.values()]
+            if self.restart_after_mask:
+                for layer in self.layers.values():
+                    if a in layer.rosa_A:
+                        params += [layer.rosa_A[a].weight, layer.rosa_B[a].weight]
+            reset_optimizer_state(optimizer, params)
+        elif self.restart_after_mask and self.optimizer_steps > 0:
+            logger.warning("restart_after_mask without an optimizer: the A/B optimizer state was not reset")
+        self.phase = JOINT
+        self.builder = None
+        self._snapshot.clear()
+        self._event("mask_fixed", nnz=nnz, restart=self.restart_after_mask, method=method_name(self.method))
+        if self.save_mask_path is not None:
+            save_mask(self.model, self.save_mask_path, adapter_name=a, method=self.method)
+
+
+class RosaTrainerCallback(TrainerCallback):
+    """Runs :class:`RosaScheduler` inside ``transformers.Trainer``.
+
+    The scheduler is created at ``on_train_begin`` (the A/B restart snapshot is taken there); the end of
+    every micro-batch (``on_substep_end``) and optimizer step (``on_step_end``, which receives the optimizer)
+    drive it. The scheduler is available as ``callback.scheduler`` (its ``events`` record the phase changes).
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        adapter_name: str | None = None,
+        method: Method | None = None,
+        stats: Iterable[str] | None = None,
+        accumulator_dtype: torch.dtype = torch.float32,
+        mask_path: str | os.PathLike | None = None,
+        save_mask_path: str | os.PathLike | None = None,
+    ) -> None:
+        self.config = config
+        self.kwargs = {
+            "adapter_name": adapter_name,
+            "method": method,
+            "stats": stats,
+            "accumulator_dtype": accumulator_dtype,
+            "mask_path": mask_path,
+            "save_mask_path": save_mask_path,
+        }
+        self.scheduler: RosaScheduler | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise MaskError("RosaTrainerCallback needs the model (Trainer passes it to callbacks)")
+        self.scheduler = RosaScheduler(model, self.config, start_step=state.global_step, **self.kwargs)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.micro_batch_end()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.step(optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+
+__all__ = [
+    "COLLECT",
+    "JOINT",
+    "WARMUP",
+    "RosaScheduler",
+    "RosaTrainerCallback",
+    "reset_optimizer_state",
+    "unwrap_optimizer",
+]

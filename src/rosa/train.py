@@ -1,0 +1,352 @@
+"""The training job behind ``rosa train``: load, adapt, run the RoSA schedule, checkpoint, evaluate.
+
+A plain PyTorch loop (not ``transformers.Trainer``) so that a checkpoint captures exactly what an
+uninterrupted run would have in memory: adapter, optimizer, LR schedule, RNG, data position and the RoSA
+schedule's restart snapshot. ``--resume`` after Ctrl-C or a killed process therefore reaches the same final
+adapter as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
+from .data import (
+    CausalLMCollator,
+    Example,
+    LengthGroupedBatchSampler,
+    load_examples,
+    split_rows,
+    synthetic_splits,
+    tokenize_examples,
+)
+from .evaluate import evaluate_task, heldout_loss
+from .run_config import DataSection, ModelSection, RunConfig, RunConfigError, load_run_config
+
+logger = logging.getLogger(__name__)
+
+GENERIC_TASKS = {"jsonl": "generic", "csv": "generic", "generic": "generic"}
+
+
+class RunError(RuntimeError):
+    """A run cannot start (bad model, bad data, nothing to resume)."""
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_model_and_tokenizer(section: ModelSection, for_training: bool = True):
+    """A causal LM and its tokenizer from a hub id, a local path or the built-in default."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .default_model import resolve_model_path
+
+    path = resolve_model_path(section.name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RunError(f"model {section.name!r} not found or not a transformers model: {e}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise RunError(f"model {section.name!r} is a {config.model_type!r} model, not a causal language model")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if section.dtype not in dtypes:
+        raise RunConfigError(f"model.dtype must be float32 or bfloat16, got {section.dtype!r}")
+    kwargs: dict[str, Any] = {"dtype": dtypes[section.dtype]}
+    if section.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if section.load_in_4bit and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=section.gradient_checkpointing)
+    elif section.gradient_checkpointing and for_training:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def load_task_examples(section: DataSection) -> tuple[str, list[Example], list[Example]]:
+    """(metric task name, train examples, held-out examples) for the configured data."""
+    task = GENERIC_TASKS.get(section.task, section.task)
+    if task == "synthetic" and section.path is None:
+        train, held_out = synthetic_splits(seed=section.split_seed)
+    else:
+        if section.path is None:
+            raise RunConfigError(f"data.path is required for task {section.task!r}")
+        column_map = None
+        if task == "generic":
+            if not (section.prompt_column and section.response_column):
+                raise RunConfigError("generic jsonl/csv data needs data.prompt_column and data.response_column")
+            column_map = {"prompt": section.prompt_column, "response": section.response_column}
+        try:
+            rows = load_examples(task, section.path, split="train", column_map=column_map)
+            if section.eval_path is not None:
+                held_out = load_examples(task, section.eval_path, split="validation", column_map=column_map)
+                train = rows
+            else:
+                train, held_out = split_rows(rows, val_size=section.val_size, seed=section.split_seed)
+        except (FileNotFoundError, KeyError) as e:
+            raise RunError(str(e)) from None
+    if section.train_size is not None:
+        train = train[: section.train_size]
+    if not train:
+        raise RunError("no training examples")
+    return task, train, held_out
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    wall_seconds: float
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _prepare_output(run: RunConfig, resume: bool) -> tuple[Path, Path | None]:
+    out = Path(run.output_dir)
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if not resume and (out / "checkpoints").exists():
+        raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another output_dir")
+    return out, checkpoint
+
+
+def collect_mask_only(run: RunConfig, mask_out: Path, show_progress: bool = True) -> Path:
+    """``rosa mask``: warm-up and mask collection only; writes the mask file and nothing else."""
+    if run.rosa_config().mask_method in ("magnitude", "random"):
+        run.rosa = {**run.rosa, "warmup_steps": 0}
+    train(run, show_progress=show_progress, mask_out=mask_out)
+    return mask_out
+
+
+def train(
+    run: RunConfig, resume: bool = False, show_progress: bool = True, mask_out: Path | None = None
+) -> TrainResult:
+    """Run (or resume) one training job; see the module docstring. With ``mask_out``, stop as soon as the mask
+    is fixed, write it there, and write nothing else (no evaluation, no checkpoints, no run folder)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .model import get_rosa_model, sparse_parameter_count
+    from .scheduler import RosaScheduler
+
+    started = time.perf_counter()
+    out, checkpoint = _prepare_output(run, resume) if mask_out is None else (Path(run.output_dir), None)
+    if checkpoint is not None:  # the run continues with the settings it was started with
+        run = load_run_config(out / "run_config.yaml")
+    rosa_config = run.rosa_config()
+    task, train_examples, held_out = load_task_examples(run.data)
+    torch.manual_seed(run.train.seed)
+    model, tokenizer = load_model_and_tokenizer(run.model)
+    if run.eval.limit is not None:
+        held_out = held_out[: run.eval.limit]
+
+    before = None
+    state: dict[str, Any] = {}
+    if checkpoint is not None:
+        tensors, state = load_checkpoint(checkpoint)
+        before = state.get("before")
+    elif run.eval.before and held_out and mask_out is None:
+        before = _evaluate(model, tokenizer, held_out, task, run, "before training", show_progress)
+
+    if mask_out is None:
+        out.mkdir(parents=True, exist_ok=True)
+    if checkpoint is None and mask_out is None:
+        _write_text_atomic(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+
+    model = get_rosa_model(model, rosa_config)
+    features = tokenize_examples(train_examples, tokenizer, run.data.max_length)
+    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], run.train.batch_size, seed=run.train.seed)
+    collate = CausalLMCollator(tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.train.lr, weight_decay=run.train.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(run.train.lr_warmup_steps, run.train.steps)
+    )
+
+    start_step = 0
+    if checkpoint is not None:
+        adapter = load_file(checkpoint / "adapter_model.safetensors")
+        set_peft_model_state_dict(model, adapter)
+        restore_optimizer(optimizer, tensors, state)
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        start_step = int(state["step"])
+    mask_path = mask_out if mask_out is not None else out / "mask.safetensors"
+    schedule = RosaScheduler(model, rosa_config, start_step=start_step, save_mask_path=mask_path)
+    if mask_out is not None and schedule.mask_ready:
+        schedule.close()
+        return TrainResult(str(mask_out), 0, None, None, time.perf_counter() - started)
+    if checkpoint is not None and not schedule.mask_ready:
+        _restore_snapshot(schedule, tensors)
+
+    counts = sparse_parameter_count(model)
+    logger.info("trainable parameters: %s", counts)
+    writer = _tensorboard(out / "tensorboard") if mask_out is None else None
+    batches = iter(sampler)
+    bar = tqdm(total=run.train.steps, initial=start_step, desc="training", unit="step", disable=not show_progress)
+    model.train()
+    step = start_step
+    try:
+        while step < run.train.steps:
+            tick, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            for _ in range(run.train.grad_accum):
+                batch = next(batches, None)
+                if batch is None:
+                    batches = iter(sampler)
+                    batch = next(batches)
+                inputs = collate([features[i] for i in batch])
+                loss = model(**inputs).loss / run.train.grad_accum
+                loss.backward()
+                schedule.micro_batch_end()
+                loss_sum += loss.item()
+                tokens += int(inputs["attention_mask"].sum())
+            if run.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, run.train.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step(optimizer)
+            step += 1
+            if mask_out is not None and schedule.mask_ready:
+                bar.close()
+                return TrainResult(str(mask_out), step, None, None, time.perf_counter() - started)
+            lr = lr_scheduler.get_last_lr()[0]
+            rate = tokens / (time.perf_counter() - tick)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", phase=schedule.phase)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_sum, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/tokens_per_s", rate, step)
+            if mask_out is not None:
+                continue
+            if step % run.train.log_every == 0 or step == run.train.steps:
+                _append_jsonl(out / "log.jsonl", {"step": step, "loss": loss_sum, "lr": lr, "phase": schedule.phase})
+            if step % run.train.save_every == 0 and step < run.train.steps and schedule.phase != "collect":
+                _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run)
+    except KeyboardInterrupt:
+        bar.close()
+        if schedule.phase != "collect" and mask_out is None:
+            _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run)
+        schedule.close()
+        raise
+    bar.close()
+    schedule.close()
+    if writer is not None:
+        writer.close()
+
+    final = out / "adapter"
+    tmp = out / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    after = _evaluate(model, tokenizer, held_out, task, run, "after training", show_progress) if held_out else None
+    result = TrainResult(str(out), step, before, after, time.perf_counter() - started)
+    _write_text_atomic(
+        out / "results.json",
+        json.dumps(
+            {**result.__dict__, "trainable": counts, "schedule_events": schedule.events, "task": task}, indent=2
+        ),
+    )
+    return result
+
+
+def _evaluate(model, tokenizer, examples, task, run: RunConfig, label: str, show_progress: bool) -> dict:
+    from torch.utils.data import DataLoader
+
+    result = evaluate_task(
+        model,
+        tokenizer,
+        examples,
+        task,
+        max_new_tokens=run.eval.max_new_tokens,
+        batch_size=run.eval.batch_size,
+        show_progress=show_progress,
+    )
+    features = tokenize_examples(examples, tokenizer, run.data.max_length)
+    loader = DataLoader(features, batch_size=run.eval.batch_size, collate_fn=CausalLMCollator(tokenizer))
+    result["heldout_loss"] = heldout_loss(model, loader)
+    result["label"] = label
+    return result
+
+
+def _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run: RunConfig) -> None:
+    extra = {}
+    if not schedule.mask_ready:  # the restart snapshot must survive a resume before the mask is fixed
+        for name, (a0, b0) in schedule._snapshot.items():
+            extra[f"snapshot.{name}.A"] = a0.cpu()
+            extra[f"snapshot.{name}.B"] = b0.cpu()
+    save_checkpoint(
+        out,
+        step,
+        model,
+        optimizer,
+        lr_scheduler,
+        extra,
+        {"sampler": sampler.state_dict(), "before": before},
+        keep=run.train.keep_checkpoints,
+    )
+
+
+def _restore_snapshot(schedule, tensors: dict[str, torch.Tensor]) -> None:
+    for name, (a0, b0) in schedule._snapshot.items():
+        a0.copy_(tensors[f"snapshot.{name}.A"])
+        b0.copy_(tensors[f"snapshot.{name}.B"])
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,282 @@
+"""Hostile adapter files: every malformed tensor is refused with a message naming it, through both
+``PeftModel.from_pretrained`` and ``rosa.load_rosa_model``, and a pickle-only folder is never unpickled.
+
+Each file is a genuine saved adapter with one tensor edited (``safetensors.torch.save_file``), so everything else
+about it is valid and the refusal can only come from the edited tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from test_model import LLAMA_KWARGS, one_thread, rosa_llama, set_random_masks, tiny_llama
+
+import rosa
+from rosa import AdapterFileError
+from rosa.sparse import support_from_flat_index
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+
+LAYER = "base_model.model.model.layers.0.self_attn.q_proj"  # 32 x 32, capacity 51 at density 0.05
+IN_FEATURES = 32
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> Path:
+    model = rosa_llama()
+    set_random_masks(model)
+    path = tmp_path_factory.mktemp("genuine")
+    model.save_pretrained(path)
+    return path
+
+
+def _edit(tensors: dict[str, torch.Tensor], case: str) -> None:
+    offsets, cols = f"{LAYER}.rosa_row_offsets", f"{LAYER}.rosa_col_idx"
+    values, lora_a = f"{LAYER}.rosa_values", f"{LAYER}.rosa_A.weight"
+    if case == "column_out_of_range":
+        tensors[cols] = tensors[cols].clone()
+        tensors[cols][-1] = IN_FEATURES  # one past the end: a kernel would read out of bounds
+    elif case == "negative_column":
+        tensors[cols] = tensors[cols].clone()
+        tensors[cols][0] = -1
+    elif case == "unsorted_columns":
+        row = int(torch.nonzero(tensors[offsets][1:] - tensors[offsets][:-1] >= 2)[0])
+        start = int(tensors[offsets][row])
+        tensors[cols] = tensors[cols].clone()
+        tensors[cols][start], tensors[cols][start + 1] = (
+            tensors[cols][start + 1].clone(),
+            tensors[cols][start].clone(),
+        )
+    elif case == "non_monotone_offsets":
+        tensors[offsets] = tensors[offsets].clone()
+        tensors[offsets][5] = tensors[offsets][7] + 1
+    elif case == "last_offset_not_nnz":
+        tensors[offsets] = tensors[offsets].clone()
+        tensors[offsets][-1] -= 1
+    elif case == "offsets_wrong_length":
+        tensors[offsets] = torch.cat([tensors[offsets], tensors[offsets][-1:]])
+    elif case == "float_columns":
+        tensors[cols] = tensors[cols].float()
+    elif case == "float_offsets":
+        tensors[offsets] = tensors[offsets].double()
+    elif case == "int_values":
+        tensors[values] = tensors[values].round().to(torch.int32)
+    elif case == "values_wrong_shape":
+        tensors[values] = torch.zeros(tensors[values].numel() + 1)
+    elif case == "lora_a_wrong_rank":
+        tensors[lora_a] = torch.zeros(5, IN_FEATURES)
+    elif case == "lora_b_wrong_width":
+        key = f"{LAYER}.rosa_B.weight"
+        tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    elif case == "nan_values":
+        tensors[values] = tensors[values].clone()
+        tensors[values][3] = float("nan")
+    elif case == "inf_lora":
+        tensors[lora_a] = tensors[lora_a].clone()
+        tensors[lora_a][0, 0] = float("inf")
+    elif case == "more_nonzeros_than_capacity":
+        capacity = tensors[values].numel()
+        support = support_from_flat_index(torch.arange(capacity + 1), (32, IN_FEATURES))
+        tensors[offsets] = support.row_offsets
+        tensors[cols] = support.col_idx.to(torch.int16)
+    elif case == "missing_row_offsets":
+        del tensors[offsets]
+    elif case == "missing_col_idx":
+        del tensors[cols]
+    else:  # pragma: no cover
+        raise ValueError(case)
+
+
+# case -> (tensor the message must name, what it must say)
+CASES = {
+    "column_out_of_range": ("rosa_col_idx", r"column index out of range \[0, 32\).*max 32"),
+    "negative_column": ("rosa_col_idx", r"column index out of range.*min -1"),
+    "unsorted_columns": ("rosa_col_idx", r"strictly increasing"),
+    "non_monotone_offsets": ("rosa_row_offsets", r"not monotone"),
+    "last_offset_not_nnz": ("rosa_row_offsets", r"last row offset is \d+ but there are \d+ column indices"),
+    "offsets_wrong_length": ("rosa_row_offsets", r"has 34 row offsets, the layer needs 33"),
+    "float_columns": ("rosa_col_idx", r"column indices must be an integer tensor, got torch.float32"),
+    "float_offsets": ("rosa_row_offsets", r"row offsets must be an integer tensor, got torch.float64"),
+    "int_values": ("rosa_values", r"expected a floating-point tensor, got torch.int32"),
+    "values_wrong_shape": ("rosa_values", r"shape \(52,\) does not match the model's \(51,\)"),
+    "lora_a_wrong_rank": ("rosa_A", r"shape \(5, 32\) does not match the model's \(4, 32\)"),
+    "lora_b_wrong_width": ("rosa_B", r"shape \(33, 4\) does not match the model's \(32, 4\)"),
+    "nan_values": ("rosa_values", r"NaN or infinite"),
+    "inf_lora": ("rosa_A", r"NaN or infinite"),
+    "more_nonzeros_than_capacity": ("rosa_col_idx", r"52 nonzeros but the layer holds at most 51"),
+    "missing_row_offsets": ("rosa_row_offsets", r"missing"),
+    "missing_col_idx": ("rosa_col_idx", r"missing"),
+}
+
+LOADERS = {
+    "peft": lambda base, path: PeftModel.from_pretrained(base, path),
+    "rosa": lambda base, path: rosa.load_rosa_model(base, path),
+}
+
+
+def _hostile_copy(genuine: Path, dest: Path, case: str) -> Path:
+    shutil.copytree(genuine, dest)
+    tensors = load_file(genuine / "adapter_model.safetensors")
+    _edit(tensors, case)
+    save_file(tensors, dest / "adapter_model.safetensors")
+    return dest
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_tensor_is_refused_naming_it(genuine, tmp_path, case, loader):
+    path = _hostile_copy(genuine, tmp_path / case, case)
+    tensor, message = CASES[case]
+    # the message names the layer and the tensor (as PEFT keys it in the model: adapter name appended)
+    pattern = rf"{LAYER}\.{tensor}(\.default)?(\.weight)?: .*{message}"
+    with pytest.raises(AdapterFileError, match=pattern):
+        LOADERS[loader](tiny_llama(), path)
+
+
+def test_the_genuine_file_loads(genuine):
+    """The control: the unedited file loads through both entry points (so the refusals above are the edits')."""
+    for loader in LOADERS.values():
+        model = loader(tiny_llama(), genuine)
+        assert rosa.rosa_layers(model)[LAYER].nnz("default") == 51
+
+
+def test_refused_second_adapter_leaves_the_first_intact(genuine, tmp_path):
+    """``load_adapter`` of a hostile file onto a model already holding a good adapter refuses it, and the good
+    adapter keeps working."""
+    model = rosa.load_rosa_model(tiny_llama(), genuine)
+    ids = torch.randint(4, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    bad = _hostile_copy(genuine, tmp_path / "bad", "column_out_of_range")
+    with pytest.raises(AdapterFileError, match="column index out of range"):
+        model.load_adapter(bad, adapter_name="bad")
+    model.set_adapter("default")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+# --- pickle ---------------------------------------------------------------------------------------------------
+
+
+class _WritesMarker:
+    """Unpickling this calls ``open(marker, "w")``: creating the file is the evidence that it was unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def pickle_only(genuine, tmp_path) -> tuple[Path, Path]:
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(genuine / "adapter_config.json", folder)
+    marker = tmp_path / "UNPICKLED"
+    with open(folder / "adapter_model.bin", "wb") as f:
+        pickle.dump({"base_model.model.x": _WritesMarker(str(marker))}, f)
+    # the payload works: plain pickle.load would create the marker
+    assert not marker.exists()
+    return folder, marker
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_pickle_only_folder_is_never_unpickled(pickle_only, loader):
+    folder, marker = pickle_only
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.bin.*safetensors only.*refusing to unpickle"):
+        LOADERS[loader](tiny_llama(), folder)
+    assert not marker.exists()
+
+
+def test_pickle_only_folder_via_load_adapter(genuine, pickle_only):
+    folder, marker = pickle_only
+    model = rosa.load_rosa_model(tiny_llama(), genuine)
+    with pytest.raises(AdapterFileError, match="refusing to unpickle"):
+        model.load_adapter(folder, adapter_name="second")
+    assert not marker.exists()
+
+
+def test_pickle_only_folder_with_an_explicit_config(genuine, pickle_only):
+    """Passing ``config=`` skips RosaConfig.from_pretrained (and so rosa's folder check) in PEFT; rosa's own
+    loader still refuses, and PEFT's fallback (torch.load with weights_only=True) does not run the payload."""
+    folder, marker = pickle_only
+    config = rosa.RosaConfig.from_pretrained(genuine)
+    with pytest.raises(AdapterFileError, match="refusing to unpickle"):
+        rosa.load_rosa_model(tiny_llama(), folder, config=config)
+    with pytest.raises(Exception):  # noqa: B017 - PEFT's own error (UnpicklingError); the point is the marker
+        PeftModel.from_pretrained(tiny_llama(), folder, config=config)
+    assert not marker.exists()
+
+
+def test_pickle_payload_is_real(tmp_path):
+    """The control for the tests above: unpickling the payload does create the marker."""
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(_WritesMarker(str(marker))))
+    assert marker.exists()
+
+
+# --- no crash: a refused load in a fresh process exits cleanly ---------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    f"""
+    import sys, torch
+    import rosa
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def load(path, loader):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(**{LLAMA_KWARGS!r}))
+        (PeftModel.from_pretrained if loader == "peft" else rosa.load_rosa_model)(base, path)
+        print("LOADED", path)
+
+    pairs = list(zip(sys.argv[1::2], sys.argv[2::2]))
+    for path, loader in pairs[:-1]:
+        try:
+            load(path, loader)
+        except ValueError as e:
+            print(f"{{type(e).__name__}}: {{e}}", file=sys.stderr)
+    load(*pairs[-1])  # uncaught: the process must end with Python's own exit status 1 and a traceback
+    """
+)
+
+
+def test_refused_load_in_a_subprocess_exits_cleanly(genuine, tmp_path):
+    """Out-of-range columns and a forged row-offset array, loaded in a fresh process through both loaders: Python
+    exceptions with the messages and exit status 1, never a signal (a negative status: a crash inside a kernel)."""
+    col = _hostile_copy(genuine, tmp_path / "col", "column_out_of_range")
+    tensors = load_file(genuine / "adapter_model.safetensors")
+    # offsets that claim 10**6 nonzeros: a kernel trusting them would read far past the column indices
+    forged = tensors[f"{LAYER}.rosa_row_offsets"].clone()
+    forged[-1] = 1_000_000
+    tensors[f"{LAYER}.rosa_row_offsets"] = forged
+    offsets = tmp_path / "offsets"
+    shutil.copytree(genuine, offsets)
+    save_file(tensors, offsets / "adapter_model.safetensors")
+
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(col), "peft", str(offsets), "rosa", str(col), "rosa"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "LOADED" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert sum(line.startswith("AdapterFileError: ") for line in lines) == 2, result.stderr[-3000:]
+    assert "Traceback" in result.stderr
+    assert lines[-1].startswith("rosa.serialization.AdapterFileError: "), lines[-1]
+    assert f"{LAYER}.rosa_col_idx.default: support: column index out of range" in result.stderr
+    assert "last row offset is 1000000" in result.stderr

@@ -1,0 +1,388 @@
+"""RosaLinear against the independent float64 reference, PEFT's LoRA, and its own merge / error paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from reference import (
+    assert_matches,
+    base_weight_out_in,
+    check_layer,
+    dense_from_mask,
+    density_mask,
+    make_base,
+    make_rosa,
+    mask_with_empty_lines,
+    run_layer,
+    single_entry_mask,
+)
+from torch import nn
+
+import rosa.sparse.ops as ops_module
+from rosa import RosaConfig, RosaConfigError, RosaLinear
+from rosa.sparse import empty_support, support_from_mask
+from rosa.sparse.strategy import choose_strategy
+
+OUT, IN = 12, 10
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# name -> (mask builder, x shape (without IN), r, non-contiguous)
+CASES = {
+    "random": (lambda g: density_mask(OUT, IN, 0.3, g), (7,), 3, False),
+    "3d": (lambda g: density_mask(OUT, IN, 0.2, g), (2, 5), 3, False),
+    "empty_rows_cols": (lambda g: mask_with_empty_lines(OUT, IN, 0.8, g), (6,), 2, False),
+    "single_nonzero": (lambda g: single_entry_mask(OUT, IN, 4, 7), (5,), 2, False),
+    "density_1": (lambda g: density_mask(OUT, IN, 1.0, g), (4,), 2, False),
+    "density_0": (lambda g: density_mask(OUT, IN, 0.0, g), (4,), 2, False),
+    "r_0": (lambda g: density_mask(OUT, IN, 0.3, g), (6,), 0, False),
+    "r_0_density_0": (lambda g: density_mask(OUT, IN, 0.0, g), (3,), 0, False),
+    "non_contiguous_3d": (lambda g: density_mask(OUT, IN, 0.3, g), (3, 4), 3, True),
+    "one_token": (lambda g: density_mask(OUT, IN, 0.3, g), (1,), 3, False),
+}
+
+BASES = [("linear", True), ("linear", False), ("conv1d", True)]
+
+
+class _Spy:
+    """Counts calls of the two differentiable ops the layer may use."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"sparse_linear": 0, "folded_linear": 0}
+        for name in self.calls:
+            original = getattr(ops_module, name)
+
+            def wrapper(*args, _name=name, _original=original):
+                self.calls[_name] += 1
+                return _original(*args)
+
+            monkeypatch.setattr(ops_module, name, wrapper)
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+@pytest.mark.parametrize(("kind", "bias"), BASES, ids=["linear-bias", "linear-nobias", "conv1d"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_matches_reference(case, kind, bias, strategy, monkeypatch):
+    build, lead, r, non_contiguous = CASES[case]
+    g = _gen(hash(case) % 1000)
+    mask = build(g)
+    base = make_base(kind, IN, OUT, bias, torch.float32, seed=1)
+    layer = make_rosa(base, mask, r=r, strategy=strategy, extra_capacity=3, seed=2)
+    x = torch.randn(*lead, IN, generator=g)
+    grad_out = torch.randn(*lead, OUT, generator=g)
+    spy = _Spy(monkeypatch)
+    check_layer(layer, mask, x, grad_out, non_contiguous=non_contiguous)
+    nnz = int(mask.sum())
+    expected = {"sparse_linear": 0, "folded_linear": 0}
+    if nnz:
+        expected["folded_linear" if strategy == "fold" else "sparse_linear"] = 1
+    assert spy.calls == expected
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("adapter_dtype", ["float32", "same"])
+def test_layer_low_precision(dtype, adapter_dtype, kind, strategy):
+    g = _gen(5)
+    mask = density_mask(OUT, IN, 0.3, g)
+    base = make_base(kind, IN, OUT, True, dtype, seed=3)
+    adapter = torch.float32 if adapter_dtype == "float32" else dtype
+    layer = make_rosa(base, mask, r=4, strategy=strategy, adapter_dtype=adapter, seed=4)
+    x = torch.randn(2, 6, IN, generator=g).to(dtype)
+    grad_out = torch.randn(2, 6, OUT, generator=g).to(dtype)
+    check_layer(layer, mask, x, grad_out)
+
+
+def test_layer_zero_tokens():
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    for strategy in ("spmm", "fold"):
+        layer = make_rosa(make_base("linear", IN, OUT, True, torch.float32, 0), mask, strategy=strategy)
+        run = run_layer(layer, torch.randn(0, IN), torch.randn(0, OUT))
+        assert run.y.shape == (0, OUT)
+        assert run.grad_x.shape == (0, IN)
+        assert bool((run.grad_values == 0).all())
+
+
+def test_layer_rslora_scaling():
+    mask = density_mask(OUT, IN, 0.2, _gen(1))
+    layer = make_rosa(
+        make_base("linear", IN, OUT, True, torch.float32, 0), mask, r=4, lora_alpha=8, use_rslora=True
+    )
+    assert layer.scaling["default"] == pytest.approx(8 / 2)
+    check_layer(layer, mask, torch.randn(5, IN), torch.randn(5, OUT))
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+@pytest.mark.parametrize(("kind", "bias"), [("linear", True), ("linear", False), ("conv1d", True)])
+def test_layer_gradcheck(kind, bias, strategy):
+    """gradcheck of the whole layer in float64, through x, A, B and the sparse values."""
+    g = _gen(7)
+    out_features, in_features = 5, 4
+    mask = mask_with_empty_lines(out_features, in_features, 1.0, g) | single_entry_mask(
+        out_features, in_features, 0, 0
+    )
+    base = make_base(kind, in_features, out_features, bias, torch.float64, seed=5)
+    layer = make_rosa(
+        base, mask, r=2, strategy=strategy, adapter_dtype=torch.float64, extra_capacity=1, seed=6
+    )
+    x = torch.randn(2, 3, in_features, dtype=torch.float64, generator=g, requires_grad=True)
+    params = {
+        "rosa_A.default.weight": layer.rosa_A["default"].weight.detach().clone().requires_grad_(True),
+        "rosa_B.default.weight": layer.rosa_B["default"].weight.detach().clone().requires_grad_(True),
+        "rosa_values.default": layer.rosa_values["default"].detach().clone().requires_grad_(True),
+    }
+    names = list(params)
+
+    def fn(x, *tensors):
+        return torch.func.functional_call(layer, dict(zip(names, tensors)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params.values()))
+
+
+def test_auto_strategy_follows_the_cost_rule(monkeypatch):
+    out_features, in_features = 64, 48
+    base = make_base("linear", in_features, out_features, True, torch.float32, seed=0)
+    for density, tokens in [(0.01, 4), (1.0, 256)]:
+        mask = density_mask(out_features, in_features, density, _gen(0))
+        layer = make_rosa(base, mask, strategy="auto")
+        expected = choose_strategy("cpu", out_features, in_features, int(mask.sum()), tokens)
+        spy = _Spy(monkeypatch)
+        check_layer(layer, mask, torch.randn(tokens, in_features), torch.randn(tokens, out_features))
+        used = "fold" if spy.calls["folded_linear"] else "spmm"
+        assert used == expected
+        monkeypatch.undo()
+
+
+def test_fold_falls_back_to_spmm_with_a_trainable_base(monkeypatch):
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    layer = make_rosa(base, mask, strategy="fold")
+    base.weight.requires_grad_(True)
+    spy = _Spy(monkeypatch)
+    check_layer(layer, mask, torch.randn(4, IN), torch.randn(4, OUT))
+    assert spy.calls == {"sparse_linear": 1, "folded_linear": 0}
+
+
+# --- density 0 is PEFT's LoRA ------------------------------------------------------------------------------
+
+
+class _Tiny(nn.Module):
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+@pytest.mark.parametrize(("kind", "bias"), BASES, ids=["linear-bias", "linear-nobias", "conv1d"])
+def test_density_zero_equals_peft_lora(kind, bias, strategy):
+    r, alpha = 4, 8
+    base = make_base(kind, IN, OUT, bias, torch.float32, seed=11)
+    peft_model = get_peft_model(
+        _Tiny(base),
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=["proj"],
+            init_lora_weights=False,
+            fan_in_fan_out=kind == "conv1d",
+        ),
+    )
+    lora = peft_model.base_model.model.proj
+    rosa_base = make_base(kind, IN, OUT, bias, torch.float32, seed=11)
+    layer = RosaLinear(rosa_base, "default", r=r, lora_alpha=alpha, density=0.0, sparse_strategy=strategy)
+    with torch.no_grad():
+        layer.rosa_A["default"].weight.copy_(lora.lora_A["default"].weight)
+        layer.rosa_B["default"].weight.copy_(lora.lora_B["default"].weight)
+    assert layer.scaling["default"] == lora.scaling["default"]
+    g = _gen(12)
+    x = torch.randn(3, 5, IN, generator=g)
+    grad_out = torch.randn(3, 5, OUT, generator=g)
+
+    x_peft = x.clone().requires_grad_(True)
+    y_peft = lora(x_peft)
+    y_peft.backward(grad_out)
+    run = run_layer(layer, x, grad_out)
+    assert run.grad_values is None
+    torch.testing.assert_close(run.y, y_peft.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(run.grad_x, x_peft.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(run.grad_a, lora.lora_A["default"].weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(run.grad_b, lora.lora_B["default"].weight.grad, rtol=1e-6, atol=1e-6)
+
+
+# --- values before a support exists, set_support ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold", "auto"])
+def test_values_get_no_gradient_before_a_support(strategy):
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    layer = RosaLinear(base, "default", r=2, lora_alpha=4, density=0.25, sparse_strategy=strategy)
+    values = layer.rosa_values["default"]
+    assert values.numel() == round(0.25 * OUT * IN)
+    assert values.requires_grad
+    assert layer.nnz("default") == 0
+    with torch.no_grad():
+        values.normal_()  # even nonzero values take no part while the support is empty
+    x = torch.randn(4, IN, requires_grad=True)
+    y = layer(x)
+    expected = base(x) + layer.scaling["default"] * layer.rosa_B["default"](layer.rosa_A["default"](x))
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert values.grad is None
+    assert layer.rosa_A["default"].weight.grad is not None
+
+
+def test_set_support_resets_values_and_moves_nothing_else():
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    layer = make_rosa(base, mask, strategy="spmm")
+    values = layer.rosa_values["default"]
+    assert bool((values != 0).any())
+    mask2 = density_mask(OUT, IN, 0.2, _gen(9))
+    layer.set_support("default", support_from_mask(mask2))
+    assert layer.rosa_values["default"] is values  # the parameter object survives (optimizers hold it)
+    assert bool((values == 0).all())
+    assert layer.nnz("default") == int(mask2.sum())
+    assert torch.equal(layer.support("default").to_dense_mask(), mask2)
+
+
+# --- merge / unmerge ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "bias"), BASES, ids=["linear-bias", "linear-nobias", "conv1d"])
+@pytest.mark.parametrize("r", [0, 3])
+def test_merge_unmerge_and_delta_weight(kind, bias, r):
+    mask = mask_with_empty_lines(OUT, IN, 0.7, _gen(3))
+    base = make_base(kind, IN, OUT, bias, torch.float32, seed=4)
+    w0 = base_weight_out_in(base).detach().clone()
+    layer = make_rosa(base, mask, r=r, extra_capacity=2, seed=5)
+    nnz = int(mask.sum())
+    s = dense_from_mask(mask, layer.rosa_values["default"][:nnz])
+    expected_delta = s
+    if r:
+        a = layer.rosa_A["default"].weight.double()
+        b = layer.rosa_B["default"].weight.double()
+        expected_delta = expected_delta + layer.scaling["default"] * b @ a
+    delta = layer.get_delta_weight("default")
+    assert delta.shape == (OUT, IN)
+    assert_matches(delta, expected_delta, 1e-6, "delta weight")
+
+    x = torch.randn(2, 3, IN)
+    with torch.no_grad():
+        y_unmerged = layer(x)
+        layer.merge()
+        assert layer.merged
+        assert_matches(base_weight_out_in(base), w0.double() + expected_delta, 1e-6, "merged weight")
+        y_merged = layer(x)
+        assert_matches(y_merged, y_unmerged.double(), 1e-5, "merged forward")
+        layer.unmerge()
+        assert not layer.merged
+        assert_matches(base_weight_out_in(base), w0.double(), 1e-6, "unmerged weight")
+        assert_matches(layer(x), y_unmerged.double(), 1e-5, "forward after unmerge")
+
+
+def test_safe_merge_refuses_non_finite():
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    w0 = base.weight.detach().clone()
+    layer = make_rosa(base, mask)
+    with torch.no_grad():
+        layer.rosa_values["default"][0] = float("inf")
+    with pytest.raises(ValueError, match="NaNs or infs"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(base.weight, w0)
+
+
+def test_disable_adapters_gives_the_base_output():
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    layer = make_rosa(base, mask)
+    x = torch.randn(3, IN)
+    layer.enable_adapters(False)
+    torch.testing.assert_close(layer(x), base(x))
+    layer.enable_adapters(True)
+    assert not torch.allclose(layer(x), base(x))
+
+
+# --- bad input gives a clear error --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan"), True])
+def test_config_rejects_density_outside_unit_interval(density):
+    with pytest.raises(RosaConfigError, match=r"density must be a number in \[0, 1\]"):
+        RosaConfig(density=density)
+
+
+def test_config_rejects_bad_rank_and_patterns():
+    with pytest.raises(RosaConfigError, match="r must be a non-negative integer, got -1"):
+        RosaConfig(r=-1)
+    with pytest.raises(RosaConfigError, match="r must be a non-negative integer"):
+        RosaConfig(r=2.5)
+    with pytest.raises(RosaConfigError, match=r"rank_pattern\['q_proj'\] must be a non-negative integer"):
+        RosaConfig(rank_pattern={"q_proj": -2})
+    with pytest.raises(RosaConfigError, match=r"density_pattern\['v_proj'\] must be a number in \[0, 1\]"):
+        RosaConfig(density_pattern={"v_proj": 2.0})
+    with pytest.raises(RosaConfigError, match="sparse_strategy must be"):
+        RosaConfig(sparse_strategy="dense")
+    cfg = RosaConfig(r=0, density=0.0)
+    assert (cfg.r, cfg.density) == (0, 0.0)
+
+
+def test_update_layer_rejects_bad_rank_density_and_capacity():
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="r must be >= 0, got -1"):
+        RosaLinear(base, "default", r=-1, lora_alpha=1, density=0.1)
+    layer = RosaLinear(base, "default", r=2, lora_alpha=4, density=0.1)
+    with pytest.raises(ValueError, match="r must be >= 0, got -3"):
+        layer.update_layer("other", r=-3, lora_alpha=1, density=0.1)
+    for density in (-0.01, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+            layer.update_layer("other", r=2, lora_alpha=1, density=density)
+    with pytest.raises(ValueError, match=r"capacity 3 must lie in \[12, 120\]"):
+        layer.update_layer("other", r=2, lora_alpha=1, density=0.1, capacity=3)
+    assert "other" not in layer.rosa_values
+
+
+def test_set_support_rejects_wrong_shape_and_over_capacity():
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    layer = RosaLinear(base, "default", r=2, lora_alpha=4, density=0.1)  # capacity 12
+    with pytest.raises(ValueError, match=r"support shape \(10, 12\) does not match the layer's \(12, 10\)"):
+        layer.set_support("default", empty_support((IN, OUT)))
+    with pytest.raises(ValueError, match=r"support has 13 nonzeros but adapter 'default' holds at most 12"):
+        layer.set_support("default", support_from_mask(density_mask(OUT, IN, 13 / 120, _gen(0))))
+    assert layer.nnz("default") == 0
+    layer.set_support("default", support_from_mask(density_mask(OUT, IN, 0.1, _gen(0))))
+    assert layer.nnz("default") == 12
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+def test_input_on_another_device_fails_clearly(strategy):
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    layer = make_rosa(make_base("linear", IN, OUT, True, torch.float32, 0), mask, r=0, strategy=strategy)
+    with pytest.raises(RuntimeError, match="device"):
+        layer(torch.randn(3, IN, device="meta"))
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+def test_torch_compile_matches_eager(strategy):
+    torch._dynamo.reset()
+    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
+    layer = make_rosa(base, mask, r=3, strategy=strategy, extra_capacity=2)
+    x = torch.randn(2, 5, IN, generator=_gen(1))
+    grad_out = torch.randn(2, 5, OUT, generator=_gen(2))
+    eager = run_layer(layer, x, grad_out)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got = run_layer(compiled, x, grad_out)
+    for name in ("y", "grad_x", "grad_a", "grad_b", "grad_values"):
+        torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-5, atol=1e-5, msg=name)
