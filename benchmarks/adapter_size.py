@@ -11,9 +11,8 @@ the tied output head excluded) of the default offline model, SmolLM2-135M-Instru
   A, B, the sparse values, and the CSR support (int32 row offsets, int16 column indices).
 - ``lora_matched``: PEFT LoRA, fp32, with the integer rank whose trainable-parameter count is closest to RoSA's.
 - ``lora_r16``: PEFT LoRA r=16 (RoSA's own low-rank part alone).
-- ``shira_matched``: PEFT SHiRA (random mask) at the matched rank's parameter count. SHiRA saves only its values
-  and regenerates its random mask from ``random_seed`` at load time, so it cannot store a data-chosen mask;
-  it shows the floor for a sparse adapter with no stored indices.
+- ``shira_matched``: PEFT SHiRA (random mask) at the matched rank's parameter count: PEFT's other sparse adapter,
+  which stores every nonzero as fp32 value + int32 (row, column) COO pair, 12 bytes per trainable parameter.
 
 Reported per file: trainable parameters, bytes on disk, bytes per trainable parameter, and the ratio to the
 matched LoRA file both as is and per trainable parameter (the two counts differ by under one rank's worth).
@@ -108,7 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         mask = set_magnitude_masks(model)
         counts = rosa.sparse_parameter_count(model)
         assert counts["sparse_active"] == counts["sparse_capacity"] == mask["nonzeros"]
-        rows.append(measure("rosa", f"RoSA r={RANK}, density {DENSITY:.1%}, full magnitude mask", model, tmp / "rosa"))
+        rows.append(
+            measure("rosa", f"RoSA r={RANK}, density {DENSITY:.1%}, full magnitude mask", model, tmp / "rosa")
+        )
         rosa_params = rows[-1]["trainable_params"]
         # sum over adapted layers of (in + out): the trainable parameters LoRA has per unit of rank
         per_rank = sum(layer.in_features + layer.out_features for layer in rosa.rosa_layers(model).values())
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         candidates = sorted({max(1, int(rosa_params / per_rank)), int(rosa_params / per_rank) + 1})
         matched_rank = min(candidates, key=lambda r: abs(r * per_rank - rosa_params))
         for name, rank in (("lora_matched", matched_rank), ("lora_r16", RANK)):
-            lora = get_peft_model(load_base(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+            lora = get_peft_model(
+                load_base(), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+            )
             rows.append(measure(name, f"PEFT LoRA r={rank}", lora, tmp / name))
             assert rows[-1]["trainable_params"] == rank * per_rank
             del lora
@@ -130,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
                 shira_config = ShiraConfig(r=matched_rank, target_modules="all-linear", random_seed=0)
                 shira = get_peft_model(load_base(), shira_config)
                 rows.append(
-                    measure("shira_matched", f"PEFT SHiRA r={matched_rank} (random mask)", shira, tmp / "shira")
+                    measure(
+                        "shira_matched", f"PEFT SHiRA r={matched_rank} (random mask)", shira, tmp / "shira"
+                    )
                 )
                 del shira
             except Exception as e:  # SHiRA is optional context, not the target
@@ -150,8 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
         "target": f"RoSA file <= {TARGET_RATIO}x the LoRA file with the same trainable parameters",
         "target_met": rosa_row["ratio_per_param_to_lora_matched"] <= TARGET_RATIO
         and rosa_row["ratio_to_lora_matched"] <= TARGET_RATIO,
+        "notes": {
+            "rosa": "fp32 A, B and values (values at full capacity) + int32 row offsets (out+1 per layer) + int16 "
+            "column indices (one per nonzero); the transposed CSR is rebuilt at load",
+            "shira_matched": "fp32 values + int32 COO (row, col) indices per nonzero",
+        },
         "rows": rows,
-        "versions": {"torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
         "seconds": round(time.time() - start, 1),
         "command": "python benchmarks/adapter_size.py",
     }

@@ -6,6 +6,9 @@ tokens. Variants, each run in its own subprocess:
 
 - ``lora``: a LoRA training step (forward + backward + AdamW step), i.e. a RoSA warm-up step. One untimed
   step, then ``--steps`` timed ones.
+- ``fwd_bwd``: a forward + backward pass with every parameter frozen and no hooks (the backward reaches every
+  layer through an input embedding that requires grad): what a collection pass costs without the statistics,
+  so ``collect - fwd_bwd`` isolates the accumulators, the inputs the hooks keep and the ``G`` matmuls.
 - ``collect``: ``rosa.masks.collect_mask`` (fisher, one pass: fp32 accumulators for every layer at once) over
   ``--micro-batches`` micro-batches.
 - ``collect_capped``: the same with ``mask_memory_budget=--budget`` GiB: layer groups, one pass each.
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("lora", "collect", "collect_capped", "collect_bf16")
+VARIANTS = ("lora", "fwd_bwd", "collect", "collect_capped", "collect_bf16")
 
 
 # --- inside a subprocess --------------------------------------------------------------------------------
@@ -158,6 +161,19 @@ def run_variant(args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - t)
         result["step_s"] = statistics.median(times)
         result["step_times_s"] = times
+    elif args.variant == "fwd_bwd":
+        with _frozen(model):
+            times = []
+            for i in range(args.steps + 1):
+                t = time.perf_counter()
+                ids = batches[0]["input_ids"]
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                model(inputs_embeds=embeds, labels=ids).loss.backward()
+                del embeds
+                if i > 0:
+                    times.append(time.perf_counter() - t)
+        result["step_s"] = statistics.median(times)
+        result["step_times_s"] = times
     else:
         budget = args.budget if args.variant == "collect_capped" else None
         dtype = torch.bfloat16 if args.variant == "collect_bf16" else torch.float32
@@ -193,6 +209,19 @@ def run_variant(args: argparse.Namespace) -> dict:
     return result
 
 
+class _frozen:
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
 # --- the driver -----------------------------------------------------------------------------------------
 
 
@@ -223,6 +252,10 @@ def _child(variant: str, args: argparse.Namespace) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"variant {variant} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
 
 
 def _mib(x: float) -> float:
@@ -270,20 +303,20 @@ def main() -> None:
     summary = {}
     for v in VARIANTS:
         row = {
-            "time_s": med(v, "step_s" if v == "lora" else "micro_batch_s"),
+            "time_s": med(v, "step_s" if v in ("lora", "fwd_bwd") else "micro_batch_s"),
             "collect_total_s": med(v, "collect_total_s"),
             "extra_rss_mib": _mib(med(v, "extra_rss_bytes")),
             "peak_rss_mib": _mib(med(v, "peak_rss_bytes")),
             "baseline_rss_mib": _mib(med(v, "baseline_rss_bytes")),
         }
-        key = "step_s" if v == "lora" else "micro_batch_s"
+        key = "step_s" if v in ("lora", "fwd_bwd") else "micro_batch_s"
         row["time_ratio_vs_lora_step"] = round(
             statistics.median(x[key] / lora_s[i] for i, x in enumerate(runs[v])), 3
         )
         row["extra_rss_ratio_vs_lora_step"] = round(
             statistics.median(x["extra_rss_bytes"] / lora_extra[i] for i, x in enumerate(runs[v])), 3
         )
-        if v != "lora":
+        if v.startswith("collect"):
             first = runs[v][0]
             row["groups"] = first["groups"]
             row["passes"] = first["passes"]
@@ -329,7 +362,7 @@ def main() -> None:
     for v, row in summary.items():
         print(
             f"{v:<16}{row['time_s']:>14.2f}{row['time_ratio_vs_lora_step']:>12.2f}"
-            f"{(row['collect_total_s'] or 0):>10.1f}{row.get('groups', '-'):>7}"
+            f"{_fmt(row['collect_total_s']):>10}{row.get('groups', '-'):>7}"
             f"{row.get('largest_group_accumulator_mib', '-'):>9}{row['extra_rss_mib']:>14.1f}"
             f"{row['extra_rss_ratio_vs_lora_step']:>8.2f}"
         )

@@ -26,9 +26,12 @@ replace the base's). MKL's own internal scratch space is not allocated through P
 bytes each) plus the index arrays (int32 CSR and transposed CSR, int64 permutation) for RoSA; the dense delta
 with gradient and Adam moments plus a bool mask for dense-masked.
 
-Every time is the median of ``--repeats`` runs after a warm-up run; torch's thread count is left at its
-default. The cost rule of rosa.sparse.strategy is fitted to the same measurements (least squares on
-relative error) and its choice is compared with the measured faster strategy on every row.
+Timing: within a row every approach (and the GEMM) is timed in ``--repeats`` interleaved rounds after a
+warm-up call each, a fast op being called repeatedly within a round to cover 20 ms; each time is the median over
+the rounds, and the per-round ratios are kept in the JSON (``round_ratios``) to show how much load from other
+processes moved them. torch's thread count is left at its default. The cost rule of rosa.sparse.strategy is
+fitted to the same measurements (least squares on relative error) and its choice is compared with the
+measured faster strategy on every row.
 
     python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N]
 
@@ -79,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help=f"JSON output (full run default: {DEFAULT_OUT})")
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed runs per measurement (default 5, quick 3)"
+        "--repeats", type=int, default=None, help="interleaved timing rounds per row (default 7, quick 3)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurements")
     p.add_argument(
@@ -95,15 +98,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- measurement helpers ------------------------------------------------------------------------------
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
+CALL_TIME_S = 0.02  # a fast op is called repeatedly within a round until this much time is covered
+MAX_INNER = 200
+
+
+def interleaved_times(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Per-call wall time of each function, measured in ``rounds`` rounds that each run every function once
+    (a fast one ``inner`` times in a row, its time divided by ``inner``), after one warm-up call each.
+
+    Interleaving makes a burst of load from other processes hit every approach of a row alike, so the ratios
+    between them stay meaningful on a shared machine; the inner repetition keeps a sub-millisecond op from
+    being measured as one scheduler tick."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
         t0 = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        inner[name] = max(1, min(MAX_INNER, int(CALL_TIME_S / max(time.perf_counter() - t0, 1e-7))))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return samples
 
 
 def peak_extra_bytes(fn) -> int:
@@ -149,10 +168,13 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
     dy = torch.randn(tokens, out_features, generator=gen)
     weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
 
-    t_gemm = median_time(lambda: x @ weight.t(), repeats)
-    t_base = median_time(lambda: (x @ weight.t(), dy @ weight), repeats)
+    # The base layer's two matmuls (forward and input gradient), for the totals.
+    t_base = statistics.median(
+        interleaved_times({"base": lambda: (x @ weight.t(), dy @ weight)}, repeats)["base"]
+    )
 
-    # Dense-masked: the mask's density does not change the dense work, so it is timed once per shape.
+    # Dense-masked: the mask's density does not change the dense work (timed in every row all the same, next to
+    # the sparse ops, so that the ratios compare like with like).
     delta = torch.zeros(out_features, in_features)
     mask = torch.rand(out_features, in_features, generator=gen) < 0.01
     mask_f = mask.float()
@@ -161,8 +183,6 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
         w_eff = torch.addcmul(weight, delta, mask_f)
         grad_delta = (dy.t() @ x) * mask_f
         return w_eff, grad_delta
-
-    t_masked = median_time(masked_extra, repeats)
 
     mem_base = mem_masked = None
     if memory:
@@ -198,20 +218,36 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
         def run_fold(values=values, flat=flat):
             return ops.fold(weight, values, flat)
 
-        t = {
-            "spmm": median_time(run_spmm, repeats),
-            "spmm_t": median_time(run_spmm_t, repeats),
-            "sddmm": median_time(run_sddmm, repeats),
-            "fold": median_time(run_fold, repeats),
+        samples = interleaved_times(
+            {
+                "gemm": lambda: x @ weight.t(),
+                "spmm": run_spmm,
+                "spmm_t": run_spmm_t,
+                "sddmm": run_sddmm,
+                "fold": run_fold,
+                "spmm_strategy_extra": lambda: (run_spmm(), run_spmm_t(), run_sddmm()),
+                "fold_strategy_extra": lambda: (run_fold(), run_fold(), run_sddmm()),
+                "dense_masked_extra": masked_extra,
+            },
+            repeats,
+        )
+        t = {name: statistics.median(v) for name, v in samples.items()}
+        # Per-round ratios: their spread shows how much the machine's load moved the ratios.
+        round_ratios = {
+            "spmm_strategy_extra_over_gemm": [
+                a / b for a, b in zip(samples["spmm_strategy_extra"], samples["gemm"])
+            ],
+            "dense_masked_extra_over_spmm_strategy_extra": [
+                a / b for a, b in zip(samples["dense_masked_extra"], samples["spmm_strategy_extra"])
+            ],
+            "fold_strategy_extra_over_spmm_strategy_extra": [
+                a / b for a, b in zip(samples["fold_strategy_extra"], samples["spmm_strategy_extra"])
+            ],
         }
-        t["spmm_strategy_extra"] = median_time(lambda: (run_spmm(), run_spmm_t(), run_sddmm()), repeats)
-        t["fold_strategy_extra"] = median_time(lambda: (run_fold(), run_fold(), run_sddmm()), repeats)
-        t["dense_masked_extra"] = t_masked
-        t["gemm"] = t_gemm
         t["base_two_matmuls"] = t_base
         t["spmm_strategy_total"] = t_base + t["spmm_strategy_extra"]
         t["fold_strategy_total"] = t_base + t["fold_strategy_extra"]
-        t["dense_masked_total"] = t_base + t_masked
+        t["dense_masked_total"] = t_base + t["dense_masked_extra"]
 
         mem = {}
         if memory:
@@ -246,6 +282,7 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
                 "density": density,
                 "nnz": nnz,
                 "seconds": t,
+                "round_ratios": round_ratios,
                 "bytes": mem,
             }
         )
@@ -352,14 +389,14 @@ def main(argv=None) -> int:
     densities = QUICK_DENSITIES if args.quick else DENSITIES
     if args.densities:
         densities = [float(d) for d in args.densities.split(",")]
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 7)
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     gen = torch.Generator().manual_seed(args.seed)
     info = machine_info()
     print(
         f"rosa sparse-op benchmark: {info['cpu_model']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch "
         f"threads, torch {info['torch']}, load average {info['load_average_start']}, {args.tokens} tokens, fp32, "
-        f"median of {repeats}"
+        f"median of {repeats} interleaved rounds"
     )
     print(
         "times in ms; 'x gemm' = multiple of one dense GEMM of the shape; 'x 3ops' = dense-masked / spmm strategy"
@@ -408,13 +445,22 @@ def main(argv=None) -> int:
             "dense_masked_over_three_sparse_ops_target": 4.0,
             "dense_masked_over_three_sparse_ops_met": masked_vs_three >= 4.0,
         }
+        rr = target_rows[0]["round_ratios"]
+        spread1 = rr["spmm_strategy_extra_over_gemm"]
+        spread2 = rr["dense_masked_extra_over_spmm_strategy_extra"]
+        targets["per_round_range"] = {
+            "three_sparse_ops_over_gemm": [min(spread1), max(spread1)],
+            "dense_masked_over_three_sparse_ops": [min(spread2), max(spread2)],
+        }
         print(
             f"\ntarget 1 (4096x4096, 1%): three sparse ops = {three_vs_gemm:.2f} x one dense GEMM "
-            f"(target <= 0.5): {'MET' if targets['three_sparse_ops_over_gemm_met'] else 'NOT MET'}"
+            f"(target <= 0.5): {'MET' if targets['three_sparse_ops_over_gemm_met'] else 'NOT MET'} "
+            f"[per-round ratios {min(spread1):.2f} .. {max(spread1):.2f}]"
         )
         print(
             f"target 2 (4096x4096, 1%): dense-masked extra = {masked_vs_three:.1f} x the three sparse ops "
-            f"(target >= 4): {'MET' if targets['dense_masked_over_three_sparse_ops_met'] else 'NOT MET'}"
+            f"(target >= 4): {'MET' if targets['dense_masked_over_three_sparse_ops_met'] else 'NOT MET'} "
+            f"[per-round ratios {min(spread2):.1f} .. {max(spread2):.1f}]"
         )
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["elapsed_s"] = elapsed
@@ -430,9 +476,11 @@ def main(argv=None) -> int:
             ),
             "machine": info,
             "settings": {
+                "call_time_s": CALL_TIME_S,
+                "max_inner": MAX_INNER,
                 "tokens": args.tokens,
                 "dtype": "float32",
-                "repeats": repeats,
+                "rounds": repeats,
                 "warmup": 1,
                 "support": "uniform",
             },

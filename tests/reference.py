@@ -19,14 +19,16 @@ try:
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
-# Tolerances for a result compared with the float64 reference computed from the same (already rounded) inputs.
-# ``atol`` is relative to the largest reference magnitude (see assert_matches): sums of many terms rounded to a
-# low-precision dtype are only accurate to a fraction of their largest term.
+# Tolerances for a result compared with the float64 reference computed from the same (already rounded) inputs,
+# relative to the result's *magnitude* (see assert_matches): every rounding error in a sum of products is bounded
+# by a multiple of the unit roundoff times the sum of the absolute values of its terms, so a result that is
+# small through cancellation is only accurate to a fraction of that sum. A few roundings along the chain
+# (input cast, matmul output, gradient cast, accumulation) are allowed for.
 TOL: dict[torch.dtype, float] = {
-    torch.float64: 1e-9,
-    torch.float32: 2e-5,
-    torch.float16: 4e-3,
-    torch.bfloat16: 3e-2,
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,  # unit roundoff 6e-8
+    torch.float16: 4e-3,  # unit roundoff 4.9e-4
+    torch.bfloat16: 3e-2,  # unit roundoff 3.9e-3
 }
 
 
@@ -35,16 +37,37 @@ def tol_for(*dtypes: torch.dtype) -> float:
     return max(TOL[d] for d in dtypes)
 
 
-def assert_matches(actual: torch.Tensor | None, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """``|actual - expected| <= tol * (|expected| + max|expected| + 1e-3)``, elementwise, in float64."""
+def assert_matches(
+    actual: torch.Tensor | None,
+    expected: torch.Tensor,
+    tol: float,
+    what: str = "",
+    magnitude: torch.Tensor | None = None,
+) -> None:
+    """Elementwise ``|actual - expected| <= tol * magnitude`` in float64, where ``magnitude`` is the same
+    computation on the absolute values of every input (the sum of the absolute values of the terms), or, when
+    not given, ``|expected| + max|expected|``. A tiny floor (1e-6 of the largest magnitude) allows for
+    underflow."""
     assert actual is not None, f"{what}: no value (None) where the reference has one"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(
-        actual, expected, rtol=tol, atol=tol * (scale + 1e-3), msg=lambda m: f"{what}: {m}"
-    )
+    assert bool(torch.isfinite(actual).all()), f"{what}: non-finite values"
+    if not actual.numel():
+        return
+    if magnitude is None:
+        magnitude = expected.abs() + expected.abs().max()
+    magnitude = magnitude.detach().double().cpu()
+    bound = tol * (magnitude + 1e-6 * magnitude.max() + 1e-300)
+    err = (actual - expected).abs()
+    if bool((err > bound).any()):
+        i = int((err / bound).argmax())
+        raise AssertionError(
+            f"{what}: {int((err > bound).sum())} / {err.numel()} elements off; worst at flat index {i}: "
+            f"got {actual.reshape(-1)[i].item():.8g}, expected {expected.reshape(-1)[i].item():.8g}, error "
+            f"{err.reshape(-1)[i].item():.3g} > bound {bound.reshape(-1)[i].item():.3g} (tol {tol:g} x magnitude "
+            f"{magnitude.reshape(-1)[i].item():.3g})"
+        )
 
 
 # --- masks and an independent CSR -------------------------------------------------------------------------
@@ -145,6 +168,7 @@ class Reference:
     grad_a: torch.Tensor | None
     grad_b: torch.Tensor | None
     grad_values: torch.Tensor
+    mag: Reference | None = None  # the same on |inputs|: the scale of each result's rounding error
 
 
 def reference_linear(
@@ -157,11 +181,27 @@ def reference_linear(
     mask: torch.Tensor,
     values: torch.Tensor,
     grad_out: torch.Tensor,
+    _magnitude: bool = True,
 ) -> Reference:
     """float64 ``y = x W^T + b + s (x A^T) B^T + x S^T`` and the gradients of ``sum(y * grad_out)``.
 
     ``weight`` is (out, in); ``a`` (r, in) and ``b`` (out, r) may be None (r = 0); x may have any leading dims.
+    ``.mag`` holds the same computation on the absolute values of every input.
     """
+    mag = None
+    if _magnitude:
+
+        def absolute(t):
+            return None if t is None else t.detach().double().abs()
+
+        mag = reference_linear(
+            *(absolute(t) for t in (x, weight, bias, a, b)),
+            abs(scaling),
+            mask,
+            absolute(values),
+            absolute(grad_out),
+            _magnitude=False,
+        )
 
     def leaf(t):
         return None if t is None else t.detach().double().cpu().requires_grad_(True)
@@ -182,6 +222,7 @@ def reference_linear(
         grad_a=None if a64 is None else a64.grad,
         grad_b=None if b64 is None else b64.grad,
         grad_values=s64.grad[mask],
+        mag=mag,
     )
 
 
@@ -325,16 +366,16 @@ def check_layer(
     if tol is None:
         tol = tol_for(x.dtype, values.dtype)
     assert run.y.dtype == x.dtype
-    assert_matches(run.y, ref.y, tol, "y")
+    assert_matches(run.y, ref.y, tol, "y", ref.mag.y)
     assert run.grad_x.dtype == x.dtype
-    assert_matches(run.grad_x, ref.grad_x, tol, "grad x")
+    assert_matches(run.grad_x, ref.grad_x, tol, "grad x", ref.mag.grad_x)
     if a is not None:
-        assert_matches(run.grad_a, ref.grad_a, tol, "grad A")
-        assert_matches(run.grad_b, ref.grad_b, tol, "grad B")
+        assert_matches(run.grad_a, ref.grad_a, tol, "grad A", ref.mag.grad_a)
+        assert_matches(run.grad_b, ref.grad_b, tol, "grad B", ref.mag.grad_b)
     if nnz == 0:
         assert run.grad_values is None, "values got a gradient with an empty support"
     else:
         assert run.grad_values.dtype == values.dtype
-        assert_matches(run.grad_values[:nnz], ref.grad_values, tol, "grad values")
+        assert_matches(run.grad_values[:nnz], ref.grad_values, tol, "grad values", ref.mag.grad_values)
         assert bool((run.grad_values[nnz:] == 0).all()), "values past the support's nnz got a gradient"
     return run

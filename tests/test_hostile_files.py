@@ -199,6 +199,18 @@ def test_pickle_only_folder_is_never_unpickled(pickle_only, loader):
     assert not marker.exists()
 
 
+def test_folder_with_nothing_but_the_pickle(pickle_only):
+    """Without even an adapter_config.json: rosa's loader names the pickle, PEFT's stops at the missing config."""
+    folder, marker = pickle_only
+    (folder / "adapter_config.json").unlink()
+    assert [p.name for p in folder.iterdir()] == ["adapter_model.bin"]
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.bin.*refusing to unpickle"):
+        rosa.load_rosa_model(tiny_llama(), folder)
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        PeftModel.from_pretrained(tiny_llama(), folder)
+    assert not marker.exists()
+
+
 def test_pickle_only_folder_via_load_adapter(genuine, pickle_only):
     folder, marker = pickle_only
     model = rosa.load_rosa_model(tiny_llama(), genuine)
@@ -270,7 +282,12 @@ def test_refused_load_in_a_subprocess_exits_cleanly(genuine, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONWARNINGS": "ignore",
+        },
     )
     assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
     assert "LOADED" not in result.stdout

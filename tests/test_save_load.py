@@ -14,7 +14,7 @@ from test_model import logits_of, one_thread, rosa_llama, sample_ids, set_random
 from torch import nn
 
 import rosa
-from rosa import RosaConfig
+from rosa import AdapterFileError, RosaConfig
 from rosa.layer import SUPPORT_BUFFERS
 from rosa.serialization import compact_support
 
@@ -230,3 +230,25 @@ def test_file_is_at_most_1_5x_a_lora_file_with_the_same_trainable_parameters(tmp
     lora_bytes = (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size
     per_param = (rosa_bytes / trainable) / (lora_bytes / count)  # compare at exactly equal parameter counts
     assert per_param <= 1.5, (rosa_bytes, trainable, lora_bytes, count)
+
+
+def test_ignore_mismatched_sizes_is_refused_not_silently_wrong(saved_with_mask):
+    """PEFT's ignore_mismatched_sizes=True drops every tensor whose shape differs from the model's, which is the
+    case for a support's column indices: the load must fail, not come back without its mask."""
+    path = saved_with_mask[0]
+    with pytest.raises(AdapterFileError, match=r"rosa_col_idx\.default: missing.*ignore_mismatched_sizes"):
+        PeftModel.from_pretrained(tiny_llama(), path, ignore_mismatched_sizes=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="known limitation: transformers' own load_adapter (PeftAdapterMixin) loads the state dict without "
+    "torch's load_state_dict pre-hooks, so the support buffers are not resized and their transpose not rebuilt; "
+    "use PeftModel.from_pretrained or rosa.load_rosa_model",
+)
+def test_transformers_load_adapter(saved_with_mask):
+    path, _, logits = saved_with_mask
+    model = tiny_llama()
+    model.load_adapter(str(path))
+    assert torch.equal(logits_of(model, sample_ids()), logits)

@@ -11,6 +11,7 @@ forward, hence get no gradient and no optimizer update.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -62,6 +63,7 @@ class RosaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        _keep_bnb_training_layout(self.get_base_layer())
         # Support buffers change size when a mask is set; a checkpoint's support must be validated and the
         # buffers resized before torch copies it in.
         self.register_load_state_dict_pre_hook(_load_support_pre_hook)
@@ -312,11 +314,33 @@ def _load_support_pre_hook(module: RosaLayer, state_dict, prefix, *args) -> None
     expand_layer_support(module, state_dict, prefix, list(module.rosa_values.keys()))
 
 
+def _keep_bnb_training_layout(base: nn.Module) -> None:
+    """bitsandbytes' CPU backend (on AVX512-BF16 machines) repacks a ``Linear4bit`` weight into an inference-only
+    layout on the first eval-mode forward without grad, and never back. Afterwards its training forward runs a
+    kernel without autograd, so the input gradient through the frozen base is silently dropped (every layer
+    below gets wrong gradients after the first evaluation), and ``dequantize_4bit`` (merging, the magnitude
+    mask) reads the repacked bytes as garbage. Keep adapted layers in the training layout: turn the repacking
+    off, and undo it (bitsandbytes' own inverse, as in its ``_save_to_state_dict``) where it already happened."""
+    if not hasattr(base, "support_avx512bf16_for_cpu"):
+        return
+    base.support_avx512bf16_for_cpu = False
+    state = getattr(base.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+
+
 def _no_autocast(x: torch.Tensor):
     """The sparse ops pick their own dtypes (fp32 accumulation). Left on, autocast (Trainer/SFTTrainer bf16=True)
     recasts the matmuls inside them: CPU has no bf16 sparse CSR matmul, and the fold op's forward returned bf16
-    while its backward multiplied a bf16 gradient by the fp32 weight."""
-    return torch.autocast(x.device.type, enabled=False)
+    while its backward multiplied a bf16 gradient by the fp32 weight. A no-op where autocast is off (or unknown
+    to the device type, e.g. meta)."""
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:
+        enabled = False
+    return torch.autocast(x.device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def nnz_budget(density: float, out_features: int, in_features: int) -> int:

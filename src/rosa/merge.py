@@ -8,10 +8,12 @@ is available on request and warns with the error it measured.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,8 +39,28 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if _is_4bit(module):
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed(module.weight.data, state)
+        return bnbf.dequantize_4bit(module.weight.data, state).float()
     return module.weight.detach().float()
+
+
+def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
+    """Dequantize a weight that bitsandbytes' CPU backend repacked for inference (its first eval-mode no-grad
+    forward on an AVX512-BF16 machine; adapted layers are kept out of it, see ``rosa.layer``, but other 4-bit
+    layers are not): ``dequantize_4bit`` would read the new layout as the old one. This inverts the layout of
+    ``bitsandbytes.functional._convert_weight_packed_for_cpu`` (blocks of 32 rows, two nibbles per byte) and
+    scales by the bf16 absmax that layer now computes with, without requantizing anything."""
+    out_features, in_features = state.shape
+    block_n, blocksize = 32, state.blocksize
+    nibbles = packed.view(torch.uint8).reshape(-1, block_n)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)  # low nibbles then high, 64 codes per row
+    codes = codes.reshape(out_features // block_n, in_features // 2, block_n, 2).transpose(1, 2)
+    codes = codes.reshape(out_features, in_features).long()
+    absmax = state.absmax.float().t()  # stored (in / blocksize, out) after repacking
+    values = state.code.float().to(packed.device)[codes]
+    return (values.view(out_features, -1, blocksize) * absmax.unsqueeze(-1)).reshape(out_features, in_features)
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
@@ -58,7 +80,7 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     """
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
-    for name, module in base.named_modules():
+    for module in base.modules():
         for child_name, child in module.named_children():
             if isinstance(child, RosaLayer):
                 inner = child.get_base_layer()
@@ -79,22 +101,26 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
                 replacements.append((module, child_name, _dense_linear(dequantized_weight(child), bias, dtype)))
     for parent, child_name, new in replacements:
         setattr(parent, child_name, new)
-    base = base.to(dtype)
+    # Drop the quantization markers first: transformers refuses ``.to(dtype)`` on a bitsandbytes model.
     config = base.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method", "hf_quantizer"):
-        if hasattr(base, attr):
-            try:
+    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method", "hf_quantizer", "_weight_conversions"):
+        if attr in vars(base):
+            delattr(base, attr)
+        if getattr(base, attr, None):
+            with contextlib.suppress(AttributeError):  # a read-only property
                 setattr(base, attr, False if attr.startswith("is_") else None)
-            except AttributeError:
-                pass
-    return base
+    return base.to(dtype)
 
 
 def merge_adapter_to_disk(model_section, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16",
                           requantize: bool = False) -> Path:
-    """``rosa merge``: load base + adapter, merge, and write the merged checkpoint atomically."""
+    """``rosa merge``: load base + adapter, merge, and write the merged checkpoint atomically.
+
+    With ``requantize`` the merged model is quantized to NF4 (double quantization, bf16 compute) by
+    transformers itself, from the merged weights, and saved as a pre-quantized bitsandbytes checkpoint; a
+    warning states the error this adds, measured layer by layer against the merged weights."""
     from .model import load_rosa_model
     from .train import load_model_and_tokenizer
 
@@ -102,19 +128,16 @@ def merge_adapter_to_disk(model_section, adapter: str | os.PathLike, out: str | 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     model, tokenizer = load_model_and_tokenizer(model_section, for_training=False)
     model = load_rosa_model(model, adapter)
+    delta_norms = _delta_norms(model) if requantize else {}
     merged = merge_to_dense(model, DTYPES[dtype])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if requantize:
-            _warn_requantization_error(merged)
-            from transformers import BitsAndBytesConfig
-
-            merged.config.quantization_config = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
-            ).to_dict()
-        merged.save_pretrained(tmp, safe_serialization=True)
+            _save_requantized(merged, tmp, delta_norms)
+        else:
+            merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -123,22 +146,85 @@ def merge_adapter_to_disk(model_section, adapter: str | os.PathLike, out: str | 
     return out
 
 
+def nf4_config(compute_dtype: torch.dtype = torch.bfloat16):
+    """The QRoSA quantization: bitsandbytes NF4 with double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 @torch.no_grad()
-def nf4_roundtrip_error(weight: torch.Tensor) -> float:
-    """Relative Frobenius error of quantizing ``weight`` to NF4 (double quant) and back."""
-    import bitsandbytes.functional as bnbf
+def _delta_norms(peft_model: nn.Module) -> dict[str, float]:
+    """Frobenius norm of each adapted layer's merged delta ``s * B @ A + S``, by module name in the base model."""
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    norms = {}
+    for name, module in base.named_modules():
+        if isinstance(module, RosaLayer):
+            norms[name] = sum(
+                float(module.get_delta_weight(a).norm()) for a in module.active_adapters if a in module.rosa_values
+            )
+    return norms
 
-    w = weight.float().contiguous()
-    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    back = bnbf.dequantize_4bit(packed, state).float()
-    return float((back - w).norm() / w.norm().clamp_min(1e-12))
 
+def _save_requantized(merged: nn.Module, out: Path, delta_norms: dict[str, float]) -> None:
+    """Quantize ``merged`` to NF4 through transformers (save, reload with the NF4 config) and save it to ``out``.
+    A checkpoint of unquantized weights with a ``quantization_config`` attached would not load: transformers
+    takes such a config as a promise of pre-quantized weights."""
+    from transformers import AutoModelForCausalLM
 
-def _warn_requantization_error(model: nn.Module) -> None:
-    errors = [nf4_roundtrip_error(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m.weight.numel()]
-    if errors:
-        logger.warning(
-            "requantizing to NF4 is lossy: measured relative weight error mean %.3f, max %.3f over %d layers; "
-            "the merged adapter's effect is partly lost. Omit --requantize for the lossless bf16/fp32 merge.",
-            sum(errors) / len(errors), max(errors), len(errors),
+    device = next(merged.parameters()).device
+    staging = Path(tempfile.mkdtemp(prefix=".requantize-", dir=out.parent))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            staging, quantization_config=nf4_config(), dtype=merged.dtype, device_map=str(device)
         )
+        _warn_requantization_error(merged, quantized, delta_norms)
+        quantized.save_pretrained(out, safe_serialization=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@torch.no_grad()
+def requantization_errors(merged: nn.Module, quantized: nn.Module, delta_norms: dict[str, float] | None = None
+                          ) -> dict[str, dict[str, float]]:
+    """Per 4-bit layer of ``quantized``: ``weight`` = ||Q(W) - W|| / ||W|| against the merged weight W, and for
+    adapted layers ``delta`` = ||Q(W) - W|| / ||delta||, the quantization error as a fraction of the adapter's
+    own contribution (at 1 or more, requantizing erases the adapter's effect on that layer)."""
+    delta_norms = delta_norms or {}
+    reference = dict(merged.named_modules())
+    errors = {}
+    for name, module in quantized.named_modules():
+        if not _is_4bit(module) or name not in reference:
+            continue
+        w = reference[name].weight.detach().float()
+        err = float((dequantized_weight(module).to(w.device) - w).norm())
+        errors[name] = {"weight": err / max(float(w.norm()), 1e-12)}
+        if delta_norms.get(name):
+            errors[name]["delta"] = err / delta_norms[name]
+    return errors
+
+
+def _warn_requantization_error(merged: nn.Module, quantized: nn.Module, delta_norms: dict[str, float]) -> None:
+    errors = requantization_errors(merged, quantized, delta_norms)
+    if not errors:
+        return
+    weight = [e["weight"] for e in errors.values()]
+    delta = [e["delta"] for e in errors.values() if "delta" in e]
+    message = (
+        f"requantizing the merged model to NF4 is lossy: measured relative weight error mean {sum(weight) / len(weight):.3g}, "
+        f"max {max(weight):.3g} over {len(weight)} layers"
+    )
+    if delta:
+        message += (
+            f"; as a fraction of the adapter's own weight change: mean {sum(delta) / len(delta):.3g}, "
+            f"max {max(delta):.3g} over {len(delta)} adapted layers"
+        )
+    message += ". Omit --requantize for the lossless bf16/fp32 merge."
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)

@@ -162,14 +162,14 @@ class RosaScheduler:
 
     def micro_batch_end(self) -> None:
         """Mark the end of a micro-batch (forward + backward). Optional: see the module docstring."""
-        if self.phase == COLLECT:
+        if self.phase == COLLECT and self.builder.collector is not None:
             self.builder.collector.end_micro_batch()
             self._advance_groups()
 
     def step(self, optimizer: Any = None) -> None:
         """Call after every optimizer step (with the optimizer, so its state can be reset on restart)."""
         self.optimizer_steps += 1
-        if self.phase == COLLECT:
+        if self.phase == COLLECT and self.builder.collector is not None:  # None: micro_batch_end finished it
             self.builder.collector.end_micro_batch()
             self._advance_groups()
         if self.phase == WARMUP and self.optimizer_steps >= self.warmup_steps:

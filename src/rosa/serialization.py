@@ -48,7 +48,10 @@ def expand_layer_support(
             continue
         if offsets_key not in state_dict or cols_key not in state_dict:
             missing = offsets_key if offsets_key not in state_dict else cols_key
-            raise AdapterFileError(f"{missing}: missing (the sparse support needs both row offsets and columns)")
+            raise AdapterFileError(
+                f"{missing}: missing (the sparse support needs both row offsets and columns; note that loading with "
+                "ignore_mismatched_sizes=True drops the column indices, whose size changes once a mask is set)"
+            )
         offsets, cols = state_dict[offsets_key], state_dict[cols_key]
         if offsets.numel() != layer.out_features + 1:
             raise AdapterFileError(

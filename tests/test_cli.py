@@ -1,0 +1,231 @@
+"""The ``rosa`` command end to end on a tiny random LLaMA and the real files in ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rosa.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+FAST = [
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.save_every=2",
+    "data.train_size=12",
+    "data.val_size=3",
+    "data.max_length=96",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=4",
+    "eval.limit=3",
+    "rosa.r=2",
+    "rosa.lora_alpha=4",
+    "rosa.density=0.05",
+    "rosa.warmup_steps=1",
+    "rosa.mask_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA saved with the default model's tokenizer (converted once and cached)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rosa.default_model import DefaultModelUnavailable, default_model_path
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    except DefaultModelUnavailable as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> tuple[int, Path]:
+    out = tmp_path / "run"
+    code = main(["train", "-q", f"model.name={model_dir}", f"output_dir={out}", *FAST, *overrides])
+    return code, out
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("train", "eval", "merge", "mask"):
+        assert command in text
+    for command in ("train", "eval", "merge", "mask"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "override" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("task", "files"),
+    [
+        ("gsm8k", ["data.path={data}/gsm8k/train.jsonl"]),
+        ("viggo", ["data.path={data}/viggo/train.csv", "data.eval_path={data}/viggo/valid.csv", "eval.limit=3"]),
+        ("sql", ["data.path={data}/sql/train.jsonl"]),
+    ],
+)
+def test_train_each_task_format(tmp_path, tiny_model_dir, task, files):
+    if not DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    code, out = _train(tmp_path, tiny_model_dir, f"data.task={task}", *(f.format(data=DATA) for f in files))
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and results["task"] == task
+    assert results["after"]["count"] == 3 and 0.0 <= results["after"]["exact_match"] <= 1.0
+    assert [e["event"] for e in results["schedule_events"]][-1] == "mask_fixed"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("rosa_col_idx") and v.numel() > 0 for k, v in adapter.items())
+    assert (out / "mask.safetensors").is_file() and (out / "log.jsonl").is_file()
+
+
+def test_generic_jsonl_and_csv_with_column_mapping(tmp_path, tiny_model_dir):
+    rows = [{"instruction": f"Say {w}", "output": w} for w in ("alpha", "beta", "gamma", "delta", "eps", "zeta")]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in rows))
+    for task, path in (("jsonl", jsonl), ("csv", csv)):
+        run_dir = tmp_path / task
+        run_dir.mkdir()
+        code, out = _train(
+            run_dir,
+            tiny_model_dir,
+            f"data.task={task}",
+            f"data.path={path}",
+            "data.prompt_column=instruction",
+            "data.response_column=output",
+            "data.val_size=2",
+        )
+        assert code == 0
+        assert json.loads((out / "results.json").read_text())["after"]["count"] == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.task=sql", "data.path=/nonexistent/file.jsonl"], "not found|No such file|does not exist"),
+        (["train.nonsense=1"], "unknown config key 'train.nonsense'"),
+        (["rosa.density=2"], "density must be a number in \\[0, 1\\]"),
+        (["train.lr=fast"], "train.lr must be a float"),
+    ],
+)
+def test_bad_input_one_clear_message_nothing_written(tmp_path, tiny_model_dir, capsys, overrides, message):
+    code, out = _train(tmp_path, tiny_model_dir, *overrides)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rosa: error:") and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err)
+    assert not out.exists()
+
+
+def test_dataset_missing_column_is_named(tmp_path, tiny_model_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "context": "c"}) + "\n")
+    code, out = _train(tmp_path, tiny_model_dir, "data.task=sql", f"data.path={bad}")
+    assert code == 2
+    assert "answer" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_model_that_is_not_a_causal_lm(tmp_path, tiny_model_dir, capsys):
+    from transformers import T5Config
+
+    bert = tmp_path / "t5"  # an encoder-decoder: no causal LM head
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=32).save_pretrained(bert)
+    code = main(["train", "-q", f"model.name={bert}", f"output_dir={tmp_path / 'run'}", *FAST])
+    assert code == 2
+    assert "not a causal language model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_model_dir, capsys):
+    assert _train(tmp_path, tiny_model_dir)[0] == 0
+    code, _ = _train(tmp_path, tiny_model_dir)
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_eval_merge_and_mask_commands(tmp_path, tiny_model_dir):
+    code, out = _train(tmp_path, tiny_model_dir)
+    assert code == 0
+    model = f"model.name={tiny_model_dir}"
+    results = tmp_path / "eval.json"
+    assert main(["eval", "-q", model, *FAST, "--adapter", str(out / "adapter"), "--out", str(results)]) == 0
+    assert json.loads(results.read_text())["count"] == 3
+    merged = tmp_path / "merged"
+    assert main(["merge", model, "--adapter", str(out / "adapter"), "--out", str(merged), "--dtype", "float32"]) == 0
+    assert (merged / "model.safetensors").is_file() and (merged / "config.json").is_file()
+    mask = tmp_path / "mask.safetensors"
+    assert main(["mask", "-q", model, *FAST, "--out", str(mask)]) == 0
+    assert mask.is_file()
+
+
+def _cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rosa.cli", "train", "-q", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kwargs,
+    )
+
+
+def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, tiny_model_dir):
+    common = [
+        f"model.name={tiny_model_dir}",
+        *FAST,
+        "train.steps=60",
+        "train.save_every=3",
+        "eval.before=false",
+        "rosa.warmup_steps=4",
+        "rosa.mask_steps=2",
+    ]
+    reference = _cli([*common, f"output_dir={tmp_path / 'ref'}"])
+    interrupted = _cli([*common, f"output_dir={tmp_path / 'run'}"])
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and interrupted.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert interrupted.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "run" / "adapter").exists()
+    resumed = _cli([*common, f"output_dir={tmp_path / 'run'}", "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out.decode()[-2000:]
+    reference.communicate(timeout=600)
+    assert reference.returncode == 0
+    a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
