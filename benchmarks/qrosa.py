@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="1: no OpenMP barrier spinning on a shared machine"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument(

@@ -15,7 +15,8 @@ For each weight shape (out x in) and density, with 512 tokens in fp32 and a unif
   and the backward computes the dense weight gradient ``dY^T X`` and masks it. Its extra cost is
   ``addcmul; (dY^T @ X) * mask`` timed back to back. (PEFT's SHiRA keeps only the nnz values as parameters
   but still clones the dense weight and gets a dense weight gradient every step, so its time is this one.)
-- totals: the base's two matmuls (``x @ W^T`` and ``dY @ W``, timed together) plus each strategy's extra.
+- totals: the base's two matmuls (``x @ W^T`` and ``dY @ W``, timed together in the same rounds) plus each
+  strategy's extra.
 
 Memory: ``extra MiB`` is the peak of bytes allocated through PyTorch's CPU allocator during one forward and
 backward of the approach's autograd path, above the level at entry, measured with
@@ -28,12 +29,18 @@ with gradient and Adam moments plus a bool mask for dense-masked.
 
 Timing: within a row every approach (and the GEMM) is timed in ``--repeats`` interleaved rounds after a
 warm-up call each, a fast op being called repeatedly within a round to cover 20 ms; each time is the median over
-the rounds, and the per-round ratios are kept in the JSON (``round_ratios``) to show how much load from other
-processes moved them. torch's thread count is left at its default. The cost rule of rosa.sparse.strategy is
-fitted to the same measurements (least squares on relative error) and its choice is compared with the
-measured faster strategy on every row.
+the rounds (the fastest round is kept too, ``seconds_min_over_rounds``), and the per-round ratios are kept in
+the JSON (``round_ratios``) to show how much load from other processes moved them. torch's thread count is
+left at its default (one OpenMP thread per core), which makes small ops very sensitive to anything else
+running: before each row the script waits (``--wait-quiet``, up to 60 s a row and ``--wait-budget``, 300 s a
+run) for other processes to leave the CPUs, and the table's ``other`` column gives the number of cores they
+kept busy while the row was timed (``foreign_load_cores`` in the JSON). Rows with ``other`` well above 0 are
+not clean measurements.
 
-    python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N]
+The cost rule of rosa.sparse.strategy is fitted to the same measurements (least squares on relative error)
+and its choice is compared with the measured faster strategy on every row.
+
+    python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N] [--wait-quiet S]
 
 The full run writes docs/benchmarks/sparse_ops.json; ``--quick`` (fewer shapes, densities and repeats) writes
 nothing unless ``--out`` is given.
@@ -91,6 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--densities", default=None, help="comma-separated densities (fractions) instead of the default"
     )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each row, wait up to this many seconds for other processes to leave the CPUs (0: never)",
+    )
+    p.add_argument("--wait-budget", type=float, default=300.0, help="total seconds of such waiting per run")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -118,11 +132,65 @@ def interleaved_times(fns: dict, rounds: int) -> dict[str, list[float]]:
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            # At most inner[name] calls, and no more once 3 x CALL_TIME_S is spent (a call calibrated when the
+            # machine was quiet can take a scheduler tick each when it is not).
             t0 = time.perf_counter()
-            for _ in range(inner[name]):
+            calls, elapsed = 0, 0.0
+            while calls < inner[name] and elapsed < 3 * CALL_TIME_S:
                 fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name])
+                calls += 1
+                elapsed = time.perf_counter() - t0
+            samples[name].append(elapsed / calls)
     return samples
+
+
+class ForeignLoad:
+    """CPU time used by *other* processes (in cores, averaged over a window), from /proc/stat and os.times():
+    on a shared machine it tells which rows were timed while something else was running. With torch's default
+    of one OpenMP thread per core, a single busy core elsewhere stalls every parallel region until the
+    scheduler gives the waiting thread its core back, which can multiply the time of a small op by ten."""
+
+    available = Path("/proc/stat").exists()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, in clock ticks
+        t = os.times()
+        return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+    def __init__(self) -> None:
+        self.start = self._sample() if self.available else None
+
+    def cores(self) -> float | None:
+        """Average number of cores other processes kept busy since construction."""
+        if self.start is None:
+            return None
+        end = self._sample()
+        wall = end[0] - self.start[0]
+        return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / max(wall, 1e-9))
+
+
+WAIT_BUDGET = {"left_s": 300.0}  # total waiting allowed in one run (set from --wait-budget)
+
+
+def wait_for_quiet(
+    max_wait_s: float, threshold: float = 0.25, window_s: float = 1.0
+) -> tuple[float, float | None]:
+    """Wait (at most ``max_wait_s``, and within the run's WAIT_BUDGET) for a window in which other processes
+    use under ``threshold`` cores. Returns (seconds waited, foreign load of the last window)."""
+    max_wait_s = min(max_wait_s, WAIT_BUDGET["left_s"])
+    if not ForeignLoad.available or max_wait_s <= 0:
+        return 0.0, None
+    t0 = time.perf_counter()
+    while True:
+        probe = ForeignLoad()
+        time.sleep(window_s)
+        load = probe.cores()
+        waited = time.perf_counter() - t0
+        if load < threshold or waited >= max_wait_s:
+            WAIT_BUDGET["left_s"] -= waited
+            return waited, load
 
 
 def peak_extra_bytes(fn) -> int:
@@ -163,15 +231,12 @@ def masked_state_bytes(out_features: int, in_features: int) -> int:
 # --- one shape ----------------------------------------------------------------------------------------
 
 
-def bench_shape(label, out_features, in_features, densities, tokens, repeats, memory, gen) -> list[dict]:
+def bench_shape(
+    label, out_features, in_features, densities, tokens, repeats, memory, gen, wait_quiet_s
+) -> list[dict]:
     x = torch.randn(tokens, in_features, generator=gen)
     dy = torch.randn(tokens, out_features, generator=gen)
     weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
-
-    # The base layer's two matmuls (forward and input gradient), for the totals.
-    t_base = statistics.median(
-        interleaved_times({"base": lambda: (x @ weight.t(), dy @ weight)}, repeats)["base"]
-    )
 
     # Dense-masked: the mask's density does not change the dense work (timed in every row all the same, next to
     # the sparse ops, so that the ratios compare like with like).
@@ -218,9 +283,13 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
         def run_fold(values=values, flat=flat):
             return ops.fold(weight, values, flat)
 
+        waited, _ = wait_for_quiet(wait_quiet_s)
+        foreign = ForeignLoad()
         samples = interleaved_times(
             {
                 "gemm": lambda: x @ weight.t(),
+                # The base layer's two matmuls (forward, input gradient), for the totals.
+                "base_two_matmuls": lambda: (x @ weight.t(), dy @ weight),
                 "spmm": run_spmm,
                 "spmm_t": run_spmm_t,
                 "sddmm": run_sddmm,
@@ -231,7 +300,9 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
             },
             repeats,
         )
+        foreign_cores = foreign.cores()
         t = {name: statistics.median(v) for name, v in samples.items()}
+        t_min = {name: min(v) for name, v in samples.items()}
         # Per-round ratios: their spread shows how much the machine's load moved the ratios.
         round_ratios = {
             "spmm_strategy_extra_over_gemm": [
@@ -244,7 +315,7 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
                 a / b for a, b in zip(samples["fold_strategy_extra"], samples["spmm_strategy_extra"])
             ],
         }
-        t["base_two_matmuls"] = t_base
+        t_base = t["base_two_matmuls"]
         t["spmm_strategy_total"] = t_base + t["spmm_strategy_extra"]
         t["fold_strategy_total"] = t_base + t["fold_strategy_extra"]
         t["dense_masked_total"] = t_base + t["dense_masked_extra"]
@@ -282,7 +353,10 @@ def bench_shape(label, out_features, in_features, densities, tokens, repeats, me
                 "density": density,
                 "nnz": nnz,
                 "seconds": t,
+                "seconds_min_over_rounds": t_min,
                 "round_ratios": round_ratios,
+                "foreign_load_cores": foreign_cores,
+                "waited_for_quiet_s": waited,
                 "bytes": mem,
             }
         )
@@ -333,7 +407,7 @@ HEADER = (
     f"{'shape (out x in)':>24} {'dens%':>5} {'gemm ms':>8} | {'spmm':>6} {'spmm_t':>6} {'sddmm':>6} "
     f"{'3 ops':>6} {'x gemm':>6} | {'fold':>6} {'2f+sdd':>6} {'x gemm':>6} | {'masked':>7} {'x 3ops':>6} | "
     f"{'tot spmm':>8} {'tot fold':>8} {'tot mask':>8} | {'MiB spmm':>8} {'fold':>6} {'masked':>7} "
-    f"{'state':>6} {'m.state':>7} | rule / faster"
+    f"{'state':>6} {'m.state':>7} | {'other':>5} | rule / faster"
 )
 
 
@@ -345,6 +419,8 @@ def _format_row(r: dict, pick: str | None = None) -> str:
         return f"{b[key] / MiB:.1f}" if b.get(key) is not None else "-"
 
     pick = pick or "?"
+    load = r.get("foreign_load_cores")
+    other = "-" if load is None else f"{load:.2f}"
     return (
         f"{r['label'] + ' ' + str(r['out']) + 'x' + str(r['in']):>24} {100 * r['density']:>5.1f} {ms['gemm']:>8.1f} | "
         f"{ms['spmm']:>6.1f} {ms['spmm_t']:>6.1f} {ms['sddmm']:>6.1f} {ms['spmm_strategy_extra']:>6.1f} "
@@ -353,7 +429,7 @@ def _format_row(r: dict, pick: str | None = None) -> str:
         f"{s['dense_masked_extra'] / s['spmm_strategy_extra']:>6.1f} | {ms['spmm_strategy_total']:>8.1f} "
         f"{ms['fold_strategy_total']:>8.1f} {ms['dense_masked_total']:>8.1f} | {mib('spmm_strategy_peak_extra'):>8} "
         f"{mib('fold_strategy_peak_extra'):>6} {mib('dense_masked_peak_extra'):>7} {mib('rosa_state'):>6} "
-        f"{mib('dense_masked_state'):>7} | {pick} / {faster(r)}"
+        f"{mib('dense_masked_state'):>7} | {other:>5} | {pick} / {faster(r)}"
     )
 
 
@@ -392,6 +468,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 7)
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     gen = torch.Generator().manual_seed(args.seed)
+    WAIT_BUDGET["left_s"] = args.wait_budget
     info = machine_info()
     print(
         f"rosa sparse-op benchmark: {info['cpu_model']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch "
@@ -399,14 +476,23 @@ def main(argv=None) -> int:
         f"median of {repeats} interleaved rounds"
     )
     print(
-        "times in ms; 'x gemm' = multiple of one dense GEMM of the shape; 'x 3ops' = dense-masked / spmm strategy"
+        "times in ms; 'x gemm' = multiple of one dense GEMM of the shape; 'x 3ops' = dense-masked / spmm strategy;"
+        " 'other' = cores that other processes kept busy while the row was timed"
     )
     print(HEADER)
     t0 = time.perf_counter()
     rows = []
     for label, out_features, in_features in shapes:
         rows += bench_shape(
-            label, out_features, in_features, densities, args.tokens, repeats, not args.no_memory, gen
+            label,
+            out_features,
+            in_features,
+            densities,
+            args.tokens,
+            repeats,
+            not args.no_memory,
+            gen,
+            args.wait_quiet,
         )
     elapsed = time.perf_counter() - t0
 
@@ -448,6 +534,11 @@ def main(argv=None) -> int:
         rr = target_rows[0]["round_ratios"]
         spread1 = rr["spmm_strategy_extra_over_gemm"]
         spread2 = rr["dense_masked_extra_over_spmm_strategy_extra"]
+        m = target_rows[0]["seconds_min_over_rounds"]
+        targets["from_min_over_rounds"] = {
+            "three_sparse_ops_over_gemm": m["spmm_strategy_extra"] / m["gemm"],
+            "dense_masked_over_three_sparse_ops": m["dense_masked_extra"] / m["spmm_strategy_extra"],
+        }
         targets["per_round_range"] = {
             "three_sparse_ops_over_gemm": [min(spread1), max(spread1)],
             "dense_masked_over_three_sparse_ops": [min(spread2), max(spread2)],
@@ -462,8 +553,14 @@ def main(argv=None) -> int:
             f"(target >= 4): {'MET' if targets['dense_masked_over_three_sparse_ops_met'] else 'NOT MET'} "
             f"[per-round ratios {min(spread2):.1f} .. {max(spread2):.1f}]"
         )
+        print(
+            "from the fastest round of each instead of the median (less load from other processes): "
+            f"{targets['from_min_over_rounds']['three_sparse_ops_over_gemm']:.2f} x GEMM, dense-masked "
+            f"{targets['from_min_over_rounds']['dense_masked_over_three_sparse_ops']:.1f} x the three sparse ops"
+        )
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["elapsed_s"] = elapsed
+    info["waited_for_quiet_s"] = args.wait_budget - WAIT_BUDGET["left_s"]
     print(
         f"\nelapsed {elapsed:.0f} s; load average at start {info['load_average_start']}, end {info['load_average_end']}"
     )

@@ -292,7 +292,22 @@ class RosaLinear(nn.Module, RosaLayer):
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs found when merging adapter {name!r}; the base weight is unchanged")
             self.set_base_weight(merged)
+            if self.quantization_backend is not None:
+                self._warn_requantized(merged)
             self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def _warn_requantized(self, intended: torch.Tensor) -> None:
+        """Merging into a quantized base (PEFT's merge_and_unload on QRoSA) requantizes the merged weight: say how
+        much that lost. One significant digit, so that Python shows a repeated message once, not once per layer."""
+        stored = self.get_base_weight().float()
+        error = float((stored - intended.float()).norm() / intended.float().norm().clamp_min(1e-12))
+        warnings.warn(
+            f"merging RoSA into a {self.quantization_backend.backend_name} base requantizes the merged weight: "
+            f"measured relative weight error ~{error:.1g}. For a lossless merge use rosa.merge.merge_to_dense "
+            "(or `rosa merge`), which dequantizes and saves bf16/fp32.",
+            stacklevel=3,
+        )
 
     def unmerge(self) -> None:
         if not self.merged:

@@ -59,9 +59,9 @@ class TrainSection:
 @dataclass
 class EvalSection:
     before: bool = True  # score the base model before training
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: the task's own default (16 for synthetic, 256 for gsm8k, ...)
     batch_size: int = 16
-    limit: int | None = None  # evaluate on at most this many held-out rows
+    limit: int | None = 100  # evaluate on at most this many held-out rows (None: all)
 
 
 @dataclass

@@ -160,6 +160,19 @@ class RosaScheduler:
             return 0
         return self.builder.collector.micro_batches
 
+    def snapshot_state(self) -> dict[str, torch.Tensor]:
+        """The restart snapshot of A and B as flat tensors (for checkpoints taken before the mask is fixed)."""
+        state = {}
+        for name, (a0, b0) in self._snapshot.items():
+            state[f"{name}.A"], state[f"{name}.B"] = a0, b0
+        return state
+
+    def load_snapshot_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a restart snapshot saved by :meth:`snapshot_state` (a resumed run's A/B are not initial)."""
+        for name, (a0, b0) in self._snapshot.items():
+            a0.copy_(state[f"{name}.A"])
+            b0.copy_(state[f"{name}.B"])
+
     def micro_batch_end(self) -> None:
         """Mark the end of a micro-batch (forward + backward). Optional: see the module docstring."""
         if self.phase == COLLECT and self.builder.collector is not None:

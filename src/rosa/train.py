@@ -215,7 +215,8 @@ def train(
         schedule.close()
         return TrainResult(str(mask_out), 0, None, None, time.perf_counter() - started)
     if checkpoint is not None and not schedule.mask_ready:
-        _restore_snapshot(schedule, tensors)
+        prefix = "snapshot."
+        schedule.load_snapshot_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     counts = sparse_parameter_count(model)
     logger.info("trainable parameters: %s", counts)
@@ -310,11 +311,8 @@ def _evaluate(model, tokenizer, examples, task, run: RunConfig, label: str, show
 
 
 def _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run: RunConfig) -> None:
-    extra = {}
-    if not schedule.mask_ready:  # the restart snapshot must survive a resume before the mask is fixed
-        for name, (a0, b0) in schedule._snapshot.items():
-            extra[f"snapshot.{name}.A"] = a0.cpu()
-            extra[f"snapshot.{name}.B"] = b0.cpu()
+    # The restart snapshot must survive a resume before the mask is fixed.
+    extra = {} if schedule.mask_ready else {f"snapshot.{k}": v.cpu() for k, v in schedule.snapshot_state().items()}
     save_checkpoint(
         out,
         step,
@@ -325,12 +323,6 @@ def _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, 
         {"sampler": sampler.state_dict(), "before": before},
         keep=run.train.keep_checkpoints,
     )
-
-
-def _restore_snapshot(schedule, tensors: dict[str, torch.Tensor]) -> None:
-    for name, (a0, b0) in schedule._snapshot.items():
-        a0.copy_(tensors[f"snapshot.{name}.A"])
-        b0.copy_(tensors[f"snapshot.{name}.B"])
 
 
 def _tensorboard(path: Path):

@@ -236,10 +236,7 @@ def _(weight, values, flat_index):
 
 
 def _token_major_like(x: Tensor, features: int) -> Tensor:
-    """Fake output with the strides the real kernels produce: the CPU path returns the transpose of a
-    (features, tokens) result, the Triton path a contiguous (tokens, features) one."""
-    if x.device.type == "cpu" and backend_for(x.device) is torch_ops:
-        return x.new_empty(features, x.shape[0]).t()
+    """Fake output with the layout every backend produces: a contiguous (tokens, features) tensor."""
     return x.new_empty(x.shape[0], features)
 
 
@@ -275,6 +272,10 @@ def _sparse_linear_setup(ctx, inputs, output) -> None:
 def _sparse_linear_backward(ctx, grad_out):
     x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm = ctx.saved_tensors
     grad_x = grad_values = None
+    if all(ctx.needs_input_grad[:2]) and backend_for(grad_out.device) is torch_ops:
+        # PyTorch's CSR kernels both read dy feature-major (S^T dy^T, and dy^T for the SDDMM): transpose it once
+        # here rather than once inside each (an out x tokens copy, the largest cost of this backward on CPU).
+        grad_out = grad_out.t().contiguous().t()
     if ctx.needs_input_grad[0]:
         grad_x = spmm_t(grad_out, values, t_row_offsets, t_col_idx, t_perm, x.shape[1]).to(x.dtype)
     if ctx.needs_input_grad[1]:
