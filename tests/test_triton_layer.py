@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from rosa import RosaLinear  # noqa: E402
-from rosa.sparse import ops, support_from_mask  # noqa: E402
+from rosa import RosaLinear
+from rosa.sparse import ops, support_from_mask
 
 pytestmark = pytest.mark.triton
 
