@@ -37,8 +37,9 @@ run) for other processes to leave the CPUs, and the table's ``other`` column giv
 kept busy while the row was timed (``foreign_load_cores`` in the JSON). Rows with ``other`` well above 0 are
 not clean measurements.
 
-The cost rule of rosa.sparse.strategy is fitted to the same measurements (least squares on relative error)
-and its choice is compared with the measured faster strategy on every row.
+The cost rule of rosa.sparse.strategy is fitted to the same measurements (non-negative least squares on
+absolute time, clean rows only when there are enough) and its choice, with the current and with the fitted
+constants, is compared with the measured faster strategy on every row (``rule / faster``: current constants).
 
     python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N] [--wait-quiet S]
 
@@ -367,28 +368,36 @@ def bench_shape(
 # --- the cost rule ---------------------------------------------------------------------------------------
 
 
-def fit_cost_model(rows: list[dict]) -> CostModel:
-    """Fit the rates of rosa.sparse.strategy.CostModel, minimising relative error.
+CLEAN_LOAD = 0.25  # rows timed while other processes kept fewer cores than this busy count as clean
+
+
+def fit_cost_model(rows: list[dict]) -> tuple[CostModel, int]:
+    """Fit the rates of rosa.sparse.strategy.CostModel by non-negative least squares on absolute time (so the
+    big layers, where a wrong choice costs the most, weigh the most), on the clean rows when there are at least
+    four of them. Returns the model and the number of rows it was fitted on.
 
     spmm + spmm_t = 2 * (nnz * tokens / sparse_rate + tokens * (in + out) / stream_rate)
     fold          = out * in / fold_rate
     """
+    clean = [r for r in rows if (r.get("foreign_load_cores") or 0.0) < CLEAN_LOAD]
+    if len(clean) >= 4:
+        rows = clean
     a = np.array(
         [[2 * r["nnz"] * r["tokens"], 2 * r["tokens"] * (r["in"] + r["out"])] for r in rows], dtype=float
     )
     y = np.array([r["seconds"]["spmm"] + r["seconds"]["spmm_t"] for r in rows], dtype=float)
-    w = 1.0 / y
-    coef, *_ = np.linalg.lstsq(a * w[:, None], y * w, rcond=None)
-    if coef[0] <= 0 or coef[1] <= 0:  # keep both rates positive: refit the other one alone
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    if coef[0] <= 0 or coef[1] <= 0:  # two unknowns: the non-negative optimum then uses one term alone
         keep = 0 if coef[0] > 0 else 1
-        c, *_ = np.linalg.lstsq(a[:, [keep]] * w[:, None], y * w, rcond=None)
+        c, *_ = np.linalg.lstsq(a[:, [keep]], y, rcond=None)
         coef = np.array([c[0], 1e-30] if keep == 0 else [1e-30, c[0]])
     n = np.array([r["out"] * r["in"] for r in rows], dtype=float)
     tf = np.array([r["seconds"]["fold"] for r in rows], dtype=float)
-    c_fold = float(np.sum(n / tf) / np.sum(n**2 / tf**2))
-    return CostModel(
+    c_fold = float(np.dot(n, tf) / np.dot(n, n))
+    model = CostModel(
         sparse_rate=float(1 / coef[0]), stream_rate=float(1 / coef[1]), fold_rate=float(1 / c_fold)
     )
+    return model, len(rows)
 
 
 def rule_pick(model: CostModel, r: dict) -> str:
@@ -496,7 +505,7 @@ def main(argv=None) -> int:
         )
     elapsed = time.perf_counter() - t0
 
-    fitted = fit_cost_model(rows)
+    fitted, fitted_on = fit_cost_model(rows)
     current = COST_MODELS["cpu"]
     for r in rows:
         r["faster"] = faster(r)
@@ -510,11 +519,16 @@ def main(argv=None) -> int:
     n = len(rows)
     agree_current = sum(r["rule_current"] == r["faster"] for r in rows)
     agree_fitted = sum(r["rule_fitted"] == r["faster"] for r in rows)
+    clean = [r for r in rows if (r.get("foreign_load_cores") or 0.0) < CLEAN_LOAD]
+    clean_current = sum(r["rule_current"] == r["faster"] for r in clean)
+    clean_fitted = sum(r["rule_fitted"] == r["faster"] for r in clean)
     print(
-        f"\ncost rule, current constants {current}: picks the measured faster strategy on {agree_current}/{n} rows"
+        f"\ncost rule, current constants {current}: picks the measured faster strategy on {agree_current}/{n} "
+        f"rows ({clean_current}/{len(clean)} clean rows)"
     )
     print(
-        f"cost rule, fitted constants  {fitted}: picks the measured faster strategy on {agree_fitted}/{n} rows"
+        f"cost rule, fitted constants  {fitted} (fitted on {fitted_on} rows): picks the measured faster "
+        f"strategy on {agree_fitted}/{n} rows ({clean_fitted}/{len(clean)} clean rows)"
     )
 
     targets = {}
@@ -590,9 +604,13 @@ def main(argv=None) -> int:
                     "stream_rate": fitted.stream_rate,
                     "fold_rate": fitted.fold_rate,
                 },
+                "fitted_on_rows": fitted_on,
                 "rows_agreeing_current": agree_current,
                 "rows_agreeing_fitted": agree_fitted,
                 "rows": n,
+                "clean_rows": len(clean),
+                "clean_rows_agreeing_current": clean_current,
+                "clean_rows_agreeing_fitted": clean_fitted,
             },
             "rows": rows,
         }

@@ -49,8 +49,12 @@ accumulators (the per-micro-batch ``G`` is still computed in fp32; only the runn
 Activations and the inputs kept by the hooks are not counted: autograd keeps the same inputs for the LoRA
 gradient anyway.
 
-Under ``torch.distributed`` the accumulators and micro-batch counts are all-reduced before scoring, so every
-rank picks the same mask.
+Under ``torch.distributed`` (data parallel: every rank runs its share of each global micro-batch, with a
+mean-reduced loss, as DDP expects) every rank picks the same mask, and it is the mask a single process would
+pick over the global micro-batches: for ``fisher`` each layer's ``G_b`` is all-reduced (averaged over ranks, as
+DDP averages gradients) when the layer's micro-batch closes, *before* it is squared (summing per-rank squares
+would be a different statistic); the ``grad`` accumulator is averaged over ranks once, before scoring. These are
+collectives: every rank must run the same layers over the same number of micro-batches (checked).
 
 Masks are saved to and loaded from safetensors (``save_mask`` / ``load_mask``): per layer the CSR
 ``row_offsets`` and ``col_idx`` (int32) under ``"<layer>.row_offsets"`` / ``"<layer>.col_idx"``, and metadata
@@ -294,7 +298,7 @@ class StatCollector:
         if "fisher" in state.acc:
             if state.pending is not None:
                 state.pending.add_(g)
-            elif state.received < state.expected:
+            elif state.received < state.expected or _dist_world() > 1:
                 state.pending = g
             else:
                 state.acc["fisher"].addcmul_(g, g)
@@ -303,6 +307,12 @@ class StatCollector:
 
     def _close(self, state: _LayerStats) -> None:
         if state.pending is not None:
+            world = _dist_world()
+            if world > 1:
+                # G_b of the global micro-batch: each rank holds the gradient of its own mean loss, and DDP
+                # averages those, so G_b is the mean over ranks. Square it after the all-reduce, not before.
+                torch.distributed.all_reduce(state.pending)
+                state.pending.div_(world)
             state.acc["fisher"].addcmul_(state.pending, state.pending)
         if state.received > 0:
             state.count += 1
@@ -332,16 +342,22 @@ class StatCollector:
         count = state.count
         world = _dist_world()
         if world > 1:
-            counts = torch.tensor([float(count)], device=next(iter(state.acc.values())).device)
-            torch.distributed.all_reduce(counts)
-            count = int(counts.item())
+            # Every rank sees its share of the same global micro-batches, so the counts must agree.
+            counts = torch.tensor([float(count), -float(count)], device=next(iter(state.acc.values())).device)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            if counts[0] != -counts[1]:
+                raise MaskError(
+                    f"layer {name!r} saw between {int(-counts[1])} and {int(counts[0])} micro-batches on "
+                    "different ranks: every rank must run the same number of micro-batches"
+                )
         if count == 0:
             warnings.warn(f"layer {name!r} received no gradient during mask collection", stacklevel=2)
         out: dict[str, Any] = {"micro_batches": count}
         for stat, acc in state.acc.items():
-            if world > 1:
+            if world > 1 and stat == "grad":  # fisher was reduced per micro-batch, before squaring
                 acc = acc.float() if acc.dtype == torch.bfloat16 else acc
                 torch.distributed.all_reduce(acc)
+                acc.div_(world)
             acc = acc.float() if acc.dtype != torch.float32 else acc
             out[stat] = acc.div_(max(count, 1))
         state.acc.clear()

@@ -166,6 +166,7 @@ def train(
     from .model import get_rosa_model, sparse_parameter_count
     from .scheduler import RosaScheduler
 
+    _refuse_multi_process()
     started = time.perf_counter()
     out, checkpoint = _prepare_output(run, resume) if mask_out is None else (Path(run.output_dir), None)
     if checkpoint is not None:  # the run continues with the settings it was started with
@@ -289,6 +290,20 @@ def train(
         ),
     )
     return result
+
+
+def _refuse_multi_process() -> None:
+    """This loop has no data parallelism (no DDP wrap, no data sharding, no rank-0-only writes): under torchrun
+    every rank would train alone on all the data and race to write the same files. Refuse instead."""
+    dist = torch.distributed
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+    if world > 1:
+        raise RunError(
+            f"rosa train is a single-process loop, but WORLD_SIZE is {world}: run it as one process, or use "
+            "the plain-loop API (RosaScheduler) or transformers.Trainer with RosaTrainerCallback for DDP/FSDP"
+        )
 
 
 def _evaluate(model, tokenizer, examples, task, run: RunConfig, label: str, show_progress: bool) -> dict:
