@@ -17,7 +17,9 @@ rounds is reported. Per run: the median step time over ``--steps`` steps after `
 peak resident set size of the training phase (``resource.getrusage(...).ru_maxrss`` after resetting the
 high-water mark through ``/proc/self/clear_refs`` once the model is loaded; the load's own peak is reported
 separately). PyTorch keeps no peak statistics for CPU memory; on CUDA ``torch.cuda.max_memory_allocated`` is
-reported as well.
+reported as well. Step time is reported as wall time and as the process's CPU time; runs use one thread by
+default, because on a shared machine two OpenMP threads spin at every barrier while another job holds a core
+(small ops became ~100x slower), and with one thread CPU time is robust to that contention.
 
     python benchmarks/qrosa.py                       # writes docs/benchmarks/qrosa.json and prints a table
     python benchmarks/qrosa.py --rounds 1 --steps 2  # quicker

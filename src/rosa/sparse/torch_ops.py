@@ -35,9 +35,10 @@ def spmm(
     acc = acc_dtype(x.dtype)
     s = _csr(values.to(acc), row_offsets, col_idx, (out_features, in_features))
     if x.device.type == "cpu" and out_features >= in_features:
-        # S @ X^T written straight into the transpose of a token-major result: X^T and the result are then
-        # both column-major and MKL needs no layout copy at all (beta=0: the empty result is never read). For a
-        # wide S (fewer rows than columns) MKL's column-major product is slower than the copies it saves.
+        # S @ X^T written straight into the transpose of a token-major result (X^T and the result both
+        # column-major; beta=0: the empty result is never read), which skips the transposing copy of the path
+        # below: 2.3 against 4.1 ms for a 1536 x 576 S and 1024 tokens. For a wide S (fewer rows than columns)
+        # MKL's column-major product is the slower one (5.7 against 2.9 ms for 576 x 1536).
         out = torch.empty(tokens, out_features, dtype=acc, device=x.device)
         torch.addmm(out.t(), s, x.to(acc).t(), beta=0.0, out=out.t())
         return out.to(x.dtype)
@@ -67,7 +68,8 @@ def _token_major(features_by_tokens: torch.Tensor, dtype: torch.dtype) -> torch.
 
     Handing back the bare transposed view saves that copy but makes every later elementwise op on it (the
     layer's residual add in the forward, autograd's gradient accumulation into dx in the backward) stride
-    across memory: measured on SmolLM2-135M, that cost ~2.5x more than the sparse products themselves."""
+    across memory: on SmolLM2-135M with 1024 tokens that cost ~1.9 s of a 12 s training step, four times the
+    sparse products themselves."""
     out = features_by_tokens.new_empty(features_by_tokens.shape[::-1], dtype=dtype)
     return out.copy_(features_by_tokens.t())
 
