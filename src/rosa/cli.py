@@ -18,7 +18,7 @@ examples:
   rosa train                                   # built-in model + task, offline, ~minutes on a CPU
   rosa train my.yaml train.steps=500 rosa.density=0.006
   rosa train data.task=jsonl data.path=pairs.jsonl data.prompt_column=instruction data.response_column=output
-  rosa train model.load_in_4bit=true           # QRoSA
+  rosa train --load-in-4bit                    # QRoSA (= model.load_in_4bit=true)
   rosa train --resume output_dir=runs/rosa-default
   rosa eval --adapter runs/rosa-default/adapter
   rosa merge --adapter runs/rosa-default/adapter --out merged/
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="YAML run config (optional)")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--load-in-4bit", action="store_true", help="QRoSA: NF4 base (same as model.load_in_4bit=true)")
 
     p = sub.add_parser("train", help="fine-tune with RoSA and evaluate before/after", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +70,8 @@ def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     if config is not None and "=" in config:
         overrides.insert(0, config)
         config = None
+    if args.load_in_4bit:
+        overrides.append("model.load_in_4bit=true")
     return config, overrides
 
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     logging.basicConfig(level=logging.WARNING, format="rosa: %(message)s")
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when offline.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from .run_config import load_run_config
 
     try:
@@ -101,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
+    from .default_model import DefaultModelUnavailable
     from .model import AdapterFileError
     from .run_config import RunConfigError
     from .sparse.support import SupportError
     from .train import RunError
 
-    return isinstance(e, (RunConfigError, RunError, AdapterFileError, SupportError, FileNotFoundError, ValueError))
+    user_errors = (RunConfigError, RunError, AdapterFileError, SupportError, DefaultModelUnavailable)
+    return isinstance(e, (*user_errors, FileNotFoundError, ValueError))
 
 
 def _train(run, args) -> int:
