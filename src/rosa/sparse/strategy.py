@@ -40,7 +40,7 @@ class CostModel:
 
 
 COST_MODELS: dict[str, CostModel] = {
-    "cpu": CostModel(sparse_rate=4.4e9, stream_rate=8.2e8, fold_rate=7.0e8),
+    "cpu": CostModel(sparse_rate=1.5e10, stream_rate=4.8e8, fold_rate=6.9e8),
     "cuda": CostModel(sparse_rate=2e11, stream_rate=1e12, fold_rate=5e11),
 }
 
