@@ -150,9 +150,8 @@ class RosaLayer(BaseTunerLayer):
         """Active nonzeros of this adapter's sparse part (0 before its mask exists). No host sync."""
         return self.rosa_col_idx[adapter_name].numel() if adapter_name in self.rosa_col_idx else 0
 
-    def set_support(self, adapter_name: str, support: Support) -> None:
-        """Fix the sparse support. The values of the active entries are reset to zero, since a value belongs to
-        a position and the positions have changed."""
+    def check_support(self, adapter_name: str, support: Support) -> None:
+        """Raise ValueError unless ``support`` fits this layer and adapter (shape and capacity)."""
         if support.shape != (self.out_features, self.in_features):
             raise ValueError(
                 f"support shape {support.shape} does not match the layer's {(self.out_features, self.in_features)}"
@@ -162,6 +161,11 @@ class RosaLayer(BaseTunerLayer):
                 f"support has {support.nnz} nonzeros but adapter {adapter_name!r} holds at most "
                 f"{self.capacity[adapter_name]} sparse values"
             )
+
+    def set_support(self, adapter_name: str, support: Support) -> None:
+        """Fix the sparse support. The values of the active entries are reset to zero, since a value belongs to
+        a position and the positions have changed."""
+        self.check_support(adapter_name, support)
         device = self.rosa_values[adapter_name].device
         if device.type == "meta":
             device = support.col_idx.device  # PEFT's low_cpu_mem_usage: values come at load, buffers stay real

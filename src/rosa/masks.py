@@ -673,16 +673,11 @@ def apply_mask(model: nn.Module, supports: Mapping[str, Support], adapter_name: 
     extra = [n for n in supports if n not in layers]
     if missing or extra:
         raise MaskError(f"mask does not match the model: missing layers {missing}, unknown layers {extra}")
-    for name, layer in layers.items():
-        support = supports[name]
-        if support.shape != (layer.out_features, layer.in_features):
-            raise MaskError(
-                f"{name}: support shape {support.shape} != layer {(layer.out_features, layer.in_features)}"
-            )
-        if support.nnz > layer.capacity[adapter]:
-            raise MaskError(
-                f"{name}: {support.nnz} nonzeros exceed the layer's capacity {layer.capacity[adapter]}"
-            )
+    for name, layer in layers.items():  # every layer is checked before any is changed
+        try:
+            layer.check_support(adapter, supports[name])
+        except ValueError as e:
+            raise MaskError(f"{name}: {e}") from None
     for name, layer in layers.items():
         layer.set_support(adapter, supports[name])
 
