@@ -2,8 +2,40 @@
 variable must be set before anything imports triton."""
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA saved with the default model's tokenizer (converted once and cached)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rosa.default_model import DefaultModelUnavailable, default_model_path
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    except DefaultModelUnavailable as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -36,36 +36,6 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random LLaMA saved with the default model's tokenizer (converted once and cached)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from rosa.default_model import DefaultModelUnavailable, default_model_path
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    except DefaultModelUnavailable as e:
-        pytest.skip(str(e))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> tuple[int, Path]:
     out = tmp_path / "run"
     code = main(["train", "-q", f"model.name={model_dir}", f"output_dir={out}", *FAST, *overrides])
@@ -89,7 +59,10 @@ def test_help_lists_subcommands(capsys):
     ("task", "files"),
     [
         ("gsm8k", ["data.path={data}/gsm8k/train.jsonl"]),
-        ("viggo", ["data.path={data}/viggo/train.csv", "data.eval_path={data}/viggo/valid.csv", "eval.limit=3"]),
+        (
+            "viggo",
+            ["data.path={data}/viggo/train.csv", "data.eval_path={data}/viggo/valid.csv", "eval.limit=3"],
+        ),
         ("sql", ["data.path={data}/sql/train.jsonl"]),
     ],
 )
@@ -108,7 +81,9 @@ def test_train_each_task_format(tmp_path, tiny_model_dir, task, files):
 
 
 def test_generic_jsonl_and_csv_with_column_mapping(tmp_path, tiny_model_dir):
-    rows = [{"instruction": f"Say {w}", "output": w} for w in ("alpha", "beta", "gamma", "delta", "eps", "zeta")]
+    rows = [
+        {"instruction": f"Say {w}", "output": w} for w in ("alpha", "beta", "gamma", "delta", "eps", "zeta")
+    ]
     jsonl = tmp_path / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     csv = tmp_path / "pairs.csv"
@@ -181,7 +156,10 @@ def test_eval_merge_and_mask_commands(tmp_path, tiny_model_dir):
     assert main(["eval", "-q", model, *FAST, "--adapter", str(out / "adapter"), "--out", str(results)]) == 0
     assert json.loads(results.read_text())["count"] == 3
     merged = tmp_path / "merged"
-    assert main(["merge", model, "--adapter", str(out / "adapter"), "--out", str(merged), "--dtype", "float32"]) == 0
+    assert (
+        main(["merge", model, "--adapter", str(out / "adapter"), "--out", str(merged), "--dtype", "float32"])
+        == 0
+    )
     assert (merged / "model.safetensors").is_file() and (merged / "config.json").is_file()
     mask = tmp_path / "mask.safetensors"
     assert main(["mask", "-q", model, *FAST, "--out", str(mask)]) == 0

@@ -198,14 +198,114 @@ def test_fsdp2_shards_adapter_keeps_supports_plain_and_saves_a_full_adapter(runs
         _assert_adapters_match(got, ref, "loaded.")  # the adapter saved from sharded state, reloaded
 
 
-def test_rosa_train_refuses_to_run_as_several_processes(monkeypatch, tmp_path):
-    """`rosa train` has no data parallelism: under torchrun each rank would train alone and race on the files."""
-    from rosa.run_config import RunConfig
-    from rosa.train import RunError, train
+# --- `rosa train` under torchrun ------------------------------------------------------------------------
 
-    run = RunConfig()
-    run.output_dir = str(tmp_path / "run")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RunError, match="single-process"):
-        train(run, show_progress=False)
-    assert not (tmp_path / "run").exists()
+RUN_ARGS = [
+    "data.train_size=24",
+    "data.val_size=5",
+    "data.max_length=64",
+    "train.steps=8",
+    "train.save_every=2",
+    "train.log_every=1",
+    "eval.limit=5",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=2",
+    "rosa.r=2",
+    "rosa.lora_alpha=4",
+    "rosa.density=0.05",
+    "rosa.warmup_steps=2",
+    "rosa.mask_steps=2",
+]
+
+
+def _rosa(args: list[str], nproc: int | None, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`rosa` as one plain process (nproc None), or under `torchrun --nproc_per_node nproc` or
+    `accelerate launch --multi_gpu --num_processes nproc` (which launches CPU processes when there is no GPU)."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    launcher = (
+        [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
+    cmd = [sys.executable, *launcher, "-m", "rosa.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """The same global batches (4 rows) trained by one process and by two (2 rows each) under torchrun and
+    under accelerate launch; the torchrun run is then resumed from its step-4 checkpoint in a copy of its folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("cli-ddp")
+    model = f"model.name={tiny_model_dir}"
+    runs = {name: root / name for name in ("single", "ddp", "accelerate", "resumed")}
+    for name, nproc, batch in (("single", None, 4), ("ddp", 2, 2), ("accelerate", 2, 2)):
+        args = ["train", "-q", model, f"output_dir={runs[name]}", f"train.batch_size={batch}", *RUN_ARGS]
+        done = _rosa(args, nproc, launcher="accelerate" if name == "accelerate" else "torchrun")
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    shutil.copytree(runs["ddp"], runs["resumed"])
+    for leftover in ("adapter", "results.json"):
+        target = runs["resumed"] / leftover
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (runs["resumed"] / "checkpoints" / "latest").write_text("step-4")  # the first step after the mask
+    done = _rosa(["train", "-q", "--resume", f"output_dir={runs['resumed']}"], 2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return runs
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("launched", ["ddp", "accelerate"])
+def test_rosa_train_under_torchrun_or_accelerate_matches_one_process(cli_runs, launched):
+    single, ddp = _adapter(cli_runs["single"]), _adapter(cli_runs[launched])
+    assert single.keys() == ddp.keys() and any("rosa_values" in k for k in single)
+    for key in single:
+        if single[key].is_floating_point():
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+        else:  # the support: the same mask on both ranks and in the single process
+            assert torch.equal(ddp[key], single[key]), key
+    single_mask, ddp_mask = (load_file(cli_runs[n] / "mask.safetensors") for n in ("single", launched))
+    assert single_mask.keys() == ddp_mask.keys() and single_mask
+    assert all(torch.equal(ddp_mask[k], single_mask[k]) for k in single_mask)
+
+
+def test_rosa_train_under_torchrun_writes_once_and_merges_the_evaluation(cli_runs):
+    log = [json.loads(line) for line in (cli_runs["ddp"] / "log.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (cli_runs["single"] / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))  # one line per step: rank 0 alone writes
+    for mine, ref in zip(log, single):  # the loss is the global token mean, as in one process
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    results = json.loads((cli_runs["ddp"] / "results.json").read_text())
+    reference = json.loads((cli_runs["single"] / "results.json").read_text())
+    assert results["processes"] == 2
+    assert results["after"]["count"] == 5  # both ranks' shares of the held-out rows, merged
+    assert results["after"]["heldout_loss"] == pytest.approx(reference["after"]["heldout_loss"], rel=1e-4)
+    assert [s["prediction"] for s in results["after"]["samples"]] == [
+        s["prediction"] for s in reference["after"]["samples"]
+    ]
+    assert results["schedule_events"] == reference["schedule_events"]
+
+
+def test_rosa_train_under_torchrun_resumes_to_the_same_adapter(cli_runs):
+    resumed, ddp = _adapter(cli_runs["resumed"]), _adapter(cli_runs["ddp"])
+    assert resumed.keys() == ddp.keys()
+    for key in ddp:
+        torch.testing.assert_close(resumed[key], ddp[key], rtol=0, atol=1e-7, msg=key)
+
+
+def test_resume_with_another_process_count_is_refused(cli_runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_runs["ddp"], run)
+    done = _rosa(["train", "-q", "--resume", f"output_dir={run}"], None)
+    assert done.returncode == 2
+    assert "written by a run of 2 process(es)" in done.stderr, done.stderr[-2000:]
+    assert (run / "adapter").exists() and (run / "checkpoints").exists()  # nothing lost

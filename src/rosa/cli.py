@@ -39,24 +39,36 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="YAML run config (optional)")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--load-in-4bit", action="store_true", help="QRoSA: NF4 base (same as model.load_in_4bit=true)")
+        p.add_argument(
+            "--load-in-4bit", action="store_true", help="QRoSA: NF4 base (same as model.load_in_4bit=true)"
+        )
 
-    p = sub.add_parser("train", help="fine-tune with RoSA and evaluate before/after", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with RoSA and evaluate before/after",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
+    )
 
     p = sub.add_parser("eval", help="score a model (optionally with an adapter) on the held-out split")
     common(p)
     p.add_argument("--adapter", help="folder written by save_pretrained / rosa train (omit: the base model)")
     p.add_argument("--out", help="write the results JSON here (default: print only)")
 
-    p = sub.add_parser("merge", help="merge an adapter into its base model and save a plain transformers model")
+    p = sub.add_parser(
+        "merge", help="merge an adapter into its base model and save a plain transformers model"
+    )
     common(p)
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="output folder for the merged model")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--requantize", action="store_true", help="save 4-bit NF4 again (lossy; default: lossless)")
+    p.add_argument(
+        "--requantize", action="store_true", help="save 4-bit NF4 again (lossy; default: lossless)"
+    )
 
     p = sub.add_parser("mask", help="run warm-up and mask collection only, and save the mask")
     common(p)
@@ -96,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             return _merge(run, args)
         return _mask(run, args)
     except KeyboardInterrupt:
-        print("\nrosa: interrupted; continue with: rosa train --resume (same config and overrides)", file=sys.stderr)
+        print(
+            "\nrosa: interrupted; continue with: rosa train --resume (same config and overrides)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:  # one clear line for the errors a user can fix; tracebacks for the rest
         if _is_user_error(e):
@@ -124,7 +139,9 @@ def _train(run, args) -> int:
     after = result.after["exact_match"] if result.after else None
     print(f"\nrun folder: {result.output_dir} ({result.steps} steps, {result.wall_seconds:.0f} s)")
     if before is not None:
-        print(f"exact match before training: {before:.1%} ({result.before['correct']}/{result.before['count']})")
+        print(
+            f"exact match before training: {before:.1%} ({result.before['correct']}/{result.before['count']})"
+        )
     if after is not None:
         print(f"exact match after training:  {after:.1%} ({result.after['correct']}/{result.after['count']})")
     return 0
@@ -132,7 +149,7 @@ def _train(run, args) -> int:
 
 def _eval(run, args) -> int:
     from .model import load_rosa_model
-    from .train import _evaluate, load_model_and_tokenizer, load_task_examples
+    from .train import evaluate_heldout, load_model_and_tokenizer, load_task_examples
 
     task, _, held_out = load_task_examples(run.data)
     if run.eval.limit is not None:
@@ -140,19 +157,23 @@ def _eval(run, args) -> int:
     model, tokenizer = load_model_and_tokenizer(run.model, for_training=False)
     if args.adapter:
         model = load_rosa_model(model, args.adapter)
-    result = _evaluate(model, tokenizer, held_out, task, run, "eval", not args.quiet)
+    result = evaluate_heldout(model, tokenizer, held_out, task, run, "eval", not args.quiet)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text)
-    print(f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['count']}), "
-          f"held-out loss {result['heldout_loss']:.4f}")
+    print(
+        f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['count']}), "
+        f"held-out loss {result['heldout_loss']:.4f}"
+    )
     return 0
 
 
 def _merge(run, args) -> int:
     from .merge import merge_adapter_to_disk
 
-    path = merge_adapter_to_disk(run.model, args.adapter, args.out, dtype=args.dtype, requantize=args.requantize)
+    path = merge_adapter_to_disk(
+        run.model, args.adapter, args.out, dtype=args.dtype, requantize=args.requantize
+    )
     print(f"merged model written to {path}")
     return 0
 

@@ -34,59 +34,84 @@ class RosaConfig(PeftConfig):
 
     r: int = field(default=16, metadata={"help": "LoRA rank; 0 disables the low-rank part (SpA)."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: s = lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (not on the sparse path)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA input (not on the sparse path)."}
+    )
     use_rslora: bool = field(default=False, metadata={"help": "Use s = lora_alpha / sqrt(r) (rsLoRA)."})
     density: float = field(
         default=0.006, metadata={"help": "Fraction of each adapted weight in the sparse support, in [0, 1]."}
     )
     target_modules: list[str] | str | None = field(
         default="all-linear",
-        metadata={"help": "Module names or a regex; 'all-linear' adapts every linear layer but the output head."},
+        metadata={
+            "help": "Module names or a regex; 'all-linear' adapts every linear layer but the output head."
+        },
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted."})
-    rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Per-module rank overrides."})
-    alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "Per-module alpha overrides."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-module rank overrides."}
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module alpha overrides."}
+    )
     density_pattern: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Per-module density overrides."}
     )
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "dtype of A, B and the sparse values."}
     )
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "Base weight stored (in, out), as GPT-2 Conv1D."})
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "Base weight stored (in, out), as GPT-2 Conv1D."}
+    )
     bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none' is supported."})
-    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules trained and saved."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained and saved."}
+    )
     init_lora_weights: bool = field(
-        default=True, metadata={"help": "PEFT's default init (Kaiming A, zero B); False makes B random (tests)."}
+        default=True,
+        metadata={"help": "PEFT's default init (Kaiming A, zero B); False makes B random (tests)."},
     )
     sparse_strategy: SparseStrategy = field(
         default="auto",
-        metadata={"help": "'spmm' (sparse matmuls), 'fold' (S added to a dense weight copy) or 'auto' (cost rule)."},
+        metadata={
+            "help": "'spmm' (sparse matmuls), 'fold' (S added to a dense weight copy) or 'auto' (cost rule)."
+        },
     )
     # Mask selection and schedule (used by rosa.masks and rosa.scheduler).
     mask_method: MaskMethod = field(default="fisher", metadata={"help": "How the sparse support is scored."})
     mask_allocation: Literal["layer", "global"] = field(
         default="layer",
-        metadata={"help": "'layer': top-k per layer at its density; 'global': the same total budget spread by score."},
+        metadata={
+            "help": "'layer': top-k per layer at its density; 'global': the same total budget spread by score."
+        },
     )
     global_capacity_factor: float = field(
         default=2.0,
         metadata={"help": "With global allocation, a layer may take up to this many times its own budget."},
     )
-    warmup_steps: int = field(default=0, metadata={"help": "LoRA-only optimizer steps before mask collection."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "LoRA-only optimizer steps before mask collection."}
+    )
     mask_steps: int = field(default=16, metadata={"help": "Micro-batches whose gradients score the mask."})
     restart_after_mask: bool = field(
         default=True,
-        metadata={"help": "Reset A and B to their initial values once the mask is fixed (the paper's best runs)."},
+        metadata={
+            "help": "Reset A and B to their initial values once the mask is fixed (the paper's best runs)."
+        },
     )
     mask_memory_budget: float | None = field(
         default=None,
         metadata={"help": "Cap, in GiB, on the extra memory mask collection may use (None: automatic)."},
     )
-    mask_seed: int = field(default=0, metadata={"help": "Seed for the random mask method and tie-free scoring."})
+    mask_seed: int = field(
+        default=0, metadata={"help": "Seed for the random mask method and tie-free scoring."}
+    )
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Token ids whose embeddings are also trained (as in PEFT's LoRA)."}
     )
-    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Layer indices to adapt."}
+    )
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
 
     def __post_init__(self) -> None:
@@ -116,15 +141,21 @@ class RosaConfig(PeftConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise RosaConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.adapter_dtype not in _DTYPES:
-            raise RosaConfigError(f"adapter_dtype must be one of {sorted(_DTYPES)}, got {self.adapter_dtype!r}")
+            raise RosaConfigError(
+                f"adapter_dtype must be one of {sorted(_DTYPES)}, got {self.adapter_dtype!r}"
+            )
         if self.sparse_strategy not in ("auto", "spmm", "fold"):
-            raise RosaConfigError(f"sparse_strategy must be 'auto', 'spmm' or 'fold', got {self.sparse_strategy!r}")
+            raise RosaConfigError(
+                f"sparse_strategy must be 'auto', 'spmm' or 'fold', got {self.sparse_strategy!r}"
+            )
         if self.mask_method not in ("fisher", "grad", "magnitude", "random"):
             raise RosaConfigError(
                 f"mask_method must be 'fisher', 'grad', 'magnitude' or 'random', got {self.mask_method!r}"
             )
         if self.mask_allocation not in ("layer", "global"):
-            raise RosaConfigError(f"mask_allocation must be 'layer' or 'global', got {self.mask_allocation!r}")
+            raise RosaConfigError(
+                f"mask_allocation must be 'layer' or 'global', got {self.mask_allocation!r}"
+            )
         if self.global_capacity_factor < 1.0:
             raise RosaConfigError(f"global_capacity_factor must be >= 1, got {self.global_capacity_factor}")
         if self.warmup_steps < 0 or self.mask_steps < 0:

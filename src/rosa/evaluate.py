@@ -226,18 +226,31 @@ def evaluate_task(
     Returns ``{"task", "exact_match", "correct", "count", "max_new_tokens", "samples"}``; ``samples`` holds
     the first ``num_samples`` examples as ``{"prompt", "reference", "prediction", "correct"}``.
     """
-    match = get_metric(task)
     max_new = max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256)
     predictions = generate_responses(
         model, tokenizer, [e.prompt for e in examples], max_new, batch_size, show_progress
     )
+    return score_predictions(examples, predictions, task, max_new, num_samples)
+
+
+def score_predictions(
+    examples: Sequence[Example],
+    predictions: Sequence[str],
+    task: str,
+    max_new_tokens: int | None = None,
+    num_samples: int = 5,
+) -> dict[str, Any]:
+    """``evaluate_task``'s result for predictions made elsewhere (e.g. shares generated on several ranks)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    match = get_metric(task)
     hits = [bool(match(p, e.response)) for p, e in zip(predictions, examples)]
     return {
         "task": task,
         "exact_match": sum(hits) / len(hits) if hits else 0.0,
         "correct": sum(hits),
         "count": len(hits),
-        "max_new_tokens": max_new,
+        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256),
         "samples": [
             {"prompt": e.prompt, "reference": e.response, "prediction": p, "correct": h}
             for e, p, h in list(zip(examples, predictions, hits))[:num_samples]
@@ -245,13 +258,19 @@ def evaluate_task(
     }
 
 
-@torch.no_grad()
 def heldout_loss(model: Any, dataloader: Iterable[dict[str, torch.Tensor]]) -> float:
     """Mean cross-entropy per response token over the whole loader (token-weighted, not batch-weighted).
 
     Batches are ``CausalLMCollator`` outputs; tokens labelled -100 do not count. Returns ``nan`` if no
     token is labelled.
     """
+    total, count = heldout_loss_sums(model, dataloader)
+    return total / count if count else math.nan
+
+
+@torch.no_grad()
+def heldout_loss_sums(model: Any, dataloader: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(summed cross-entropy, number of response tokens): sums, so that shares scored on several ranks add up."""
     device = _model_device(model)
     was_training = model.training
     model.eval()
@@ -272,4 +291,4 @@ def heldout_loss(model: Any, dataloader: Iterable[dict[str, torch.Tensor]]) -> f
             count += int((targets != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
-    return total / count if count else math.nan
+    return total, count

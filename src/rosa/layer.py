@@ -98,13 +98,17 @@ class RosaLayer(BaseTunerLayer):
         budget = nnz_budget(density, self.out_features, self.in_features)
         capacity = budget if capacity is None else capacity
         if not budget <= capacity <= self.out_features * self.in_features:
-            raise ValueError(f"capacity {capacity} must lie in [{budget}, {self.out_features * self.in_features}]")
+            raise ValueError(
+                f"capacity {capacity} must lie in [{budget}, {self.out_features * self.in_features}]"
+            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.density[adapter_name] = density
         self.capacity[adapter_name] = capacity
         self.sparse_strategy[adapter_name] = sparse_strategy
-        self.scaling[adapter_name] = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r else 0.0
+        self.scaling[adapter_name] = (
+            (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r else 0.0
+        )
         self.rosa_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         if r > 0:
             self.rosa_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=adapter_dtype)
@@ -168,7 +172,9 @@ class RosaLayer(BaseTunerLayer):
         self.check_support(adapter_name, support)
         device = self.rosa_values[adapter_name].device
         if device.type == "meta":
-            device = support.col_idx.device  # PEFT's low_cpu_mem_usage: values come at load, buffers stay real
+            device = (
+                support.col_idx.device
+            )  # PEFT's low_cpu_mem_usage: values come at load, buffers stay real
         for name, field in zip(SUPPORT_BUFFERS, SUPPORT_FIELDS):
             getattr(self, name)[adapter_name] = getattr(support, field).to(device)
         with torch.no_grad():
@@ -229,7 +235,9 @@ class RosaLayer(BaseTunerLayer):
         s = self.support(adapter_name)
         with _no_autocast(x2d):
             values = self._active_values(adapter_name)
-            y = ops.folded_linear(x2d.to(weight.dtype), weight, values, s.flat_index(), s.row_offsets, s.col_idx)
+            y = ops.folded_linear(
+                x2d.to(weight.dtype), weight, values, s.flat_index(), s.row_offsets, s.col_idx
+            )
         bias = self.get_base_layer().bias
         return y if bias is None else y + bias
 
@@ -264,7 +272,9 @@ class RosaLinear(nn.Module, RosaLayer):
             if self.r[name] > 0:
                 lora_a, lora_b = self.rosa_A[name], self.rosa_B[name]
                 h = self._cast_input_dtype(x, lora_a.weight.dtype)
-                result = result + (lora_b(lora_a(self.rosa_dropout[name](h))) * self.scaling[name]).to(result_dtype)
+                result = result + (lora_b(lora_a(self.rosa_dropout[name](h))) * self.scaling[name]).to(
+                    result_dtype
+                )
             if name != folded and self.nnz(name) > 0:
                 sparse = self._sparse_term(x2d, name).reshape(*x.shape[:-1], self.out_features)
                 result = result + sparse.to(result_dtype)
@@ -294,7 +304,9 @@ class RosaLinear(nn.Module, RosaLayer):
             delta = self.get_delta_weight(name)
             merged = (weight.float() + (delta.t() if self.fan_in_fan_out else delta)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs found when merging adapter {name!r}; the base weight is unchanged")
+                raise ValueError(
+                    f"NaNs or infs found when merging adapter {name!r}; the base weight is unchanged"
+                )
             self.set_base_weight(merged)
             if self.quantization_backend is not None:
                 self._warn_requantized(merged)
@@ -321,7 +333,9 @@ class RosaLinear(nn.Module, RosaLayer):
             name = self.merged_adapters.pop()
             weight = self.get_base_weight()
             delta = self.get_delta_weight(name)
-            self.set_base_weight((weight.float() - (delta.t() if self.fan_in_fan_out else delta)).to(weight.dtype))
+            self.set_base_weight(
+                (weight.float() - (delta.t() if self.fan_in_fan_out else delta)).to(weight.dtype)
+            )
 
     def __repr__(self) -> str:
         return "rosa." + super().__repr__()
@@ -347,7 +361,9 @@ def _keep_bnb_training_layout(base: nn.Module) -> None:
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(base.weight.data, state)
+        base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            base.weight.data, state
+        )
 
 
 def _no_autocast(x: torch.Tensor):

@@ -60,11 +60,15 @@ def _dequantize_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
     codes = codes.reshape(out_features, in_features).long()
     absmax = state.absmax.float().t()  # stored (in / blocksize, out) after repacking
     values = state.code.float().to(packed.device)[codes]
-    return (values.view(out_features, -1, blocksize) * absmax.unsqueeze(-1)).reshape(out_features, in_features)
+    return (values.view(out_features, -1, blocksize) * absmax.unsqueeze(-1)).reshape(
+        out_features, in_features
+    )
 
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device)
+    layer = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device
+    )
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -98,14 +102,22 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
                     replacements.append((module, child_name, _dense_linear(weight, bias, dtype)))
             elif _is_4bit(child):
                 bias = child.bias.detach().float() if child.bias is not None else None
-                replacements.append((module, child_name, _dense_linear(dequantized_weight(child), bias, dtype)))
+                replacements.append(
+                    (module, child_name, _dense_linear(dequantized_weight(child), bias, dtype))
+                )
     for parent, child_name, new in replacements:
         setattr(parent, child_name, new)
     # Drop the quantization markers first: transformers refuses ``.to(dtype)`` on a bitsandbytes model.
     config = base.config
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
-    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method", "hf_quantizer", "_weight_conversions"):
+    for attr in (
+        "is_loaded_in_4bit",
+        "is_quantized",
+        "quantization_method",
+        "hf_quantizer",
+        "_weight_conversions",
+    ):
         if attr in vars(base):
             delattr(base, attr)
         if getattr(base, attr, None):
@@ -114,8 +126,13 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
     return base.to(dtype)
 
 
-def merge_adapter_to_disk(model_section, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16",
-                          requantize: bool = False) -> Path:
+def merge_adapter_to_disk(
+    model_section,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "bfloat16",
+    requantize: bool = False,
+) -> Path:
     """``rosa merge``: load base + adapter, merge, and write the merged checkpoint atomically.
 
     With ``requantize`` the merged model is quantized to NF4 (double quantization, bf16 compute) by
@@ -166,7 +183,9 @@ def _delta_norms(peft_model: nn.Module) -> dict[str, float]:
     for name, module in base.named_modules():
         if isinstance(module, RosaLayer):
             norms[name] = sum(
-                float(module.get_delta_weight(a).norm()) for a in module.active_adapters if a in module.rosa_values
+                float(module.get_delta_weight(a).norm())
+                for a in module.active_adapters
+                if a in module.rosa_values
             )
     return norms
 
@@ -191,8 +210,9 @@ def _save_requantized(merged: nn.Module, out: Path, delta_norms: dict[str, float
 
 
 @torch.no_grad()
-def requantization_errors(merged: nn.Module, quantized: nn.Module, delta_norms: dict[str, float] | None = None
-                          ) -> dict[str, dict[str, float]]:
+def requantization_errors(
+    merged: nn.Module, quantized: nn.Module, delta_norms: dict[str, float] | None = None
+) -> dict[str, dict[str, float]]:
     """Per 4-bit layer of ``quantized``: ``weight`` = ||Q(W) - W|| / ||W|| against the merged weight W, and for
     adapted layers ``delta`` = ||Q(W) - W|| / ||delta||, the quantization error as a fraction of the adapter's
     own contribution (at 1 or more, requantizing erases the adapter's effect on that layer)."""
@@ -210,7 +230,9 @@ def requantization_errors(merged: nn.Module, quantized: nn.Module, delta_norms: 
     return errors
 
 
-def _warn_requantization_error(merged: nn.Module, quantized: nn.Module, delta_norms: dict[str, float]) -> None:
+def _warn_requantization_error(
+    merged: nn.Module, quantized: nn.Module, delta_norms: dict[str, float]
+) -> None:
     errors = requantization_errors(merged, quantized, delta_norms)
     if not errors:
         return

@@ -44,7 +44,9 @@ class RosaModel(BaseTuner):
         parameter_name: str | None = None,
     ) -> None:
         if parameter_name is not None:
-            raise ValueError("RoSA adapts linear modules, not bare parameters (target_parameters is unsupported)")
+            raise ValueError(
+                "RoSA adapts linear modules, not bare parameters (target_parameters is unsupported)"
+            )
         kwargs = layer_kwargs(rosa_config, current_key, target)
         if isinstance(target, RosaLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -56,7 +58,9 @@ class RosaModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        full = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        full = super()._get_adapter_state_dict(
+            model, config, adapter_name, state_dict, unwanted_adapter_names
+        )
         return compact_support(full)
 
 
@@ -95,7 +99,9 @@ def _out_in(base: nn.Module) -> tuple[int, int]:
     return out_features, in_features
 
 
-def get_rosa_model(model: nn.Module, config: RosaConfig, adapter_name: str = "default", **kwargs) -> PeftModel:
+def get_rosa_model(
+    model: nn.Module, config: RosaConfig, adapter_name: str = "default", **kwargs
+) -> PeftModel:
     """Wrap ``model`` with a RoSA adapter; the same as ``peft.get_peft_model`` once rosa is imported."""
     if not isinstance(config, RosaConfig):
         raise TypeError(f"expected a RosaConfig, got {type(config).__name__}")
@@ -118,11 +124,17 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
 
 
 def load_rosa_model(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **kwargs,
 ) -> PeftModel:
     """Load a saved RoSA adapter onto ``model`` (``PeftModel.from_pretrained`` with RoSA's file checks)."""
     check_adapter_dir(path)
-    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)
+    return PeftModel.from_pretrained(
+        model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+    )
 
 
 RosaModel.from_pretrained = staticmethod(load_rosa_model)

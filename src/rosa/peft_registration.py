@@ -33,7 +33,9 @@ def _add_str_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
     if isinstance(getattr(enum_cls, "_hashable_values_", None), list):  # Python >= 3.13
         enum_cls._hashable_values_.append(name)
     if enum_cls(name) is not member or enum_cls[name] is not member:
-        raise RuntimeError(f"could not add {name} to {enum_cls.__name__}: this Python's enum internals differ")
+        raise RuntimeError(
+            f"could not add {name} to {enum_cls.__name__}: this Python's enum internals differ"
+        )
     return member
 
 

@@ -8,6 +8,7 @@ adapter as a run that was never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,8 +23,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from .data import (
+    IGNORE_INDEX,
     CausalLMCollator,
     Example,
     LengthGroupedBatchSampler,
@@ -32,7 +35,7 @@ from .data import (
     synthetic_splits,
     tokenize_examples,
 )
-from .evaluate import evaluate_task, heldout_loss
+from .evaluate import DEFAULT_MAX_NEW_TOKENS, generate_responses, heldout_loss_sums, score_predictions
 from .run_config import DataSection, ModelSection, RunConfig, RunConfigError, load_run_config
 
 logger = logging.getLogger(__name__)
@@ -47,8 +50,11 @@ class RunError(RuntimeError):
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_model_and_tokenizer(section: ModelSection, for_training: bool = True):
-    """A causal LM and its tokenizer from a hub id, a local path or the built-in default."""
+def load_model_and_tokenizer(
+    section: ModelSection, for_training: bool = True, device: torch.device | str | None = None
+):
+    """A causal LM and its tokenizer from a hub id, a local path or the built-in default, on ``device``
+    (default: the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -60,7 +66,9 @@ def load_model_and_tokenizer(section: ModelSection, for_training: bool = True):
     except (OSError, ValueError) as e:
         raise RunError(f"model {section.name!r} not found or not a transformers model: {e}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise RunError(f"model {section.name!r} is a {config.model_type!r} model, not a causal language model")
+        raise RunError(
+            f"model {section.name!r} is a {config.model_type!r} model, not a causal language model"
+        )
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if section.dtype not in dtypes:
         raise RunConfigError(f"model.dtype must be float32 or bfloat16, got {section.dtype!r}")
@@ -74,12 +82,16 @@ def load_model_and_tokenizer(section: ModelSection, for_training: bool = True):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
+    if device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}  # 4-bit weights are quantized on the way to the GPU
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if section.load_in_4bit and for_training:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=section.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=section.gradient_checkpointing
+        )
     elif section.gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -97,7 +109,9 @@ def load_task_examples(section: DataSection) -> tuple[str, list[Example], list[E
         column_map = None
         if task == "generic":
             if not (section.prompt_column and section.response_column):
-                raise RunConfigError("generic jsonl/csv data needs data.prompt_column and data.response_column")
+                raise RunConfigError(
+                    "generic jsonl/csv data needs data.prompt_column and data.response_column"
+                )
             column_map = {"prompt": section.prompt_column, "response": section.response_column}
         try:
             rows = load_examples(task, section.path, split="train", column_map=column_map)
@@ -143,7 +157,9 @@ def _prepare_output(run: RunConfig, resume: bool) -> tuple[Path, Path | None]:
     if resume and checkpoint is None:
         raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if not resume and (out / "checkpoints").exists():
-        raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another output_dir")
+        raise RunError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another output_dir"
+        )
     return out, checkpoint
 
 
@@ -159,22 +175,39 @@ def train(
     run: RunConfig, resume: bool = False, show_progress: bool = True, mask_out: Path | None = None
 ) -> TrainResult:
     """Run (or resume) one training job; see the module docstring. With ``mask_out``, stop as soon as the mask
-    is fixed, write it there, and write nothing else (no evaluation, no checkpoints, no run folder)."""
+    is fixed, write it there, and write nothing else (no evaluation, no checkpoints, no run folder).
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process runs this function: the
+    model is wrapped in DDP, each global batch of ``batch_size * world`` rows is split between the ranks, the
+    loss is normalised by the global number of response tokens (so the gradient equals a single process's
+    over the same global batch), evaluation is split between the ranks, and only rank 0 writes files.
+    """
+    ctx = distributed.init_from_env()
+    try:
+        return _train(run, resume, show_progress, mask_out, ctx)
+    finally:
+        distributed.close(ctx)
+
+
+def _train(
+    run: RunConfig, resume: bool, show_progress: bool, mask_out: Path | None, ctx: distributed.ProcessContext
+) -> TrainResult:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from .model import get_rosa_model, sparse_parameter_count
     from .scheduler import RosaScheduler
 
-    _refuse_multi_process()
     started = time.perf_counter()
+    show_progress = show_progress and ctx.is_main
     out, checkpoint = _prepare_output(run, resume) if mask_out is None else (Path(run.output_dir), None)
+    distributed.barrier(ctx)  # every rank has checked the folder before rank 0 writes into it
     if checkpoint is not None:  # the run continues with the settings it was started with
         run = load_run_config(out / "run_config.yaml")
     rosa_config = run.rosa_config()
     task, train_examples, held_out = load_task_examples(run.data)
     torch.manual_seed(run.train.seed)
-    model, tokenizer = load_model_and_tokenizer(run.model)
+    model, tokenizer = load_model_and_tokenizer(run.model, device=ctx.device)
     if run.eval.limit is not None:
         held_out = held_out[: run.eval.limit]
 
@@ -182,18 +215,32 @@ def train(
     state: dict[str, Any] = {}
     if checkpoint is not None:
         tensors, state = load_checkpoint(checkpoint)
+        _check_process_count(state, ctx)
         before = state.get("before")
     elif run.eval.before and held_out and mask_out is None:
-        before = _evaluate(model, tokenizer, held_out, task, run, "before training", show_progress)
+        before = evaluate_heldout(
+            model, tokenizer, held_out, task, run, "before training", show_progress, ctx
+        )
 
-    if mask_out is None:
+    if mask_out is None and ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is None and mask_out is None:
+    if checkpoint is None and mask_out is None and ctx.is_main:
         _write_text_atomic(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
 
     model = get_rosa_model(model, rosa_config)
+    model.to(ctx.device)
     features = tokenize_examples(train_examples, tokenizer, run.data.max_length)
-    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], run.train.batch_size, seed=run.train.seed)
+    sampler = LengthGroupedBatchSampler(
+        [len(f["input_ids"]) for f in features],
+        run.train.batch_size * ctx.world,
+        seed=run.train.seed,
+        drop_last=ctx.distributed,  # every rank needs rows in every step
+    )
+    if len(sampler) == 0:
+        raise RunError(
+            f"{len(features)} training examples cannot fill one global batch of "
+            f"{run.train.batch_size} rows x {ctx.world} processes"
+        )
     collate = CausalLMCollator(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.train.lr, weight_decay=run.train.weight_decay)
@@ -208,38 +255,55 @@ def train(
         restore_optimizer(optimizer, tensors, state)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(tensors["rng.torch"])
+        _restore_rng(tensors, ctx)
         start_step = int(state["step"])
+    trained = distributed.wrap_ddp(model, ctx)
     mask_path = mask_out if mask_out is not None else out / "mask.safetensors"
-    schedule = RosaScheduler(model, rosa_config, start_step=start_step, save_mask_path=mask_path)
+    schedule = RosaScheduler(trained, rosa_config, start_step=start_step, save_mask_path=mask_path)
     if mask_out is not None and schedule.mask_ready:
         schedule.close()
         return TrainResult(str(mask_out), 0, None, None, time.perf_counter() - started)
     if checkpoint is not None and not schedule.mask_ready:
         prefix = "snapshot."
-        schedule.load_snapshot_state({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        schedule.load_snapshot_state(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
 
     counts = sparse_parameter_count(model)
     logger.info("trainable parameters: %s", counts)
-    writer = _tensorboard(out / "tensorboard") if mask_out is None else None
+    writer = _tensorboard(out / "tensorboard") if mask_out is None and ctx.is_main else None
+    saver = _Saver(out, model, optimizer, lr_scheduler, sampler, schedule, run, ctx)
     batches = iter(sampler)
-    bar = tqdm(total=run.train.steps, initial=start_step, desc="training", unit="step", disable=not show_progress)
-    model.train()
+    bar = tqdm(
+        total=run.train.steps, initial=start_step, desc="training", unit="step", disable=not show_progress
+    )
+    trained.train()
     step = start_step
     try:
         while step < run.train.steps:
-            tick, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            tick = time.perf_counter()
+            micro = []
             for _ in range(run.train.grad_accum):
                 batch = next(batches, None)
                 if batch is None:
                     batches = iter(sampler)
                     batch = next(batches)
-                inputs = collate([features[i] for i in batch])
-                loss = model(**inputs).loss / run.train.grad_accum
-                loss.backward()
+                micro.append(collate([features[i] for i in distributed.shard(batch, ctx)]))
+            global_targets, global_tokens = distributed.all_reduce_sum(
+                [
+                    sum(_target_count(m["labels"]) for m in micro),
+                    sum(int(m["attention_mask"].sum()) for m in micro),
+                ],
+                ctx,
+            )
+            loss_sum = 0.0
+            for i, inputs in enumerate(micro):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if last or not ctx.distributed else trained.no_sync():
+                    loss = _summed_loss(trained, inputs, ctx.device) / max(global_targets, 1.0)
+                    (loss * ctx.world).backward()  # DDP averages gradients over ranks: undo its 1/world
                 schedule.micro_batch_end()
                 loss_sum += loss.item()
-                tokens += int(inputs["attention_mask"].sum())
             if run.train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, run.train.max_grad_norm)
             optimizer.step()
@@ -250,8 +314,9 @@ def train(
             if mask_out is not None and schedule.mask_ready:
                 bar.close()
                 return TrainResult(str(mask_out), step, None, None, time.perf_counter() - started)
+            loss_sum = distributed.all_reduce_sum([loss_sum], ctx)[0]
             lr = lr_scheduler.get_last_lr()[0]
-            rate = tokens / (time.perf_counter() - tick)
+            rate = global_tokens / (time.perf_counter() - tick)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", phase=schedule.phase)
             if writer is not None:
@@ -260,14 +325,16 @@ def train(
                 writer.add_scalar("train/tokens_per_s", rate, step)
             if mask_out is not None:
                 continue
-            if step % run.train.log_every == 0 or step == run.train.steps:
-                _append_jsonl(out / "log.jsonl", {"step": step, "loss": loss_sum, "lr": lr, "phase": schedule.phase})
+            if ctx.is_main and (step % run.train.log_every == 0 or step == run.train.steps):
+                _append_jsonl(
+                    out / "log.jsonl", {"step": step, "loss": loss_sum, "lr": lr, "phase": schedule.phase}
+                )
             if step % run.train.save_every == 0 and step < run.train.steps and schedule.phase != "collect":
-                _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run)
+                saver.save(step, before)
     except KeyboardInterrupt:
         bar.close()
         if schedule.phase != "collect" and mask_out is None:
-            _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run)
+            saver.save(step, before, gather=False)
         schedule.close()
         raise
     bar.close()
@@ -275,69 +342,147 @@ def train(
     if writer is not None:
         writer.close()
 
-    final = out / "adapter"
-    tmp = out / ".adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    after = _evaluate(model, tokenizer, held_out, task, run, "after training", show_progress) if held_out else None
-    result = TrainResult(str(out), step, before, after, time.perf_counter() - started)
-    _write_text_atomic(
-        out / "results.json",
-        json.dumps(
-            {**result.__dict__, "trainable": counts, "schedule_events": schedule.events, "task": task}, indent=2
-        ),
+    if ctx.is_main:
+        final = out / "adapter"
+        tmp = out / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    after = (
+        evaluate_heldout(model, tokenizer, held_out, task, run, "after training", show_progress, ctx)
+        if held_out
+        else None
     )
+    result = TrainResult(str(out), step, before, after, time.perf_counter() - started)
+    if ctx.is_main:
+        summary = {**result.__dict__, "trainable": counts, "schedule_events": schedule.events, "task": task}
+        _write_text_atomic(out / "results.json", json.dumps({**summary, "processes": ctx.world}, indent=2))
+    distributed.barrier(ctx)  # nobody leaves (and tears the group down) before rank 0 has written
     return result
 
 
-def _refuse_multi_process() -> None:
-    """This loop has no data parallelism (no DDP wrap, no data sharding, no rank-0-only writes): under torchrun
-    every rank would train alone on all the data and race to write the same files. Refuse instead."""
-    dist = torch.distributed
-    world = int(os.environ.get("WORLD_SIZE") or 1)
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-    if world > 1:
+def _target_count(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _summed_loss(model, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Next-token cross-entropy summed over the response tokens (the caller normalises it across ranks)."""
+    labels = inputs["labels"].to(device)
+    logits = model(
+        input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def _rng_tensors(ctx: distributed.ProcessContext) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state (dropout draws differ per rank), gathered for rank 0's checkpoint (which also
+    stores rank 0's torch state as ``rng.torch``, all a single-process run needs)."""
+    mine = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    if not ctx.distributed and "cuda" not in mine:
+        return {}
+    states = distributed.gather_objects(mine, ctx)
+    return {
+        f"rng.{kind}.rank{rank}": value.clone()
+        for rank, state in enumerate(states)
+        for kind, value in state.items()
+    }
+
+
+def _check_process_count(state: dict[str, Any], ctx: distributed.ProcessContext) -> None:
+    """The data order and every rank's RNG belong to the process count the checkpoint was written with."""
+    saved_world = int(state.get("processes", 1))
+    if saved_world != ctx.world:
         raise RunError(
-            f"rosa train is a single-process loop, but WORLD_SIZE is {world}: run it as one process, or use "
-            "the plain-loop API (RosaScheduler) or transformers.Trainer with RosaTrainerCallback for DDP/FSDP"
+            f"the checkpoint was written by a run of {saved_world} process(es); resume it with the same number "
+            f"(this run has {ctx.world})"
         )
 
 
-def _evaluate(model, tokenizer, examples, task, run: RunConfig, label: str, show_progress: bool) -> dict:
+def _restore_rng(tensors: dict[str, torch.Tensor], ctx: distributed.ProcessContext) -> None:
+    torch.set_rng_state(tensors.get(f"rng.torch.rank{ctx.rank}", tensors["rng.torch"]))
+    cuda = tensors.get(f"rng.cuda.rank{ctx.rank}")
+    if cuda is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, ctx.device)
+
+
+class _Saver:
+    """Checkpoints written by rank 0 holding what every rank needs to resume (each rank's RNG state)."""
+
+    def __init__(self, out, model, optimizer, lr_scheduler, sampler, schedule, run: RunConfig, ctx) -> None:
+        self.parts = (out, model, optimizer, lr_scheduler, sampler, schedule)
+        self.run = run
+        self.ctx = ctx
+
+    def save(self, step: int, before: dict | None, gather: bool = True) -> None:
+        """``gather=False`` (after Ctrl-C, when the other ranks may be gone): rank 0's own state only; such a
+        checkpoint resumes only as a single process."""
+        out, model, optimizer, lr_scheduler, sampler, schedule = self.parts
+        rng = _rng_tensors(self.ctx) if gather else {}
+        if self.ctx.is_main:
+            # The restart snapshot must survive a resume before the mask is fixed.
+            snapshot = (
+                {}
+                if schedule.mask_ready
+                else {f"snapshot.{k}": v.cpu() for k, v in schedule.snapshot_state().items()}
+            )
+            save_checkpoint(
+                out,
+                step,
+                model,
+                optimizer,
+                lr_scheduler,
+                {**snapshot, **rng},
+                {
+                    "sampler": sampler.state_dict(),
+                    "before": before,
+                    "processes": self.ctx.world if gather else 1,
+                },
+                keep=self.run.train.keep_checkpoints,
+            )
+        if gather:
+            distributed.barrier(self.ctx)
+
+
+def evaluate_heldout(
+    model,
+    tokenizer,
+    examples,
+    task: str,
+    run: RunConfig,
+    label: str,
+    show_progress: bool = True,
+    ctx: distributed.ProcessContext | None = None,
+) -> dict[str, Any]:
+    """Exact match and held-out loss; with several processes each scores a share and the results are merged."""
     from torch.utils.data import DataLoader
 
-    result = evaluate_task(
+    ctx = ctx or distributed.ProcessContext()
+    mine = distributed.shard(list(examples), ctx)
+    predictions = generate_responses(
         model,
         tokenizer,
-        examples,
-        task,
-        max_new_tokens=run.eval.max_new_tokens,
+        [e.prompt for e in mine],
+        max_new_tokens=run.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256),
         batch_size=run.eval.batch_size,
         show_progress=show_progress,
     )
-    features = tokenize_examples(examples, tokenizer, run.data.max_length)
+    features = tokenize_examples(mine, tokenizer, run.data.max_length)
     loader = DataLoader(features, batch_size=run.eval.batch_size, collate_fn=CausalLMCollator(tokenizer))
-    result["heldout_loss"] = heldout_loss(model, loader)
+    total, count = heldout_loss_sums(model, loader)
+    predictions = [p for share in distributed.gather_objects(predictions, ctx) for p in share]
+    total, count = distributed.all_reduce_sum([total, count], ctx)
+    result = score_predictions(examples, predictions, task, run.eval.max_new_tokens)
+    result["heldout_loss"] = total / count if count else math.nan
     result["label"] = label
     return result
-
-
-def _save(out, step, model, optimizer, lr_scheduler, sampler, schedule, before, run: RunConfig) -> None:
-    # The restart snapshot must survive a resume before the mask is fixed.
-    extra = {} if schedule.mask_ready else {f"snapshot.{k}": v.cpu() for k, v in schedule.snapshot_state().items()}
-    save_checkpoint(
-        out,
-        step,
-        model,
-        optimizer,
-        lr_scheduler,
-        extra,
-        {"sampler": sampler.state_dict(), "before": before},
-        keep=run.train.keep_checkpoints,
-    )
 
 
 def _tensorboard(path: Path):

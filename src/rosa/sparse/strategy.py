@@ -33,7 +33,9 @@ class CostModel:
     fold_rate: float  # weight elements folded (copied + scattered) per second
 
     def spmm_cost(self, out_features: int, in_features: int, nnz: int, tokens: int) -> float:
-        return 2.0 * (nnz * tokens / self.sparse_rate + tokens * (in_features + out_features) / self.stream_rate)
+        return 2.0 * (
+            nnz * tokens / self.sparse_rate + tokens * (in_features + out_features) / self.stream_rate
+        )
 
     def fold_cost(self, out_features: int, in_features: int) -> float:
         return 2.0 * out_features * in_features / self.fold_rate

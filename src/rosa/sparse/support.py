@@ -130,7 +130,9 @@ def empty_support(shape: tuple[int, int], device: torch.device | str | None = No
     )
 
 
-def validate_csr(row_offsets: torch.Tensor, col_idx: torch.Tensor, in_features: int, name: str = "support") -> None:
+def validate_csr(
+    row_offsets: torch.Tensor, col_idx: torch.Tensor, in_features: int, name: str = "support"
+) -> None:
     """Check a CSR pair before any kernel sees it: kernels do no bounds checks, so a bad index would corrupt
     memory instead of failing."""
     if row_offsets.dtype not in (torch.int16, torch.int32, torch.int64):
@@ -138,7 +140,9 @@ def validate_csr(row_offsets: torch.Tensor, col_idx: torch.Tensor, in_features: 
     if col_idx.dtype not in (torch.int16, torch.int32, torch.int64):
         raise SupportError(f"{name}: column indices must be an integer tensor, got {col_idx.dtype}")
     if row_offsets.dim() != 1 or row_offsets.numel() < 1:
-        raise SupportError(f"{name}: row offsets must be a non-empty 1-D tensor, got shape {tuple(row_offsets.shape)}")
+        raise SupportError(
+            f"{name}: row offsets must be a non-empty 1-D tensor, got shape {tuple(row_offsets.shape)}"
+        )
     if col_idx.dim() != 1:
         raise SupportError(f"{name}: column indices must be 1-D, got shape {tuple(col_idx.shape)}")
     offsets = row_offsets.long()
@@ -146,7 +150,9 @@ def validate_csr(row_offsets: torch.Tensor, col_idx: torch.Tensor, in_features: 
     if int(offsets[0]) != 0:
         raise SupportError(f"{name}: row offsets must start at 0, got {int(offsets[0])}")
     if int(offsets[-1]) != nnz:
-        raise SupportError(f"{name}: last row offset is {int(offsets[-1])} but there are {nnz} column indices")
+        raise SupportError(
+            f"{name}: last row offset is {int(offsets[-1])} but there are {nnz} column indices"
+        )
     row_lengths = offsets[1:] - offsets[:-1]
     if bool((row_lengths < 0).any()):
         bad = int((row_lengths < 0).nonzero()[0])
@@ -167,5 +173,9 @@ def validate_csr(row_offsets: torch.Tensor, col_idx: torch.Tensor, in_features: 
     if bool(bad.any()):
         k = int(bad.nonzero()[0]) + 1  # the first offending entry
         row = int(torch.searchsorted(offsets, k, right=True)) - 1
-        what = f"duplicate entry (row {row}, column {int(cols[k])})" if int(step[k - 1]) == 0 else f"unsorted row {row}"
+        what = (
+            f"duplicate entry (row {row}, column {int(cols[k])})"
+            if int(step[k - 1]) == 0
+            else f"unsorted row {row}"
+        )
         raise SupportError(f"{name}: {what}: column indices must be strictly increasing within each row")

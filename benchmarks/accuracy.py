@@ -1,0 +1,455 @@
+"""Accuracy at a fixed trainable-parameter budget: full fine-tuning, LoRA, sparse-only (SpA) and RoSA on real data.
+
+SmolLM2-135M (the package's offline default: the Q4_1 GGUF release expanded to fp32, not the original bf16
+weights) is fine-tuned on ViGGO (sentence -> meaning representation) and SQL (question + tables -> query) from
+``../shared/data`` and scored by exact match of greedy generations on a held-out split carved from each training
+file with a fixed seed (``SPLIT_SEED``): ``TEST_ROWS`` rows for the score, ``VAL_ROWS`` more for the learning-rate
+search, the rest for training. ViGGO's own ``valid.csv`` is not used, so both tasks are treated alike.
+
+Methods, all trained by the same loop (``train_once``) on the same batches (seed, order, length grouping),
+steps, schedule (linear LR warm-up over 10% of the steps, then cosine), AdamW without weight decay, gradient
+clipping at 1.0 and fp32 weights:
+
+- ``full``: every weight trains (the reference, no budget).
+- ``lora``: PEFT's own LoRA, rank ``r`` on every linear layer of the decoder (``all-linear``: the head is left
+  out), alpha = 2r.
+- ``spa``: RoSA with rank 0 (sparse only) at the budget's density; its fisher mask is scored on the first
+  ``MASK_STEPS`` training batches of the pretrained model before the first step (``rosa.masks.collect_mask``).
+- ``rosa``: RoSA at half the budget's rank plus the density that fills the rest of the budget: LoRA-only
+  warm-up for 10% of the steps, fisher statistics over the next ``MASK_STEPS`` micro-batches of ordinary
+  training, then the sparse values and the low-rank factors train together, continuing from the warmed-up
+  factors (``restart_after_mask=False``: with so few steps a restart would throw away a tenth of the run).
+  Warm-up and collection count toward the same step total as every other method.
+- Mask studies at the same budget and learning rate as ``rosa``: ``magnitude`` and ``random`` masks instead of
+  fisher, and ``global`` allocation (one top-k across all layers) instead of per layer.
+
+Budgets count trainable weights in the adapted linear layers (q, k, v, o, gate, up, down of the 30 decoder
+layers: 106.2M weights). ``low`` is LoRA r=4: 1.22M trainable weights, 1.15% of the linear weights; RoSA gets
+r=2 (0.61M) + density 0.575%; SpA density 1.15%. ``mid`` is LoRA r=16 (4.6%).
+
+Learning rate: the same policy for every method. Each method family has one 3-point grid (``LR_GRIDS``: full
+fine-tuning around its usual 1e-5..1e-4, the adapters around theirs); each grid point trains ``PROBE_STEPS``
+steps (the same schedule shape, compressed) and the lowest held-out loss on the ``VAL_ROWS`` validation rows
+wins; the full run then uses that rate. The mask studies reuse the ``rosa`` rate.
+
+Resumable: every finished probe and run is written to the JSON at once (atomically) and skipped on the next
+call; Ctrl-C loses at most the run in progress. Runs take 10-16 minutes each on a 2-core CPU.
+
+    python benchmarks/accuracy.py                            # everything: main comparison + mask studies
+    python benchmarks/accuracy.py --tasks viggo --methods lora rosa
+    python benchmarks/accuracy.py --part studies             # mask studies only
+    python benchmarks/accuracy.py --report                   # table + plot from the JSON, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "docs" / "benchmarks" / "accuracy.json"
+PLOT = ROOT / "docs" / "benchmarks" / "accuracy.png"
+
+TASK_FILES = {"viggo": "viggo/train.csv", "sql": "sql/train.jsonl", "gsm8k": "gsm8k/train.jsonl"}
+SPLIT_SEED = 1234
+TEST_ROWS = 200
+VAL_ROWS = 64
+SEED = 0
+BATCH = 8
+MAX_LENGTH = 256
+STEPS = 150
+PROBE_STEPS = 25
+MASK_STEPS = 8
+WARMUP_FRACTION = 0.1
+BUDGETS = {"low": 4, "mid": 16}  # LoRA rank that defines the budget
+LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "adapter": (3e-4, 1e-3, 3e-3)}
+METHODS = ("lora", "rosa", "spa", "full")  # run order: the comparison that matters most first
+STUDIES = (("rosa", "magnitude", "layer"), ("rosa", "random", "layer"), ("rosa", "fisher", "global"))
+
+
+@dataclass(frozen=True)
+class Spec:
+    task: str
+    method: str
+    budget: str = "low"
+    mask_method: str = "fisher"
+    allocation: str = "layer"
+    steps: int = STEPS
+
+    @property
+    def key(self) -> str:
+        variant = "" if self.method in ("full", "lora") else f"/{self.mask_method}/{self.allocation}"
+        budget = "" if self.method == "full" else f"/{self.budget}"
+        return f"{self.task}/{self.method}{budget}{variant}/{self.steps}"
+
+    @property
+    def lr_family(self) -> str:
+        return "full" if self.method == "full" else "adapter"
+
+    def lr_source(self) -> Spec:
+        """The spec whose probes choose this spec's learning rate (the mask studies borrow the fisher RoSA's)."""
+        return Spec(self.task, self.method, self.budget, "fisher", "layer", self.steps)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"settings": settings(), "probes": {}, "runs": {}}
+
+
+def save_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+
+
+def settings() -> dict[str, Any]:
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32)",
+        "split_seed": SPLIT_SEED,
+        "test_rows": TEST_ROWS,
+        "val_rows": VAL_ROWS,
+        "seed": SEED,
+        "batch": BATCH,
+        "max_length": MAX_LENGTH,
+        "probe_steps": PROBE_STEPS,
+        "mask_steps": MASK_STEPS,
+        "warmup_fraction": WARMUP_FRACTION,
+        "budgets_lora_rank": BUDGETS,
+        "lr_grids": LR_GRIDS,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def splits(task: str) -> tuple[list, list, list]:
+    """(train, validation, test) examples: the test and validation rows are carved from the training file."""
+    from rosa.data import load_examples, split_rows
+
+    rows = load_examples(task, DATA / TASK_FILES[task], split="train")
+    rest, test = split_rows(rows, val_size=TEST_ROWS, seed=SPLIT_SEED)
+    train, val = split_rows(rest, val_size=VAL_ROWS, seed=SPLIT_SEED + 1)
+    return train, val, test
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer LoRA's ``all-linear`` adapts (the output head excluded)."""
+    head = model.get_output_embeddings()
+    return [
+        (m.out_features, m.in_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+
+
+def budget_split(model: torch.nn.Module, spec: Spec) -> dict[str, Any]:
+    """Rank and density of ``spec.method`` at the budget of LoRA with rank ``BUDGETS[spec.budget]``."""
+    shapes = linear_shapes(model)
+    weights = sum(o * i for o, i in shapes)
+    per_rank = sum(o + i for o, i in shapes)
+    budget = BUDGETS[spec.budget] * per_rank
+    if spec.method == "lora":
+        return {"r": BUDGETS[spec.budget], "density": 0.0, "budget": budget, "linear_weights": weights}
+    r = 0 if spec.method == "spa" else BUDGETS[spec.budget] // 2
+    density = (budget - r * per_rank) / weights
+    return {"r": r, "density": density, "budget": budget, "linear_weights": weights}
+
+
+def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
+    """The model to train and, for RoSA, its schedule; returns (model, scheduler or None, parameter info)."""
+    if spec.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, None, {"trainable": sum(p.numel() for p in model.parameters())}
+    split = budget_split(model, spec)
+    if spec.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=split["r"], lora_alpha=2 * split["r"], target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+        return get_peft_model(model, config), None, split
+    from rosa import RosaConfig, get_rosa_model
+    from rosa.scheduler import RosaScheduler
+
+    config = RosaConfig(
+        task_type="CAUSAL_LM",
+        r=split["r"],
+        lora_alpha=max(1, 2 * split["r"]),
+        density=split["density"],
+        target_modules="all-linear",
+        mask_method=spec.mask_method,
+        mask_allocation=spec.allocation,
+        mask_seed=SEED,
+        warmup_steps=warmup_steps if spec.method == "rosa" else 0,
+        mask_steps=MASK_STEPS,
+        restart_after_mask=False,
+    )
+    peft_model = get_rosa_model(model, config)
+    schedule = RosaScheduler(peft_model, config) if spec.method == "rosa" else None
+    return peft_model, schedule, split
+
+
+def _lr_factor(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -> dict[str, Any]:
+    """Fine-tune a fresh copy of the model; return losses, validation loss and (optionally) test exact match."""
+    from torch.utils.data import DataLoader
+
+    from rosa.data import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
+    from rosa.evaluate import evaluate_task, heldout_loss
+    from rosa.masks import collect_mask
+    from rosa.model import sparse_parameter_count
+    from rosa.run_config import ModelSection
+    from rosa.train import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    train, val, test = splits(spec.task)
+    torch.manual_seed(SEED)
+    model, tokenizer = load_model_and_tokenizer(ModelSection())
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    model, schedule, info = build(model, spec, warmup)
+    features = tokenize_examples(train, tokenizer, MAX_LENGTH)
+    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=SEED)
+    collate = CausalLMCollator(tokenizer)
+    batches = iter(sampler)
+
+    if spec.method == "spa":  # score the mask on the first training batches, before any step
+        first = [collate([features[i] for i in b]) for b in sampler.batches(0)[:MASK_STEPS]]
+        model.train()
+        collect_mask(model, first)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(warmup, steps))
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False):
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(sampler)
+            batch = next(batches)
+        loss = model(**collate([features[i] for i in batch])).loss
+        loss.backward()
+        if schedule is not None:
+            schedule.micro_batch_end()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step(optimizer)
+        losses.append(round(loss.item(), 5))
+    if schedule is not None:
+        schedule.close()
+    train_seconds = time.perf_counter() - started
+
+    val_loader = DataLoader(tokenize_examples(val, tokenizer, MAX_LENGTH), batch_size=16, collate_fn=collate)
+    result: dict[str, Any] = {
+        "spec": asdict(spec),
+        "lr": lr,
+        "steps": steps,
+        "val_loss": heldout_loss(model, val_loader),
+        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "losses": losses,
+        "params": info,
+        "train_seconds": round(train_seconds, 1),
+    }
+    if spec.method in ("spa", "rosa"):
+        counts = sparse_parameter_count(model)
+        result["trainable"] = {**counts, "total": counts["lora"] + counts["sparse_active"]}
+    elif spec.method == "lora":
+        result["trainable"] = {"total": sum(p.numel() for p in params)}
+    else:
+        result["trainable"] = {"total": info["trainable"]}
+    if score_test:
+        scored = evaluate_task(model, tokenizer, test, spec.task, batch_size=16, show_progress=True)
+        result.update(
+            exact_match=scored["exact_match"],
+            correct=scored["correct"],
+            count=scored["count"],
+            samples=scored["samples"][:5],
+        )
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ suite
+
+
+def choose_lr(spec: Spec, results: dict[str, Any], path: Path) -> float:
+    """The grid point with the lowest validation loss after ``PROBE_STEPS`` steps (probes cached in the JSON)."""
+    source = spec.lr_source()
+    best = None
+    for lr in LR_GRIDS[source.lr_family]:
+        key = f"{source.key}/probe{PROBE_STEPS}/lr{lr:g}"
+        if key not in results["probes"]:
+            probe = train_once(source, lr, PROBE_STEPS, score_test=False, desc=f"probe {key}")
+            probe.pop("losses")
+            results["probes"][key] = probe
+            save_results(results, path)
+            print(
+                f"  probe {key}: val loss {probe['val_loss']:.4f} ({probe['wall_seconds']:.0f} s)", flush=True
+            )
+        loss = results["probes"][key]["val_loss"]
+        if best is None or (not math.isnan(loss) and loss < best[1]):
+            best = (lr, loss)
+    assert best is not None
+    return best[0]
+
+
+def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
+    results = load_results(path)
+    for spec in specs:
+        if spec.key in results["runs"]:
+            print(f"done already: {spec.key}")
+            continue
+        lr = choose_lr(spec, results, path)
+        print(f"run {spec.key} at lr {lr:g}", flush=True)
+        run = train_once(spec, lr, spec.steps, score_test=True, desc=spec.key)
+        results["runs"][spec.key] = run
+        save_results(results, path)
+        print(f"  {spec.key}: exact match {run['exact_match']:.1%} ({run['wall_seconds']:.0f} s)", flush=True)
+    return results
+
+
+def specs_for(tasks: list[str], methods: list[str], budgets: list[str], part: str, steps: int) -> list[Spec]:
+    """Main comparison first (every task), then the mask studies: the order in which results are most useful."""
+    specs: list[Spec] = []
+    if part in ("main", "all"):
+        for task in tasks:
+            for method in methods:
+                specs += (
+                    [Spec(task, method, steps=steps)]
+                    if method == "full"
+                    else [Spec(task, method, b, steps=steps) for b in budgets]
+                )
+    if part in ("studies", "all"):
+        specs += [Spec(t, m, b, mm, al, steps) for t in tasks for b in budgets for m, mm, al in STUDIES]
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def label(run: dict[str, Any]) -> str:
+    spec = run["spec"]
+    name = {"full": "full FT", "lora": "LoRA", "spa": "SpA", "rosa": "RoSA"}[spec["method"]]
+    if spec["method"] in ("spa", "rosa") and (spec["mask_method"], spec["allocation"]) != ("fisher", "layer"):
+        name += f" ({spec['mask_method']}, {spec['allocation']})"
+    return name
+
+
+def report(results: dict[str, Any], plot: Path | None) -> None:
+    runs = results["runs"]
+    print(
+        f"\n{'run':44} {'trainable':>11} {'% linear':>9} {'lr':>8} {'val loss':>9} {'exact match':>12} {'min':>5}"
+    )
+    for key, run in runs.items():
+        total = run["trainable"]["total"]
+        linear = run["params"].get("linear_weights")
+        share = f"{100 * total / linear:.2f}" if linear else "all"
+        em = f"{run['exact_match']:.1%} ({run['correct']}/{run['count']})"
+        print(
+            f"{key:44} {total:>11,} {share:>9} {run['lr']:>8.0e} {run['val_loss']:>9.4f} {em:>12} "
+            f"{run['wall_seconds'] / 60:>5.1f}"
+        )
+    if plot is None or not runs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({run["spec"]["task"] for run in runs.values()})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    markers = {"full": "s", "lora": "o", "spa": "^", "rosa": "*"}
+    for ax, task in zip(axes[0], tasks):
+        for run in runs.values():
+            if run["spec"]["task"] != task:
+                continue
+            ax.scatter(
+                run["trainable"]["total"],
+                100 * run["exact_match"],
+                marker=markers[run["spec"]["method"]],
+                s=60,
+            )
+            ax.annotate(
+                label(run),
+                (run["trainable"]["total"], 100 * run["exact_match"]),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"exact match, % ({TEST_ROWS} held-out rows)")
+        ax.set_title(f"SmolLM2-135M on {task}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    print(f"\nwrote {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["viggo", "sql"], choices=sorted(TASK_FILES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budgets", nargs="+", default=["low"], choices=sorted(BUDGETS))
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument(
+        "--part",
+        default="all",
+        choices=("main", "studies", "all"),
+        help="main: the method comparison; studies: magnitude/random masks, global allocation",
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="print the table and plot from the JSON; no training"
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    if args.report:
+        report(load_results(args.out), PLOT if args.out == OUT else args.out.with_suffix(".png"))
+        return 0
+    results = run_suite(specs_for(args.tasks, args.methods, args.budgets, args.part, args.steps), args.out)
+    report(results, PLOT if args.out == OUT else args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
