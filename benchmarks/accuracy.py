@@ -30,7 +30,8 @@ r=2 (0.61M) + density 0.575%; SpA density 1.15%. ``mid`` is LoRA r=16 (4.6%).
 Learning rate: the same policy for every method. Each method family has one 3-point grid (``LR_GRIDS``: full
 fine-tuning around its usual 1e-5..1e-4, the adapters around theirs); each grid point trains ``PROBE_STEPS``
 steps (the same schedule shape, compressed) and the lowest held-out loss on the ``VAL_ROWS`` validation rows
-wins; the full run then uses that rate. The mask studies reuse the ``rosa`` rate.
+wins; while the winner is at an edge of the grid the grid grows by one x3 step past it (at most twice); the
+full run then uses that rate. The mask studies reuse the ``rosa`` rate.
 
 Resumable: every finished probe and run is written to the JSON at once (atomically) and skipped on the next
 call; Ctrl-C loses at most the run in progress. Runs take 10-16 minutes each on a 2-core CPU.
@@ -75,6 +76,7 @@ MASK_STEPS = 8
 WARMUP_FRACTION = 0.1
 BUDGETS = {"low": 4, "mid": 16}  # LoRA rank that defines the budget
 LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "adapter": (3e-4, 1e-3, 3e-3)}
+MAX_EXTENSIONS = 2
 METHODS = ("lora", "rosa", "spa", "full")  # run order: the comparison that matters most first
 STUDIES = (("rosa", "magnitude", "layer"), ("rosa", "random", "layer"), ("rosa", "fisher", "global"))
 
@@ -133,6 +135,7 @@ def settings() -> dict[str, Any]:
         "warmup_fraction": WARMUP_FRACTION,
         "budgets_lora_rank": BUDGETS,
         "lr_grids": LR_GRIDS,
+        "lr_grid_extensions": MAX_EXTENSIONS,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -313,24 +316,35 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
 
 
 def choose_lr(spec: Spec, results: dict[str, Any], path: Path) -> float:
-    """The grid point with the lowest validation loss after ``PROBE_STEPS`` steps (probes cached in the JSON)."""
+    """The learning rate with the lowest validation loss after ``PROBE_STEPS`` steps (probes cached in the JSON).
+
+    Starts from the method family's 3-point grid; while the best rate sits at an edge of what was probed, the
+    grid is extended one step (x3 or /3) past that edge, at most ``MAX_EXTENSIONS`` times, so that the rate
+    chosen is an interior minimum for every method alike."""
     source = spec.lr_source()
-    best = None
-    for lr in LR_GRIDS[source.lr_family]:
-        key = f"{source.key}/probe{PROBE_STEPS}/lr{lr:g}"
-        if key not in results["probes"]:
-            probe = train_once(source, lr, PROBE_STEPS, score_test=False, desc=f"probe {key}")
-            probe.pop("losses")
-            results["probes"][key] = probe
-            save_results(results, path)
-            print(
-                f"  probe {key}: val loss {probe['val_loss']:.4f} ({probe['wall_seconds']:.0f} s)", flush=True
-            )
-        loss = results["probes"][key]["val_loss"]
-        if best is None or (not math.isnan(loss) and loss < best[1]):
-            best = (lr, loss)
-    assert best is not None
-    return best[0]
+    grid = list(LR_GRIDS[source.lr_family])
+    for _ in range(MAX_EXTENSIONS + 1):
+        losses = {lr: _probe(source, lr, results, path) for lr in grid}
+        finite = {lr: loss for lr, loss in losses.items() if not math.isnan(loss)}
+        best = min(finite, key=finite.get) if finite else grid[0]
+        if best == grid[-1]:
+            grid.append(float(f"{best * 3:.3g}"))
+        elif best == grid[0]:
+            grid.insert(0, float(f"{best / 3:.3g}"))
+        else:
+            break
+    return best
+
+
+def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> float:
+    key = f"{source.key}/probe{PROBE_STEPS}/lr{lr:g}"
+    if key not in results["probes"]:
+        probe = train_once(source, lr, PROBE_STEPS, score_test=False, desc=f"probe {key}")
+        probe.pop("losses")
+        results["probes"][key] = probe
+        save_results(results, path)
+        print(f"  probe {key}: val loss {probe['val_loss']:.4f} ({probe['wall_seconds']:.0f} s)", flush=True)
+    return results["probes"][key]["val_loss"]
 
 
 def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:

@@ -18,6 +18,8 @@ Scenarios:
 - ``ddp_static``: static_graph=True.
 - ``ddp_bcast``: find_unused_parameters=True, broadcast_buffers=True, support buffers NOT excluded.
 - ``fsdp``: FSDP2 ``fully_shard`` per decoder layer and at the root.
+- ``trainer``: ``transformers.Trainer`` with ``RosaTrainerCallback`` (Trainer does the DDP wrap and the data
+  sharding: ``GLOBAL_BATCH / world`` rows per rank); saves the masks and the final adapter.
 """
 
 from __future__ import annotations
@@ -255,6 +257,46 @@ def scenario_fsdp(rank: int, world: int, out: Path) -> dict:
     return results
 
 
+def scenario_trainer(rank: int, world: int, out: Path) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from rosa.scheduler import RosaTrainerCallback
+
+    model, config = tiny_model()
+    rows = [{"input_ids": ids, "labels": ids} for batch in global_batches(STEPS) for ids in batch]
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        ddp_find_unused_parameters=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    callback = RosaTrainerCallback(config)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
+    results: dict = {"wrapped": None}
+    trainer.train()
+    results["wrapped"] = type(trainer.model_wrapped).__name__
+    results["events"] = [e["event"] for e in callback.scheduler.events]
+    results["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    save_file(
+        {k: v.contiguous() for k, v in adapter_tensors(model, "full.").items()},
+        out / f"rank{rank}.safetensors",
+    )
+    return results
+
+
 def main() -> None:
     scenarios, root = sys.argv[1].split(","), Path(sys.argv[2])
     torch.set_num_threads(1)
@@ -273,6 +315,8 @@ def main() -> None:
         try:
             if scenario == "fsdp":
                 report.update(scenario_fsdp(rank, world, out))
+            elif scenario == "trainer":
+                report.update(scenario_trainer(rank, world, out))
             else:
                 report.update(scenario_ddp(scenario, rank, world, out))
             report["ok"] = True

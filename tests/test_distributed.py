@@ -82,11 +82,18 @@ def runs(tmp_path_factory):
     """Three launches shared by the tests: the single-process reference, the 2-rank DDP run (with save and
     resume), and the 2-rank variants (DDP settings that fail or that we rely on, and FSDP2)."""
     root = tmp_path_factory.mktemp("dist")
-    reference = launch("ddp", root / "single", 1)["ddp"]
+    single = launch("ddp,trainer", root / "single", 1)
+    reference = single["ddp"]
     assert reference[0]["ok"], reference[0].get("traceback")
     ddp = launch("ddp", root / "ddp", 2)["ddp"]
-    variants = launch("ddp_plain,ddp_static,ddp_bcast,fsdp", root / "variants", 2)
-    return {"root": root, "reference": reference, "ddp": ddp, **variants}
+    variants = launch("ddp_plain,ddp_static,ddp_bcast,fsdp,trainer", root / "variants", 2)
+    return {
+        "root": root,
+        "reference": reference,
+        "trainer_reference": single["trainer"],
+        "ddp": ddp,
+        **variants,
+    }
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
@@ -196,6 +203,19 @@ def test_fsdp2_shards_adapter_keeps_supports_plain_and_saves_a_full_adapter(runs
         got = tensors(runs["root"] / "variants", "fsdp", r)
         _assert_adapters_match(got, ref, "full.")  # same mask and training as one process
         _assert_adapters_match(got, ref, "loaded.")  # the adapter saved from sharded state, reloaded
+
+
+def test_trainer_with_callback_under_ddp_matches_one_process(runs):
+    """transformers.Trainer does the DDP wrap and the data sharding; RosaTrainerCallback needs nothing else."""
+    reference = runs["trainer_reference"][0]
+    assert reference["ok"], reference.get("traceback")
+    ref = tensors(runs["root"] / "single", "trainer", 0)
+    for rank, report in enumerate(runs["trainer"]):
+        assert report["ok"], report.get("traceback")
+        assert report["wrapped"] == "DistributedDataParallel"
+        assert report["events"] == reference["events"] and "mask_fixed" in report["events"]
+        assert report["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+        _assert_adapters_match(tensors(runs["root"] / "variants", "trainer", rank), ref, "full.")
 
 
 # --- `rosa train` under torchrun ------------------------------------------------------------------------

@@ -270,6 +270,8 @@ def _is_main_process() -> bool:
 class RosaTrainerCallback(TrainerCallback):
     """Runs :class:`RosaScheduler` inside ``transformers.Trainer``.
 
+    Under ``torchrun`` / ``accelerate launch`` nothing changes: Trainer's DDP gets the support buffers marked
+    as not to be synchronised (``on_init_end``), and the mask statistics are all-reduced across ranks.
     The scheduler is created at ``on_train_begin`` (the A/B restart snapshot is taken there); the end of
     every micro-batch (``on_substep_end``) and optimizer step (``on_step_end``, which receives the optimizer)
     drive it. The scheduler is available as ``callback.scheduler`` (its ``events`` record the phase changes).
@@ -296,6 +298,18 @@ class RosaTrainerCallback(TrainerCallback):
             "save_mask_path": save_mask_path,
         }
         self.scheduler: RosaScheduler | None = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # Trainer wraps the model in DDP later, in train(): keep the support buffers out of its buffer sync
+        # (every rank sets the same mask itself). A no-op outside DDP.
+        if model is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            from .distributed import support_buffer_names
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, support_buffer_names(model)
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
