@@ -228,7 +228,8 @@ def _train(
         _write_text_atomic(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
 
     model = get_rosa_model(model, rosa_config)
-    model.to(ctx.device)
+    if any(p.device != ctx.device for p in model.parameters()):  # (4-bit models are placed at load time)
+        model.to(ctx.device)
     features = tokenize_examples(train_examples, tokenizer, run.data.max_length)
     sampler = LengthGroupedBatchSampler(
         [len(f["input_ids"]) for f in features],

@@ -1,0 +1,573 @@
+"""One training step, side by side: full fine-tuning, PEFT LoRA, PEFT Super-Tuning+LoRA ("Supra") and RoSA.
+
+Two settings, each in fp32 and bf16:
+
+- ``smollm2``: SmolLM2-135M (the package's offline default), ``--batch`` x ``--seq`` random tokens, causal-LM loss.
+- ``block7b``: one LLaMA-7B-shaped decoder block (hidden 4096, MLP 11008, 32 heads, random weights) on
+  ``--block-tokens`` tokens; the loss is a fixed random projection of its output. Here the adapted layers are
+  everything, so the sparse part weighs far more than in SmolLM2, whose 49k-token vocabulary head dominates.
+
+Methods (all adapters on q, k, v, o, gate, up, down; rank ``--rank``, density ``--density``):
+
+- ``full``: every weight trains (AdamW).
+- ``lora``: ``peft.LoraConfig(r, lora_alpha=2r)``.
+- ``supra``: ``peft.SupertuningConfig(sparsity=1-density, r)``: a magnitude-chosen support whose values are
+  scatter-added into a dense copy of the weight every forward (the dense-masked approach).
+- ``rosa_collect``: RoSA while its fisher mask statistics are being gathered (LoRA trains; hooks accumulate).
+- ``rosa``: RoSA with its mask fixed (fisher, scored on one batch by a separate process and loaded from its
+  mask file, so the scoring pass leaves no memory behind): the joint phase, i.e. almost the whole run. ``sparse_strategy="auto"`` picks SpMM or fold per layer (see rosa.sparse.strategy).
+
+Each (setting, dtype, method) runs in its own subprocess: load, one untimed step, ``--steps`` timed steps
+(median reported), then one more step under the memory probe. Memory:
+
+- ``peak_rss``: peak resident set size during the steps (``VmHWM`` after ``clear_refs``) minus the resident size
+  once the model is loaded and wrapped (for ``rosa``, after its mask was scored; the cost of scoring is what
+  ``rosa_collect`` shows).
+- ``allocator_peak``: the bytes of every tensor storage alive at the worst moment of one step: weights, optimizer
+  state, plus everything the step creates (gradients, activations, temporaries), followed op by op through a
+  dispatch mode (``LiveStorageMeter``; scratch memory inside a kernel is not seen). On GPU
+  ``torch.cuda.max_memory_allocated`` is recorded too. ``without_weights`` leaves out parameters and buffers.
+
+Rounds (``--rounds``) interleave the methods; ratios to LoRA are taken per round, then the median.
+
+    python benchmarks/step.py                      # everything -> docs/benchmarks/step.json, step.png
+    python benchmarks/step.py --settings smollm2 --dtypes fp32 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks" / "step.json"
+METHODS = ("full", "lora", "supra", "rosa_collect", "rosa")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --- inside a subprocess --------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+class LiveStorageMeter:
+    """Peak bytes of tensor storages created inside the block and still alive, op by op (a dispatch mode: it
+    sees the forward, the backward and the optimizer; storages that existed before are not counted)."""
+
+    def __enter__(self):
+        import torch
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        meter = self
+        self.live: dict[int, tuple] = {}
+        self.current = self.peak = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if leaves:
+                    inputs = {
+                        t.untyped_storage()._cdata
+                        for t in tree_leaves((args, kwargs))
+                        if isinstance(t, torch.Tensor)
+                    }
+                    for t in leaves:
+                        storage = t.untyped_storage()
+                        key = storage._cdata
+                        if (
+                            key not in inputs and key not in meter.live
+                        ):  # views and in-place ops allocate nothing
+                            meter.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                            meter.current += storage.nbytes()
+                    # Frees are found lazily: ``current`` is an upper bound until it threatens the peak.
+                    if meter.current > meter.peak:
+                        for key in [k for k, (ref, _) in meter.live.items() if ref.expired()]:
+                            meter.current -= meter.live.pop(key)[1]
+                        meter.peak = max(meter.peak, meter.current)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.current -= self.live.pop(key)[1]
+
+
+def build_setting(setting: str, dtype, device, args):
+    """(model, loss_fn(model) -> loss) with every base weight frozen."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    if setting == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from rosa.default_model import default_model_path
+
+        model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+
+        def loss_fn(m):
+            return m(input_ids=ids, labels=ids).loss
+
+    else:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        config = LlamaConfig(
+            hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
+        )
+        config._attn_implementation = "sdpa"
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.layer = LlamaDecoderLayer(config, layer_idx=0)
+                self.rotary = LlamaRotaryEmbedding(config)
+
+            def forward(self, hidden):
+                positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+                out = self.layer(hidden, position_embeddings=self.rotary(hidden, positions))
+                return out[0] if isinstance(out, tuple) else out
+
+        torch.manual_seed(0)
+        model = Block().to(device=device, dtype=dtype)
+        hidden = torch.randn(1, args.block_tokens, 4096, generator=g).to(device=device, dtype=dtype)
+        target = torch.randn(1, args.block_tokens, 4096, generator=g).to(device=device, dtype=dtype)
+
+        def loss_fn(m):
+            return (m(hidden).float() * target.float()).mean()
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, loss_fn
+
+
+def wrap(model, method: str, loss_fn, args):
+    """The model to train for ``method`` and, for RoSA while collecting, its scheduler."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, None
+    from peft import get_peft_model
+
+    if method == "lora":
+        from peft import LoraConfig
+
+        return get_peft_model(
+            model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+        ), None
+    if method == "supra":
+        from peft import SupertuningConfig
+
+        config = SupertuningConfig(
+            sparsity=1.0 - args.density, r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS
+        )
+        return get_peft_model(model, config), None
+    from rosa import RosaConfig, get_rosa_model
+    from rosa.masks import collect_mask
+    from rosa.scheduler import RosaScheduler
+
+    config = RosaConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        density=args.density,
+        target_modules=TARGETS,
+        warmup_steps=0,
+        mask_steps=10**6,  # rosa_collect: still collecting through every timed step
+    )
+    peft_model = get_rosa_model(model, config)
+    if method == "score_mask":
+        from rosa.masks import save_mask
+
+        collect_mask(peft_model, [None], lambda m, _: loss_fn(m))
+        save_mask(peft_model, args.mask_file)
+        return peft_model, None
+    if method == "rosa":  # scored by another process, as in the two-run recipe, so it leaves no trace here
+        from rosa.masks import load_mask
+
+        load_mask(peft_model, args.mask_file)
+        return peft_model, None
+    return peft_model, RosaScheduler(peft_model, config)
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    import gc
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, loss_fn = build_setting(args.setting, dtype, device, args)
+    with (
+        torch.no_grad()
+    ):  # fault every weight page in (from_pretrained may memory-map them) before the baseline
+        for tensor in (*model.parameters(), *model.buffers()):
+            float(tensor.float().sum())
+    model, schedule = wrap(model, args.variant, loss_fn, args)
+    if args.variant == "score_mask":
+        return {"mask_file": args.mask_file}
+    model.train()
+    gc.collect()
+    rss_start = (
+        _reset_peak_rss() if device.type == "cpu" else 0
+    )  # the steps' growth (collection: rosa_collect)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        loss_fn(model).backward()
+        if schedule is not None:
+            schedule.micro_batch_end()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step(optimizer)
+        sync()
+
+    times = []
+    for i in range(args.steps + 1):
+        tick = time.perf_counter()
+        step()
+        if i > 0:
+            times.append(time.perf_counter() - tick)
+    rss_peak = _status_kib("VmHWM") * 1024 - rss_start if device.type == "cpu" else None
+
+    # The allocator's view: every tensor storage alive at the worst moment of one step.
+    held = {
+        id(t.untyped_storage()): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())
+    }
+    weights = sum(held.values())
+    state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    persistent = weights + sum(t.untyped_storage().nbytes() for t in state)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with LiveStorageMeter() as meter:
+        step()
+    total = persistent + meter.peak
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    result = {
+        "setting": args.setting,
+        "dtype": args.dtype,
+        "method": args.variant,
+        "trainable": sum(p.numel() for p in params),
+        "step_s": statistics.median(times),
+        "step_times_s": [round(t, 4) for t in times],
+        "peak_rss_bytes": rss_peak,
+        "allocator_peak_bytes": total,
+        "allocator_peak_without_weights_bytes": total - weights,
+        "cuda_max_allocated_bytes": cuda_peak,
+    }
+    if args.variant in ("rosa", "rosa_collect"):
+        from rosa.model import rosa_layers
+        from rosa.sparse.strategy import choose_strategy
+
+        tokens = args.batch * args.seq if args.setting == "smollm2" else args.block_tokens
+        strategies = [
+            choose_strategy(device.type, layer.out_features, layer.in_features, layer.nnz("default"), tokens)
+            for layer in rosa_layers(model).values()
+        ]
+        result["strategies"] = {s: strategies.count(s) for s in sorted(set(strategies))}
+    return result
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+
+def _child(setting: str, dtype: str, method: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--setting", setting, "--dtype", dtype, "--variant", method]
+    cmd += ["--mask-file", str(Path(args.mask_dir) / f"{setting}-{dtype}-{args.density}.safetensors")]
+    for key in ("steps", "threads", "batch", "seq", "block_tokens", "rank", "density", "device"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode != 0:
+        return {"setting": setting, "dtype": dtype, "method": method, "error": out.stderr.strip()[-1500:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(rounds: list[list[dict]]) -> list[dict]:
+    """Median over rounds per (setting, dtype, method), with per-round ratios to LoRA."""
+    rows = []
+    keys = sorted(
+        {(r["setting"], r["dtype"], r["method"]) for rnd in rounds for r in rnd},
+        key=lambda k: (k[0], k[1], METHODS.index(k[2])),
+    )
+    for setting, dtype, method in keys:
+        mine = [
+            r
+            for rnd in rounds
+            for r in rnd
+            if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)
+        ]
+        ok = [r for r in mine if "error" not in r]
+        if not ok:
+            rows.append({"setting": setting, "dtype": dtype, "method": method, "error": mine[0]["error"]})
+            continue
+        ratios, mem = [], []
+        for rnd in rounds:
+            this = next(
+                (r for r in rnd if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)), None
+            )
+            lora = next(
+                (r for r in rnd if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, "lora")), None
+            )
+            if this and lora and "error" not in this and "error" not in lora:
+                ratios.append(this["step_s"] / lora["step_s"])
+                mem.append(this["allocator_peak_bytes"] / lora["allocator_peak_bytes"])
+        rows.append(
+            {
+                "setting": setting,
+                "dtype": dtype,
+                "method": method,
+                "trainable": ok[0]["trainable"],
+                "step_s": statistics.median(r["step_s"] for r in ok),
+                "time_vs_lora": statistics.median(ratios) if ratios else None,
+                "peak_rss_mib": statistics.median(r["peak_rss_bytes"] / 2**20 for r in ok)
+                if ok[0]["peak_rss_bytes"] is not None
+                else None,
+                "allocator_peak_mib": statistics.median(r["allocator_peak_bytes"] / 2**20 for r in ok),
+                "memory_vs_lora": statistics.median(mem) if mem else None,
+                "strategies": ok[0].get("strategies"),
+            }
+        )
+    return rows
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, checked against the summary."""
+
+    def get(setting, dtype, method):
+        return next(
+            (r for r in rows if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)), None
+        )
+
+    checks = []
+    for setting, dtype in sorted({(r["setting"], r["dtype"]) for r in rows}):
+        rosa, lora, supra = (get(setting, dtype, m) for m in ("rosa", "lora", "supra"))
+        if not (rosa and lora and supra) or any("error" in r for r in (rosa, lora, supra)):
+            continue
+        if setting == "smollm2":
+            checks.append(
+                {
+                    "setting": setting,
+                    "dtype": dtype,
+                    "target": "RoSA step <= 1.15x LoRA",
+                    "value": rosa["time_vs_lora"],
+                    "met": rosa["time_vs_lora"] <= 1.15,
+                }
+            )
+            checks.append(
+                {
+                    "setting": setting,
+                    "dtype": dtype,
+                    "target": "RoSA step <= Supra step",
+                    "value": rosa["step_s"] / supra["step_s"],
+                    "met": rosa["step_s"] <= supra["step_s"],
+                }
+            )
+        else:
+            speedup = supra["step_s"] / rosa["step_s"]
+            checks.append(
+                {
+                    "setting": setting,
+                    "dtype": dtype,
+                    "target": "RoSA >= 1.5x faster than Supra",
+                    "value": speedup,
+                    "met": speedup >= 1.5,
+                }
+            )
+        checks.append(
+            {
+                "setting": setting,
+                "dtype": dtype,
+                "target": "RoSA allocator peak <= 1.05x LoRA",
+                "value": rosa["memory_vs_lora"],
+                "met": rosa["memory_vs_lora"] <= 1.05,
+            }
+        )
+        if rosa["peak_rss_mib"] is not None and lora["peak_rss_mib"]:
+            value = rosa["peak_rss_mib"] / lora["peak_rss_mib"]
+            checks.append(
+                {
+                    "setting": setting,
+                    "dtype": dtype,
+                    "target": "RoSA peak RSS growth <= 1.05x LoRA",
+                    "value": value,
+                    "met": value <= 1.05,
+                }
+            )
+    return checks
+
+
+def print_table(rows: list[dict], checks: list[dict]) -> None:
+    print(
+        f"\n{'setting':8} {'dtype':5} {'method':13} {'trainable':>12} {'step s':>8} {'x LoRA':>7} "
+        f"{'RSS MiB':>8} {'alloc MiB':>9} {'mem x LoRA':>10}"
+    )
+    for r in rows:
+        if "error" in r:
+            print(
+                f"{r['setting']:8} {r['dtype']:5} {r['method']:13} error: {r['error'].splitlines()[-1][:80]}"
+            )
+            continue
+        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "-"
+        print(
+            f"{r['setting']:8} {r['dtype']:5} {r['method']:13} {r['trainable']:>12,} {r['step_s']:>8.3f} "
+            f"{r['time_vs_lora']:>7.2f} {rss:>8} {r['allocator_peak_mib']:>9.0f} {r['memory_vs_lora']:>10.3f}"
+        )
+    print()
+    for c in checks:
+        print(
+            f"{c['setting']:8} {c['dtype']:5} {c['target']:36} {c['value']:.3f}  {'met' if c['met'] else 'NOT met'}"
+        )
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["setting"], r["dtype"]) for r in rows if "error" not in r})
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6), squeeze=False)
+    names = {
+        "full": "full FT",
+        "lora": "LoRA",
+        "supra": "Supra",
+        "rosa_collect": "RoSA\n(collect)",
+        "rosa": "RoSA",
+    }
+    for col, (setting, dtype) in enumerate(groups):
+        mine = [r for r in rows if (r["setting"], r["dtype"]) == (setting, dtype) and "error" not in r]
+        labels = [names[r["method"]] for r in mine]
+        colors = [
+            "#999999" if r["method"] == "full" else "#d62728" if r["method"].startswith("rosa") else "#1f77b4"
+            for r in mine
+        ]
+        axes[0][col].bar(labels, [r["step_s"] for r in mine], color=colors)
+        axes[0][col].set_title(f"{setting}, {dtype}")
+        axes[0][col].set_ylabel("step time, s")
+        axes[1][col].bar(labels, [r["allocator_peak_mib"] for r in mine], color=colors)
+        axes[1][col].set_ylabel("allocator peak, MiB")
+        for ax in axes[:, col]:
+            ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--settings", nargs="+", default=["smollm2", "block7b"], choices=["smollm2", "block7b"]
+    )
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--block-tokens", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--mask-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_variant(args)))
+        return
+
+    import tempfile
+
+    args.mask_dir = tempfile.mkdtemp(prefix="rosa-step-masks-")
+    if "rosa" in args.methods:
+        for setting in args.settings:
+            for dtype in args.dtypes:
+                scored = _child(setting, dtype, "score_mask", args)
+                if "error" in scored:
+                    raise SystemExit(f"scoring the {setting} {dtype} mask failed: {scored['error']}")
+    rounds = []
+    for r in range(args.rounds):
+        results = []
+        for setting in args.settings:
+            for dtype in args.dtypes:
+                for method in args.methods:
+                    res = _child(setting, dtype, method, args)
+                    shown = {k: res.get(k) for k in ("step_s", "allocator_peak_bytes", "error")}
+                    print(f"round {r + 1}/{args.rounds} {setting} {dtype} {method}: {shown}", flush=True)
+                    results.append(res)
+        rounds.append(results)
+    rows = summarise(rounds)
+    checks = targets(rows)
+    print_table(rows, checks)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    report = {
+        "benchmark": "one training step: full FT, PEFT LoRA, PEFT Supra, RoSA",
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "batch",
+                "seq",
+                "block_tokens",
+                "rank",
+                "density",
+                "steps",
+                "rounds",
+                "threads",
+                "device",
+            )
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "loadavg_at_end": load,
+        },
+        "rows": rows,
+        "targets": checks,
+        "raw": rounds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The pieces of the benchmark scripts whose mistakes would silently skew a published number."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return _load("accuracy")
+
+
+@pytest.fixture(scope="module")
+def step():
+    return _load("step")
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("budget", ["low", "mid"])
+def test_every_method_gets_the_same_trainable_budget(accuracy, budget):
+    """LoRA, SpA and RoSA must train the same number of weights, counted on the wrapped models themselves."""
+    from peft import LoraConfig, get_peft_model
+
+    from rosa.masks import collect_mask
+    from rosa.model import sparse_parameter_count
+
+    counts = {}
+    for method in ("lora", "spa", "rosa"):
+        spec = accuracy.Spec("viggo", method, budget)
+        model, schedule, split = accuracy.build(_tiny_llama(), spec, warmup_steps=1)
+        if method == "lora":
+            counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            reference = get_peft_model(_tiny_llama(), LoraConfig(r=split["r"], target_modules="all-linear"))
+            assert counts[method] == sum(p.numel() for p in reference.parameters() if p.requires_grad)
+            continue
+        ids = torch.randint(0, 96, (2, 8))
+        collect_mask(model, [{"input_ids": ids, "labels": ids}], method="random")
+        c = sparse_parameter_count(model)
+        counts[method] = c["lora"] + c["sparse_active"]
+        assert (c["lora"] == 0) == (method == "spa")
+        if schedule is not None:
+            schedule.close()
+    per_layer_rounding = 2 * 7  # one nonzero per adapted layer at most, either way
+    assert abs(counts["spa"] - counts["lora"]) <= per_layer_rounding
+    assert abs(counts["rosa"] - counts["lora"]) <= per_layer_rounding
+
+
+def test_held_out_rows_never_reach_training(accuracy):
+    train, val, test = accuracy.splits("sql")
+    assert len(test) == accuracy.TEST_ROWS and len(val) == accuracy.VAL_ROWS
+    key = lambda e: (e.prompt, e.response)  # noqa: E731
+    assert not {key(e) for e in test} & {key(e) for e in train}
+    assert not {key(e) for e in val} & {key(e) for e in train}
+    assert accuracy.splits("sql")[2] == test  # fixed seed: the same split every call
+
+
+def test_results_are_kept_and_skipped(accuracy, tmp_path, monkeypatch):
+    """A finished run in the JSON is never trained again (the suite resumes across sittings)."""
+    spec = accuracy.Spec("viggo", "lora")
+    path = tmp_path / "acc.json"
+    results = accuracy.load_results(path)
+    results["runs"][spec.key] = {"exact_match": 0.5}
+    accuracy.save_results(results, path)
+    monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: pytest.fail("trained a finished run"))
+    assert accuracy.run_suite([spec], path)["runs"][spec.key] == {"exact_match": 0.5}
+    assert json.loads(path.read_text())["runs"][spec.key] == {"exact_match": 0.5}
+
+
+def test_learning_rate_grid_extends_past_an_edge(accuracy, tmp_path, monkeypatch):
+    """The chosen rate is an interior minimum of what was probed (or the last extension)."""
+    calls = []
+
+    def fake_probe(source, lr, results, path):
+        calls.append(lr)
+        return abs(math.log(lr / 0.02))  # best near 2e-2: above the 3e-4..3e-3 grid
+
+    monkeypatch.setattr(accuracy, "_probe", fake_probe)
+    lr = accuracy.choose_lr(accuracy.Spec("viggo", "lora"), {"probes": {}}, tmp_path / "x.json")
+    assert lr == pytest.approx(0.027)  # two extensions (9e-3, 2.7e-2), then the policy stops
+    assert sorted(set(calls)) == pytest.approx([3e-4, 1e-3, 3e-3, 9e-3, 0.027])
+
+
+def test_live_storage_meter_counts_what_is_alive(step):
+    x = torch.randn(1000, 250)  # made outside: not counted
+    with step.LiveStorageMeter() as meter:
+        a = x * 2  # 1 MB
+        b = a + 1  # 2 MB alive
+        del a
+        c = b.t()  # a view: no new storage
+        d = b * 3  # 2 MB alive (a was freed)
+        del c, d
+    assert meter.peak == 2 * 1000 * 250 * 4
+    assert meter.current == 1000 * 250 * 4  # b
