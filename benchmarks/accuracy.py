@@ -392,16 +392,19 @@ def label(run: dict[str, Any]) -> str:
 def report(results: dict[str, Any], plot: Path | None) -> None:
     runs = results["runs"]
     print(
-        f"\n{'run':44} {'trainable':>11} {'% linear':>9} {'lr':>8} {'val loss':>9} {'exact match':>12} {'min':>5}"
+        "\n| task | method | mask | trainable | % of linear weights | lr | val loss | exact match | minutes |"
     )
-    for key, run in runs.items():
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in runs.values():
+        spec = run["spec"]
         total = run["trainable"]["total"]
         linear = run["params"].get("linear_weights")
         share = f"{100 * total / linear:.2f}" if linear else "all"
-        em = f"{run['exact_match']:.1%} ({run['correct']}/{run['count']})"
+        mask = f"{spec['mask_method']}, {spec['allocation']}" if spec["method"] in ("spa", "rosa") else "-"
         print(
-            f"{key:44} {total:>11,} {share:>9} {run['lr']:>8.0e} {run['val_loss']:>9.4f} {em:>12} "
-            f"{run['wall_seconds'] / 60:>5.1f}"
+            f"| {spec['task']} | {label(run).split(' (')[0]} | {mask} | {total:,} | {share} | {run['lr']:.0e} "
+            f"| {run['val_loss']:.3f} | {run['exact_match']:.1%} ({run['correct']}/{run['count']}) "
+            f"| {run['wall_seconds'] / 60:.1f} |"
         )
     if plot is None or not runs:
         return

@@ -453,6 +453,37 @@ def print_table(rows: list[dict], checks: list[dict]) -> None:
         )
 
 
+def markdown(report: dict) -> str:
+    """The README's table, straight from the JSON (no hand copying)."""
+    names = {
+        "full": "full FT",
+        "lora": "PEFT LoRA",
+        "supra": "PEFT Supra",
+        "rosa_collect": "RoSA, collecting mask",
+        "rosa": "RoSA, mask fixed",
+    }
+    lines = [
+        "| setting | dtype | method | trainable | step s | x LoRA | peak RSS growth MiB | allocator peak MiB "
+        "| memory x LoRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if "error" in r:
+            continue
+        rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "-"
+        lines.append(
+            f"| {r['setting']} | {r['dtype']} | {names[r['method']]} | {r['trainable']:,} | {r['step_s']:.2f} "
+            f"| {r['time_vs_lora']:.2f} | {rss} | {r['allocator_peak_mib']:.0f} | {r['memory_vs_lora']:.3f} |"
+        )
+    lines += ["", "| setting | dtype | target | measured | |", "|---|---|---|---|---|"]
+    for c in report["targets"]:
+        lines.append(
+            f"| {c['setting']} | {c['dtype']} | {c['target']} | {c['value']:.2f} | "
+            f"{'met' if c['met'] else '**not met**'} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -503,6 +534,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--report", action="store_true", help="print the README tables from the JSON; no runs"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -511,6 +545,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_variant(args)))
+        return
+    if args.report:
+        print(markdown(json.loads(args.out.read_text())))
         return
 
     import tempfile

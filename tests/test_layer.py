@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -428,3 +430,40 @@ def test_torch_compile_matches_eager(strategy):
     got = run_layer(compiled, x, grad_out)
     for name in ("y", "grad_x", "grad_a", "grad_b", "grad_values"):
         torch.testing.assert_close(getattr(got, name), getattr(eager, name), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+def test_bf16_layer_saves_no_second_copy_of_its_input(strategy):
+    """With a bf16 base and fp32 adapters, the sparse ops reuse the fp32 input the LoRA branch saves, so RoSA
+    keeps no more activation memory than PEFT's LoRA on the same layer (only the support's own indices)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rosa import get_rosa_model
+    from rosa.masks import collect_mask, rosa_layers
+
+    def saved_bytes(model, x) -> int:
+        weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in weights:
+                seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 96, dtype=torch.bfloat16)
+    base = nn.Sequential(nn.Linear(96, 160)).to(torch.bfloat16)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    rosa = get_rosa_model(
+        copy.deepcopy(base),
+        RosaConfig(r=4, lora_alpha=8, density=0.05, target_modules=["0"], sparse_strategy=strategy),
+    )
+    collect_mask(rosa, [None], lambda m, _: m(x).float().pow(2).sum(), method="random")
+    nnz = sum(layer.nnz("default") for layer in rosa_layers(rosa).values())
+    index_bytes = nnz * 8 * 3 + (160 + 1) * 8 * 2  # at most: column, flat and transposed indices, two offsets
+    assert saved_bytes(rosa, x) <= saved_bytes(lora, x) + index_bytes
+    assert rosa(x).dtype == torch.bfloat16

@@ -230,14 +230,21 @@ class RosaLayer(BaseTunerLayer):
                 s.t_perm,
             )
 
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x cast to the (single active) LoRA dtype when that is fp32 and x is narrower; else None."""
+        names = [n for n in self.active_adapters if n in self.rosa_A and self.r.get(n, 0) > 0]
+        if len(names) != 1 or x.dtype not in (torch.bfloat16, torch.float16):
+            return None
+        dtype = self.rosa_A[names[0]].weight.dtype
+        return self._cast_input_dtype(x, dtype) if dtype == torch.float32 else None
+
     def _folded_base(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
         weight = self._base_weight_out_in()
         s = self.support(adapter_name)
         with _no_autocast(x2d):
             values = self._active_values(adapter_name)
-            y = ops.folded_linear(
-                x2d.to(weight.dtype), weight, values, s.flat_index(), s.row_offsets, s.col_idx
-            )
+            x_in = x2d if x2d.dtype in (weight.dtype, torch.float32) else x2d.to(weight.dtype)
+            y = ops.folded_linear(x_in, weight, values, s.flat_index(), s.row_offsets, s.col_idx)
         bias = self.get_base_layer().bias
         return y if bias is None else y + bias
 
@@ -260,23 +267,27 @@ class RosaLinear(nn.Module, RosaLayer):
             return self.base_layer(x, *args, **kwargs)
 
         x2d = x.reshape(-1, self.in_features)
+        # The input the sparse ops save for their backward: the fp32 copy the LoRA branch makes (and saves) anyway
+        # when x is narrower, so a bf16 model keeps one saved input per layer, not two.
+        lora_input = self._lora_input(x)
+        sparse_x = lora_input.reshape(-1, self.in_features) if lora_input is not None else x2d
         folded = self._fold_adapter(x2d.shape[0], x.device)
         if folded is None:
             result = self.base_layer(x, *args, **kwargs)
         else:
-            result = self._folded_base(x2d, folded).reshape(*x.shape[:-1], self.out_features)
+            result = self._folded_base(sparse_x, folded).reshape(*x.shape[:-1], self.out_features)
         result_dtype = result.dtype
         for name in self.active_adapters:
             if name not in self.rosa_values:
                 continue
             if self.r[name] > 0:
                 lora_a, lora_b = self.rosa_A[name], self.rosa_B[name]
-                h = self._cast_input_dtype(x, lora_a.weight.dtype)
+                h = lora_input if lora_input is not None else self._cast_input_dtype(x, lora_a.weight.dtype)
                 result = result + (lora_b(lora_a(self.rosa_dropout[name](h))) * self.scaling[name]).to(
                     result_dtype
                 )
             if name != folded and self.nnz(name) > 0:
-                sparse = self._sparse_term(x2d, name).reshape(*x.shape[:-1], self.out_features)
+                sparse = self._sparse_term(sparse_x, name).reshape(*x.shape[:-1], self.out_features)
                 result = result + sparse.to(result_dtype)
         return result.to(result_dtype)
 

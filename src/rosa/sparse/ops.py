@@ -293,15 +293,17 @@ sparse_linear.register_autograd(_sparse_linear_backward, setup_context=_sparse_l
 def folded_linear(
     x: Tensor, weight: Tensor, values: Tensor, flat_index: Tensor, row_offsets: Tensor, col_idx: Tensor
 ) -> Tensor:
-    """``x @ (W + S)^T`` for 2-D x and a frozen (out, in) weight; differentiable in x and values."""
+    """``x @ (W + S)^T`` in the weight's dtype, for 2-D x and a frozen (out, in) weight; differentiable in x and
+    values. ``x`` may be wider than the weight (the fp32 copy the LoRA branch keeps anyway): the product casts
+    it, and the backward's SDDMM reads it at full precision without a second saved copy."""
     _check_folded_linear(x, weight, values, flat_index, row_offsets, col_idx)
-    return x @ fold(weight, values, flat_index).t()
+    return x.to(weight.dtype) @ fold(weight, values, flat_index).t()
 
 
 @folded_linear.register_fake
 def _(x, weight, values, flat_index, row_offsets, col_idx):
     _check_folded_linear(x, weight, values, flat_index, row_offsets, col_idx)
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=weight.dtype)
 
 
 def _folded_linear_setup(ctx, inputs, output) -> None:
@@ -315,7 +317,7 @@ def _folded_linear_backward(ctx, grad_out):
         raise RuntimeError("rosa: the fold strategy needs a frozen base weight")
     grad_x = grad_values = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_out @ fold(weight, values, flat_index)
+        grad_x = (grad_out @ fold(weight, values, flat_index)).to(x.dtype)
     if ctx.needs_input_grad[2]:
         grad_values = sddmm(grad_out, x, row_offsets, col_idx).to(values.dtype)
     return grad_x, None, grad_values, None, None, None
