@@ -34,7 +34,8 @@ wins; while the winner is at an edge of the grid the grid grows by one x3 step p
 full run then uses that rate. The mask studies reuse the ``rosa`` rate.
 
 Resumable: every finished probe and run is written to the JSON at once (atomically) and skipped on the next
-call; Ctrl-C loses at most the run in progress. Runs take 10-16 minutes each on a 2-core CPU.
+call; Ctrl-C loses at most the run in progress. A run (probes excluded) took 12-14 minutes on the 2-core
+CPU for SpA and RoSA on ViGGO (LoRA: 24 CPU-minutes over 2 threads); each probe about 2 minutes.
 
     python benchmarks/accuracy.py                            # everything: main comparison + mask studies
     python benchmarks/accuracy.py --tasks viggo --methods lora rosa
@@ -392,7 +393,7 @@ def label(run: dict[str, Any]) -> str:
 def report(results: dict[str, Any], plot: Path | None) -> None:
     runs = results["runs"]
     print(
-        "\n| task | method | mask | trainable | % of linear weights | lr | val loss | exact match | minutes |"
+        "\n| task | method | mask | trainable | % of linear weights | lr | val loss | exact match | wall / CPU min |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for run in runs.values():
@@ -404,7 +405,7 @@ def report(results: dict[str, Any], plot: Path | None) -> None:
         print(
             f"| {spec['task']} | {label(run).split(' (')[0]} | {mask} | {total:,} | {share} | {run['lr']:.0e} "
             f"| {run['val_loss']:.3f} | {run['exact_match']:.1%} ({run['correct']}/{run['count']}) "
-            f"| {run['wall_seconds'] / 60:.1f} |"
+            f"| {run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f} |"
         )
     if plot is None or not runs:
         return
