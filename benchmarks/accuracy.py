@@ -217,15 +217,6 @@ def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
     return peft_model, schedule, split
 
 
-def _lr_factor(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
 # ------------------------------------------------------------------------------------------------ one run
 
 
@@ -238,7 +229,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     from rosa.masks import collect_mask
     from rosa.model import sparse_parameter_count
     from rosa.run_config import ModelSection
-    from rosa.train import load_model_and_tokenizer
+    from rosa.train import load_model_and_tokenizer, warmup_cosine
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -259,7 +250,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(warmup, steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=desc, unit="step", leave=False):

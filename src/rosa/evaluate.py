@@ -139,6 +139,11 @@ def exact_match(task: str, predictions: Sequence[str], references: Sequence[str]
 # ------------------------------------------------------------------------------------------- generation
 
 
+def max_new_tokens_for(task: str, requested: int | None = None) -> int:
+    """The generation length: ``requested``, else the task's own default."""
+    return requested or DEFAULT_MAX_NEW_TOKENS.get(task, 256)
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -226,7 +231,7 @@ def evaluate_task(
     Returns ``{"task", "exact_match", "correct", "count", "max_new_tokens", "samples"}``; ``samples`` holds
     the first ``num_samples`` examples as ``{"prompt", "reference", "prediction", "correct"}``.
     """
-    max_new = max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256)
+    max_new = max_new_tokens_for(task, max_new_tokens)
     predictions = generate_responses(
         model, tokenizer, [e.prompt for e in examples], max_new, batch_size, show_progress
     )
@@ -250,7 +255,7 @@ def score_predictions(
         "exact_match": sum(hits) / len(hits) if hits else 0.0,
         "correct": sum(hits),
         "count": len(hits),
-        "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256),
+        "max_new_tokens": max_new_tokens_for(task, max_new_tokens),
         "samples": [
             {"prompt": e.prompt, "reference": e.response, "prediction": p, "correct": h}
             for e, p, h in list(zip(examples, predictions, hits))[:num_samples]
@@ -268,6 +273,26 @@ def heldout_loss(model: Any, dataloader: Iterable[dict[str, torch.Tensor]]) -> f
     return total / count if count else math.nan
 
 
+def response_token_count(labels: torch.Tensor) -> int:
+    """Tokens a causal LM is scored on: labelled positions after the first (the labels shift by one)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_response_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Next-token cross-entropy summed (not averaged) over the response tokens of a ``CausalLMCollator`` batch,
+    so that callers can normalise over micro-batches or ranks themselves."""
+    labels = batch["labels"].to(device)
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
 @torch.no_grad()
 def heldout_loss_sums(model: Any, dataloader: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """(summed cross-entropy, number of response tokens): sums, so that shares scored on several ranks add up."""
@@ -277,18 +302,8 @@ def heldout_loss_sums(model: Any, dataloader: Iterable[dict[str, torch.Tensor]])
     total, count = 0.0, 0
     try:
         for batch in dataloader:
-            labels = batch["labels"].to(device)
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            targets = labels[:, 1:]
-            total += torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                targets.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            count += int((targets != IGNORE_INDEX).sum())
+            total += summed_response_loss(model, batch, device).item()
+            count += response_token_count(batch["labels"])
     finally:
         model.train(was_training)
     return total, count

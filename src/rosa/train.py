@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
 from .data import (
-    IGNORE_INDEX,
     CausalLMCollator,
     Example,
     LengthGroupedBatchSampler,
@@ -35,7 +34,14 @@ from .data import (
     synthetic_splits,
     tokenize_examples,
 )
-from .evaluate import DEFAULT_MAX_NEW_TOKENS, generate_responses, heldout_loss_sums, score_predictions
+from .evaluate import (
+    generate_responses,
+    heldout_loss_sums,
+    max_new_tokens_for,
+    response_token_count,
+    score_predictions,
+    summed_response_loss,
+)
 from .run_config import DataSection, ModelSection, RunConfig, RunConfigError, load_run_config
 
 logger = logging.getLogger(__name__)
@@ -141,7 +147,9 @@ class TrainResult:
     wall_seconds: float
 
 
-def _lr_lambda(warmup: int, total: int):
+def warmup_cosine(warmup: int, total: int):
+    """LR factor per step: linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -246,7 +254,7 @@ def _train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.train.lr, weight_decay=run.train.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(run.train.lr_warmup_steps, run.train.steps)
+        optimizer, warmup_cosine(run.train.lr_warmup_steps, run.train.steps)
     )
 
     start_step = 0
@@ -292,7 +300,7 @@ def _train(
                 micro.append(collate([features[i] for i in distributed.shard(batch, ctx)]))
             global_targets, global_tokens = distributed.all_reduce_sum(
                 [
-                    sum(_target_count(m["labels"]) for m in micro),
+                    sum(response_token_count(m["labels"]) for m in micro),
                     sum(int(m["attention_mask"].sum()) for m in micro),
                 ],
                 ctx,
@@ -301,7 +309,7 @@ def _train(
             for i, inputs in enumerate(micro):
                 last = i == len(micro) - 1
                 with contextlib.nullcontext() if last or not ctx.distributed else trained.no_sync():
-                    loss = _summed_loss(trained, inputs, ctx.device) / max(global_targets, 1.0)
+                    loss = summed_response_loss(trained, inputs, ctx.device) / max(global_targets, 1.0)
                     (loss * ctx.world).backward()  # DDP averages gradients over ranks: undo its 1/world
                 schedule.micro_batch_end()
                 loss_sum += loss.item()
@@ -361,24 +369,6 @@ def _train(
         _write_text_atomic(out / "results.json", json.dumps({**summary, "processes": ctx.world}, indent=2))
     distributed.barrier(ctx)  # nobody leaves (and tears the group down) before rank 0 has written
     return result
-
-
-def _target_count(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def _summed_loss(model, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Next-token cross-entropy summed over the response tokens (the caller normalises it across ranks)."""
-    labels = inputs["labels"].to(device)
-    logits = model(
-        input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
-    ).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 def _rng_tensors(ctx: distributed.ProcessContext) -> dict[str, torch.Tensor]:
@@ -471,7 +461,7 @@ def evaluate_heldout(
         model,
         tokenizer,
         [e.prompt for e in mine],
-        max_new_tokens=run.eval.max_new_tokens or DEFAULT_MAX_NEW_TOKENS.get(task, 256),
+        max_new_tokens=max_new_tokens_for(task, run.eval.max_new_tokens),
         batch_size=run.eval.batch_size,
         show_progress=show_progress,
     )
