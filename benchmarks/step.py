@@ -265,7 +265,8 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     # The allocator's view: every tensor storage alive at the worst moment of one step.
     held = {
-        id(t.untyped_storage()): t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers())
+        t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+        for t in (*model.parameters(), *model.buffers())
     }
     weights = sum(held.values())
     state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
