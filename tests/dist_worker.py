@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rosa.distributed import support_buffer_names
+
 STEPS = 6
 SAVE_AT = 4
 GLOBAL_BATCH = 4
@@ -73,12 +75,6 @@ def global_batches(n: int) -> list[torch.Tensor]:
 def shard(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     per = ids.shape[0] // world
     return ids[rank * per : (rank + 1) * per]
-
-
-def support_buffer_names(model: nn.Module) -> list[str]:
-    from rosa.layer import SUPPORT_BUFFERS
-
-    return [name for name, _ in model.named_buffers() if any(f".{b}." in f".{name}" for b in SUPPORT_BUFFERS)]
 
 
 def adapter_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
