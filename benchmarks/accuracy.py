@@ -46,6 +46,7 @@ CPU for SpA and RoSA on ViGGO (LoRA: 24 CPU-minutes over 2 threads); each probe 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -90,12 +91,21 @@ class Spec:
     mask_method: str = "fisher"
     allocation: str = "layer"
     steps: int = STEPS
+    fixed_lr: float | None = None  # diagnostics only: a rate set by hand instead of the policy
+    mask_at_start: bool = False  # diagnostics only: RoSA's mask scored before step 0 (as SpA's), no warm-up
+
+    @property
+    def diagnostic(self) -> bool:
+        return self.fixed_lr is not None or self.mask_at_start
 
     @property
     def key(self) -> str:
         variant = "" if self.method in ("full", "lora") else f"/{self.mask_method}/{self.allocation}"
         budget = "" if self.method == "full" else f"/{self.budget}"
-        return f"{self.task}/{self.method}{budget}{variant}/{self.steps}"
+        extra = (f"/lr{self.fixed_lr:g}" if self.fixed_lr is not None else "") + (
+            "/mask-at-start" if self.mask_at_start else ""
+        )
+        return f"{self.task}/{self.method}{budget}{variant}/{self.steps}{extra}"
 
     @property
     def lr_family(self) -> str:
@@ -116,10 +126,17 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
+    """Write atomically, merged with what other processes wrote meanwhile (two suites may share one file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            on_disk = json.loads(path.read_text())
+            for part in ("probes", "runs"):
+                results[part] = {**on_disk.get(part, {}), **results[part]}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
 
 
 def settings() -> dict[str, Any]:
@@ -213,7 +230,7 @@ def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
         restart_after_mask=False,
     )
     peft_model = get_rosa_model(model, config)
-    schedule = RosaScheduler(peft_model, config) if spec.method == "rosa" else None
+    schedule = RosaScheduler(peft_model, config) if spec.method == "rosa" and not spec.mask_at_start else None
     return peft_model, schedule, split
 
 
@@ -237,13 +254,13 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     torch.manual_seed(SEED)
     model, tokenizer = load_model_and_tokenizer(ModelSection())
     warmup = max(1, round(WARMUP_FRACTION * steps))
-    model, schedule, info = build(model, spec, warmup)
+    model, schedule, info = build(model, spec, 0 if spec.mask_at_start else warmup)
     features = tokenize_examples(train, tokenizer, MAX_LENGTH)
     sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=SEED)
     collate = CausalLMCollator(tokenizer)
     batches = iter(sampler)
 
-    if spec.method == "spa":  # score the mask on the first training batches, before any step
+    if spec.method == "spa" or spec.mask_at_start:  # score the mask on the first batches, before any step
         first = [collate([features[i] for i in b]) for b in sampler.batches(0)[:MASK_STEPS]]
         model.train()
         collect_mask(model, first)
@@ -282,6 +299,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
         "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         "losses": losses,
         "params": info,
+        "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),
     }
     if spec.method in ("spa", "rosa"):
@@ -313,6 +331,8 @@ def choose_lr(spec: Spec, results: dict[str, Any], path: Path) -> float:
     Starts from the method family's 3-point grid; while the best rate sits at an edge of what was probed, the
     grid is extended one step (x3 or /3) past that edge, at most ``MAX_EXTENSIONS`` times, so that the rate
     chosen is an interior minimum for every method alike."""
+    if spec.fixed_lr is not None:
+        return spec.fixed_lr
     source = spec.lr_source()
     grid = list(LR_GRIDS[source.lr_family])
     for _ in range(MAX_EXTENSIONS + 1):
@@ -367,7 +387,19 @@ def specs_for(tasks: list[str], methods: list[str], budgets: list[str], part: st
                 )
     if part in ("studies", "all"):
         specs += [Spec(t, m, b, mm, al, steps) for t in tasks for b in budgets for m, mm, al in STUDIES]
+    if part == "diagnostics":  # why RoSA trails: its rate, and its late-starting sparse part (not in "all")
+        for task in tasks:
+            for b in budgets:
+                lora_rate = _chosen_rate(Spec(task, "lora", b, steps=steps))
+                if lora_rate is not None:
+                    specs.append(Spec(task, "rosa", b, steps=steps, fixed_lr=lora_rate))
+                specs.append(Spec(task, "rosa", b, steps=steps, mask_at_start=True))
     return specs
+
+
+def _chosen_rate(spec: Spec) -> float | None:
+    run = load_results(OUT)["runs"].get(spec.key)
+    return None if run is None else run["lr"]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -378,6 +410,10 @@ def label(run: dict[str, Any]) -> str:
     name = {"full": "full FT", "lora": "LoRA", "spa": "SpA", "rosa": "RoSA"}[spec["method"]]
     if spec["method"] in ("spa", "rosa") and (spec["mask_method"], spec["allocation"]) != ("fisher", "layer"):
         name += f" ({spec['mask_method']}, {spec['allocation']})"
+    if spec.get("fixed_lr") is not None:
+        name += f" [diagnostic: lr {spec['fixed_lr']:g} set by hand]"
+    if spec.get("mask_at_start"):
+        name += " [diagnostic: mask before step 0]"
     return name
 
 
@@ -444,14 +480,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part",
         default="all",
-        choices=("main", "studies", "all"),
-        help="main: the method comparison; studies: magnitude/random masks, global allocation",
+        choices=("main", "studies", "all", "diagnostics"),
+        help="main: the method comparison; studies: magnitude/random masks, global allocation; "
+        "diagnostics: RoSA at LoRA's chosen rate, and RoSA with its mask scored before step 0",
     )
     parser.add_argument(
         "--report", action="store_true", help="print the table and plot from the JSON; no training"
     )
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.report:
         report(load_results(args.out), PLOT if args.out == OUT else args.out.with_suffix(".png"))
         return 0

@@ -99,6 +99,33 @@ def test_results_are_kept_and_skipped(accuracy, tmp_path, monkeypatch):
     assert json.loads(path.read_text())["runs"][spec.key] == {"exact_match": 0.5}
 
 
+def test_two_suites_sharing_one_file_keep_each_others_results(accuracy, tmp_path):
+    """Two suites (e.g. one per task) write the same JSON: a save merges, it never drops the other's runs."""
+    path = tmp_path / "acc.json"
+    first, second = accuracy.load_results(path), accuracy.load_results(path)  # both loaded before any save
+    first["runs"]["a"] = {"exact_match": 0.1}
+    accuracy.save_results(first, path)
+    second["probes"]["p"] = {"val_loss": 1.0}
+    second["runs"]["b"] = {"exact_match": 0.2}
+    accuracy.save_results(second, path)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["runs"] == {"a": {"exact_match": 0.1}, "b": {"exact_match": 0.2}}
+    assert on_disk["probes"] == {"p": {"val_loss": 1.0}}
+
+
+def test_diagnostics_are_separate_runs_that_skip_the_policy(accuracy, tmp_path, monkeypatch):
+    """A diagnostic never overwrites or borrows the policy's run, and a hand-set rate probes nothing."""
+    plain = accuracy.Spec("viggo", "rosa")
+    by_hand = accuracy.Spec("viggo", "rosa", fixed_lr=9e-3)
+    at_start = accuracy.Spec("viggo", "rosa", mask_at_start=True)
+    assert len({plain.key, by_hand.key, at_start.key}) == 3
+    assert not plain.diagnostic and by_hand.diagnostic and at_start.diagnostic
+    monkeypatch.setattr(accuracy, "_probe", lambda *a: pytest.fail("probed a hand-set rate"))
+    assert accuracy.choose_lr(by_hand, {"probes": {}}, tmp_path / "x.json") == 9e-3
+    _, schedule, _ = accuracy.build(_tiny_llama(), at_start, warmup_steps=0)
+    assert schedule is None  # the mask is scored before the first step, as for SpA
+
+
 def test_learning_rate_grid_extends_past_an_edge(accuracy, tmp_path, monkeypatch):
     """The chosen rate is an interior minimum of what was probed (or the last extension)."""
     calls = []
