@@ -44,19 +44,13 @@ import threading
 import time
 from pathlib import Path
 
+from proc_memory import status_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("lora", "fwd_bwd", "collect", "collect_capped", "collect_bf16")
 
 
 # --- inside a subprocess --------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 class PeakRSS:
@@ -77,7 +71,7 @@ class PeakRSS:
             self._stop = threading.Event()
             self._sampler = threading.Thread(target=self._sample, daemon=True)
             self._sampler.start()
-        self.baseline = _status_kib("VmRSS") * 1024
+        self.baseline = status_kib("VmRSS") * 1024
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -86,7 +80,7 @@ class PeakRSS:
 
     def peak(self) -> int:
         if self._sampler is None:
-            return _status_kib("VmHWM") * 1024
+            return status_kib("VmHWM") * 1024
         self._stop.set()
         self._sampler.join()
         return self._peak

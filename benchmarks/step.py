@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from proc_memory import reset_peak_rss, status_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "step.json"
 METHODS = ("full", "lora", "supra", "rosa_collect", "rosa")
@@ -53,20 +55,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 # --- inside a subprocess --------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS") * 1024
 
 
 class LiveStorageMeter:
@@ -236,7 +224,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     model.train()
     gc.collect()
     rss_start = (
-        _reset_peak_rss() if device.type == "cpu" else 0
+        reset_peak_rss() if device.type == "cpu" else 0
     )  # the steps' growth (collection: rosa_collect)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -261,7 +249,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         step()
         if i > 0:
             times.append(time.perf_counter() - tick)
-    rss_peak = _status_kib("VmHWM") * 1024 - rss_start if device.type == "cpu" else None
+    rss_peak = status_kib("VmHWM") * 1024 - rss_start if device.type == "cpu" else None
 
     # The allocator's view: every tensor storage alive at the worst moment of one step.
     held = {

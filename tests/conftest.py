@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved with the default model's tokenizer (converted once and cached)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from rosa.default_model import DefaultModelUnavailable, default_model_path
 
@@ -23,12 +24,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     except DefaultModelUnavailable as e:
         pytest.skip(str(e))
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_llama_config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

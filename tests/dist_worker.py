@@ -46,21 +46,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def tiny_model() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
     from rosa.config import RosaConfig
     from rosa.model import get_rosa_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    base = LlamaForCausalLM(config)
+    base = tiny_llama(seed=0)
     rosa_config = RosaConfig(
         r=4, lora_alpha=8, density=0.05, target_modules=TARGETS, warmup_steps=2, mask_steps=2
     )

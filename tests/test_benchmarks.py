@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: siblings such as proc_memory import
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -33,18 +36,7 @@ def step():
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(0, hidden_size=48, intermediate_size=80, vocab_size=96)
 
 
 @pytest.mark.parametrize("budget", ["low", "mid"])

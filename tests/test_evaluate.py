@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch.utils.data import DataLoader
 
 import rosa.default_model as dm
@@ -47,23 +48,15 @@ def tokenizer(model_dir):
 @pytest.fixture()
 def tiny_model(tokenizer):
     """A random 2-layer LLaMA over the SmolLM2 vocabulary: fast, real architecture."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    return tiny_llama(
+        0,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    ).eval()
 
 
 def _force_next_token(model, token_id: int):

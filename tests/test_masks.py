@@ -6,10 +6,11 @@ import copy
 import json
 
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from rosa.layer import RosaLayer, RosaLinear, nnz_budget
 from rosa.masks import (
@@ -41,17 +42,8 @@ def _one_thread():
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    return tiny_models.tiny_llama(seed, **overrides).eval()
 
 
 def wrap_rosa(
@@ -645,16 +637,7 @@ def test_load_refuses_more_nonzeros_than_capacity(saved):
 
 def test_load_refuses_wrong_model_shape(saved):
     _, path = saved
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    other = wrap_rosa(LlamaForCausalLM(config), density=0.1)
+    other = wrap_rosa(tiny_models.tiny_llama(0, hidden_size=48), density=0.1)
     with pytest.raises(MaskFileError, match="in the model but the file says"):
         load_mask(other, path)
 

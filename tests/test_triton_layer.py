@@ -18,8 +18,9 @@ def _layer(strategy: str, dtype: torch.dtype, seed: int) -> RosaLinear:
     gen = torch.Generator().manual_seed(seed)
     base = torch.nn.Linear(24, 20, dtype=dtype)
     base.requires_grad_(False)
-    layer = RosaLinear(base, "default", r=3, lora_alpha=6, density=0.2, init_lora_weights=False,
-                       sparse_strategy=strategy)
+    layer = RosaLinear(
+        base, "default", r=3, lora_alpha=6, density=0.2, init_lora_weights=False, sparse_strategy=strategy
+    )
     mask = torch.rand(20, 24, generator=gen) < 0.15
     mask[3] = False  # an empty row
     mask[:, 5] = False  # an empty column
@@ -35,7 +36,12 @@ def _run(layer: RosaLinear, x: torch.Tensor, grad: torch.Tensor):
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     y.backward(grad)
-    return y.detach(), x.grad, layer.rosa_values["default"].grad.clone(), layer.rosa_A["default"].weight.grad.clone()
+    return (
+        y.detach(),
+        x.grad,
+        layer.rosa_values["default"].grad.clone(),
+        layer.rosa_A["default"].weight.grad.clone(),
+    )
 
 
 @pytest.mark.parametrize("strategy", ["spmm", "fold"])

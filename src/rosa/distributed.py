@@ -37,6 +37,16 @@ class ProcessContext:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """Processes in the current default group; 1 when torch.distributed is not in use."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the current default group (the only rank that writes files); True without a group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def init_from_env() -> ProcessContext:
     """Join the process group the launcher describes (gloo on CPU, NCCL on GPUs); a single process otherwise.
 

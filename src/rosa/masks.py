@@ -77,6 +77,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import world_size
 from .layer import RosaLayer, nnz_budget
 from .sparse import Support, SupportError, support_from_csr, support_from_flat_index, validate_csr
 
@@ -154,12 +155,6 @@ def _in_backward() -> bool:
     """True inside an autograd backward pass (where checkpointed forwards are recomputed)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
-
-
-def _dist_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 class _LayerStats:
@@ -298,7 +293,7 @@ class StatCollector:
         if "fisher" in state.acc:
             if state.pending is not None:
                 state.pending.add_(g)
-            elif state.received < state.expected or _dist_world() > 1:
+            elif state.received < state.expected or world_size() > 1:
                 state.pending = g
             else:
                 state.acc["fisher"].addcmul_(g, g)
@@ -307,7 +302,7 @@ class StatCollector:
 
     def _close(self, state: _LayerStats) -> None:
         if state.pending is not None:
-            world = _dist_world()
+            world = world_size()
             if world > 1:
                 # G_b of the global micro-batch: each rank holds the gradient of its own mean loss, and DDP
                 # averages those, so G_b is the mean over ranks. Square it after the all-reduce, not before.
@@ -340,7 +335,7 @@ class StatCollector:
         self.end_micro_batch()
         state = self._state.pop(name)
         count = state.count
-        world = _dist_world()
+        world = world_size()
         if world > 1:
             # Every rank sees its share of the same global micro-batches, so the counts must agree.
             counts = torch.tensor([float(count), -float(count)], device=next(iter(state.acc.values())).device)

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .distributed import is_main_process
 from .masks import (
     MaskBuilder,
     MaskError,
@@ -257,14 +258,8 @@ class RosaScheduler:
         self.builder = None
         self._snapshot.clear()
         self._event("mask_fixed", nnz=nnz, restart=self.restart_after_mask, method=method_name(self.method))
-        if self.save_mask_path is not None and _is_main_process():  # every rank holds the same mask
+        if self.save_mask_path is not None and is_main_process():  # every rank holds the same mask
             save_mask(self.model, self.save_mask_path, adapter_name=a, method=self.method)
-
-
-def _is_main_process() -> bool:
-    """Rank 0 under torch.distributed (the only rank that writes files), else True."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class RosaTrainerCallback(TrainerCallback):
