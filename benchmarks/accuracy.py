@@ -126,17 +126,31 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
-    """Write atomically, merged with what other processes wrote meanwhile (two suites may share one file)."""
+    """Write the whole file atomically (a fresh file, or a deliberate rewrite)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.exists():
-            on_disk = json.loads(path.read_text())
-            for part in ("probes", "runs"):
-                results[part] = {**on_disk.get(part, {}), **results[part]}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, path)
+        _write(results, path)
+
+
+def record_result(results: dict[str, Any], path: Path, part: str, key: str, value: dict[str, Any]) -> None:
+    """Add one probe or run to the file as it is on disk now, under a lock, and to ``results``.
+
+    Only the new entry is written: two suites may share one file, and an entry removed from the file by hand
+    (e.g. a run found invalid) is not brought back from another process's memory."""
+    results[part][key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads(path.read_text()) if path.exists() else {**results, part: {}}
+        on_disk.setdefault(part, {})[key] = value
+        _write(on_disk, path)
+
+
+def _write(results: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
 
 
 def settings() -> dict[str, Any]:
@@ -353,8 +367,7 @@ def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> floa
     if key not in results["probes"]:
         probe = train_once(source, lr, PROBE_STEPS, score_test=False, desc=f"probe {key}")
         probe.pop("losses")
-        results["probes"][key] = probe
-        save_results(results, path)
+        record_result(results, path, "probes", key, probe)
         print(f"  probe {key}: val loss {probe['val_loss']:.4f} ({probe['wall_seconds']:.0f} s)", flush=True)
     return results["probes"][key]["val_loss"]
 
@@ -368,8 +381,7 @@ def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
         lr = choose_lr(spec, results, path)
         print(f"run {spec.key} at lr {lr:g}", flush=True)
         run = train_once(spec, lr, spec.steps, score_test=True, desc=spec.key)
-        results["runs"][spec.key] = run
-        save_results(results, path)
+        record_result(results, path, "runs", spec.key, run)
         print(f"  {spec.key}: exact match {run['exact_match']:.1%} ({run['wall_seconds']:.0f} s)", flush=True)
     return results
 

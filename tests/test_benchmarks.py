@@ -92,17 +92,21 @@ def test_results_are_kept_and_skipped(accuracy, tmp_path, monkeypatch):
 
 
 def test_two_suites_sharing_one_file_keep_each_others_results(accuracy, tmp_path):
-    """Two suites (e.g. one per task) write the same JSON: a save merges, it never drops the other's runs."""
+    """Two suites (e.g. one per task) add to the same JSON: neither drops the other's entries, and an entry
+    removed from the file by hand is not written back from a suite's memory."""
     path = tmp_path / "acc.json"
     first, second = accuracy.load_results(path), accuracy.load_results(path)  # both loaded before any save
-    first["runs"]["a"] = {"exact_match": 0.1}
-    accuracy.save_results(first, path)
-    second["probes"]["p"] = {"val_loss": 1.0}
-    second["runs"]["b"] = {"exact_match": 0.2}
-    accuracy.save_results(second, path)
+    accuracy.record_result(first, path, "runs", "a", {"exact_match": 0.1})
+    accuracy.record_result(second, path, "probes", "p", {"val_loss": 1.0})
+    accuracy.record_result(second, path, "runs", "b", {"exact_match": 0.2})
     on_disk = json.loads(path.read_text())
     assert on_disk["runs"] == {"a": {"exact_match": 0.1}, "b": {"exact_match": 0.2}}
     assert on_disk["probes"] == {"p": {"val_loss": 1.0}}
+    assert on_disk["settings"] == json.loads(json.dumps(first["settings"]))
+    del on_disk["runs"]["a"]  # found invalid and removed
+    accuracy.save_results(on_disk, path)
+    accuracy.record_result(first, path, "runs", "c", {"exact_match": 0.3})  # "a" is still in first's memory
+    assert json.loads(path.read_text())["runs"] == {"b": {"exact_match": 0.2}, "c": {"exact_match": 0.3}}
 
 
 def test_diagnostics_are_separate_runs_that_skip_the_policy(accuracy, tmp_path, monkeypatch):

@@ -206,6 +206,25 @@ def test_magnitude_is_topk_of_base_weight(pair):
         assert supports[name].flat_index().tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("method", ["fisher", "grad", "magnitude", "random"])
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+def test_scoring_changes_nothing_but_the_support(method, allocation):
+    """Scoring must not write into what it reads: an fp32 base weight is shared, not copied, by the scorer (a
+    magnitude mask once took ``abs_()`` of it and flipped every negative weight of the model)."""
+    model = wrap_rosa(tiny_llama(), init_lora_weights=False)
+    batch = make_batches(1)[0]
+    with torch.no_grad():
+        before_out = model(**batch).logits
+    before = {k: v.clone() for k, v in model.state_dict().items() if "rosa_" not in k}
+    collect_mask(model, make_batches(2), method=method, allocation=allocation)
+    after = {k: v for k, v in model.state_dict().items() if "rosa_" not in k}
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    with torch.no_grad():  # the new sparse values are zero: the function is unchanged
+        torch.testing.assert_close(model(**batch).logits, before_out, rtol=0, atol=1e-6)
+
+
 def test_random_is_deterministic_per_seed():
     model = wrap_rosa(tiny_llama())
     a = flat_indices(collect_mask(model, method="random", seed=3, apply=False))

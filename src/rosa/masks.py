@@ -409,9 +409,9 @@ def layer_scores(
     if method == "fisher":
         scores = stats["fisher"]
     elif method == "grad":
-        scores = stats["grad"].abs_()
+        scores = stats["grad"].abs()  # not in place: the statistics stay as collected
     elif method == "magnitude":
-        scores = base_weight_out_in(layer).abs_()
+        scores = base_weight_out_in(layer).abs()  # not in place: an fp32 base weight is shared, not copied
     elif method == "random":
         generator = torch.Generator(device="cpu").manual_seed(name_seed(seed, name))
         device = next(iter(layer.rosa_values.values())).device
