@@ -429,57 +429,91 @@ def label(run: dict[str, Any]) -> str:
     return name
 
 
+def kind(spec: dict[str, Any]) -> str:
+    """comparison (the policy's runs of each method), mask study, or diagnostic."""
+    if spec.get("fixed_lr") is not None or spec.get("mask_at_start"):
+        return "diagnostic"
+    if spec["method"] in ("spa", "rosa") and (spec["mask_method"], spec["allocation"]) != ("fisher", "layer"):
+        return "mask study"
+    return "comparison"
+
+
+KINDS = ("comparison", "mask study", "diagnostic")
+METHOD_ORDER = {"full": 0, "lora": 1, "spa": 2, "rosa": 3}
+
+
+def ordered_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs by task, then comparison / studies / diagnostics, then method."""
+    return sorted(
+        results["runs"].values(),
+        key=lambda r: (r["spec"]["task"], KINDS.index(kind(r["spec"])), METHOD_ORDER[r["spec"]["method"]]),
+    )
+
+
 def report(results: dict[str, Any], plot: Path | None) -> None:
-    runs = results["runs"]
+    runs = ordered_runs(results)
     print(
-        "\n| task | method | mask | trainable | % of linear weights | lr | val loss | exact match | wall / CPU min |"
+        "\n| task | kind | method | trainable | % of linear weights | lr | val loss | exact match | wall / CPU min |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for run in runs.values():
+    for run in runs:
         spec = run["spec"]
         total = run["trainable"]["total"]
         linear = run["params"].get("linear_weights")
         share = f"{100 * total / linear:.2f}" if linear else "all"
-        mask = f"{spec['mask_method']}, {spec['allocation']}" if spec["method"] in ("spa", "rosa") else "-"
+        method = label(run)
+        if spec["method"] in ("spa", "rosa") and kind(spec) == "comparison":
+            method += " (fisher, layer)"
         print(
-            f"| {spec['task']} | {label(run).split(' (')[0]} | {mask} | {total:,} | {share} | {run['lr']:.0e} "
+            f"| {spec['task']} | {kind(spec)} | {method} | {total:,} | {share} | {run['lr']:.0e} "
             f"| {run['val_loss']:.3f} | {run['exact_match']:.1%} ({run['correct']}/{run['count']}) "
             f"| {run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f} |"
         )
+    for key, why in results.get("withdrawn", {}).items():
+        print(f"\nwithdrawn: {key} ({why['exact_match']:.1%}): {why['why']}")
     if plot is None or not runs:
         return
+    _plot(runs, plot)
+
+
+def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
+    """Left: exact match vs trainable parameters (the comparison). Right: every RoSA/SpA variant, as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({run["spec"]["task"] for run in runs.values()})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    tasks = sorted({run["spec"]["task"] for run in runs})
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
     markers = {"full": "s", "lora": "o", "spa": "^", "rosa": "*"}
-    for ax, task in zip(axes[0], tasks):
-        for run in runs.values():
-            if run["spec"]["task"] != task:
-                continue
-            ax.scatter(
-                run["trainable"]["total"],
-                100 * run["exact_match"],
-                marker=markers[run["spec"]["method"]],
-                s=60,
-            )
-            ax.annotate(
-                label(run),
-                (run["trainable"]["total"], 100 * run["exact_match"]),
-                fontsize=7,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(f"exact match, % ({TEST_ROWS} held-out rows)")
-        ax.set_title(f"SmolLM2-135M on {task}")
-        ax.grid(alpha=0.3)
+    for (left, right), task in zip(axes, tasks):
+        mine = [r for r in runs if r["spec"]["task"] == task]
+        for run in (r for r in mine if kind(r["spec"]) == "comparison"):
+            x, y = run["trainable"]["total"], 100 * run["exact_match"]
+            left.scatter(x, y, marker=markers[run["spec"]["method"]], s=70)
+            left.annotate(label(run), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        left.set_xscale("log")
+        left.set_xlabel("trainable parameters")
+        left.set_ylabel(f"exact match, % ({TEST_ROWS} held-out rows)")
+        left.set_title(f"SmolLM2-135M on {task}: methods at the policy's learning rate")
+        left.grid(alpha=0.3)
+        variants = [
+            r for r in mine if r["spec"]["method"] in ("spa", "rosa") or r["spec"]["method"] == "lora"
+        ]
+        names = [label(r).replace(" [diagnostic: ", "\n[").replace("RoSA (", "RoSA\n(") for r in variants]
+        colors = [
+            {"comparison": "C0", "mask study": "C1", "diagnostic": "C2"}[kind(r["spec"])] for r in variants
+        ]
+        bars = right.bar(range(len(variants)), [100 * r["exact_match"] for r in variants], color=colors)
+        right.bar_label(bars, fmt="%.1f", fontsize=7)
+        right.set_xticks(range(len(variants)), names, fontsize=7)
+        right.set_ylabel("exact match, %")
+        right.set_title(
+            f"{task}: same budget; blue comparison, orange mask study, green diagnostic", fontsize=9
+        )
+        right.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(plot, dpi=120)
+    fig.savefig(plot, dpi=110)
     print(f"\nwrote {plot}")
 
 
