@@ -469,11 +469,44 @@ def report(results: dict[str, Any], plot: Path | None) -> None:
             f"| {run['val_loss']:.3f} | {run['exact_match']:.1%} ({run['correct']}/{run['count']}) "
             f"| {run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f} |"
         )
+    _mask_window_table(runs)
     for key, why in results.get("withdrawn", {}).items():
         print(f"\nwithdrawn: {key} ({why['exact_match']:.1%}): {why['why']}")
     if plot is None or not runs:
         return
     _plot(runs, plot)
+
+
+def mask_fixed_step(spec: dict[str, Any]) -> int:
+    """Index of the first step whose update moves the sparse values (0 when the mask exists before step 0)."""
+    if spec["method"] == "spa" or spec.get("mask_at_start"):
+        return 0
+    warmup = max(1, round(WARMUP_FRACTION * spec["steps"]))
+    return warmup + (MASK_STEPS if spec["mask_method"] in ("fisher", "grad") else 0)
+
+
+def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> None:
+    """Training loss just before and just after RoSA's mask is fixed, as a ratio to LoRA's loss on the same
+    batches (every method sees the same batches in the same order, so the ratio removes the batch-to-batch
+    noise): a rise after the mask means the first updates of the sparse values hurt."""
+    lora = {r["spec"]["task"]: r for r in runs if r["spec"]["method"] == "lora"}
+    rows = [r for r in runs if r["spec"]["method"] == "rosa" and mask_fixed_step(r["spec"]) > width]
+    rows = [r for r in rows if r["spec"]["task"] in lora]
+    if not rows:
+        return
+    print(
+        f"\n| task | RoSA run | mask fixed after step | RoSA / LoRA loss, {width} steps before | {width} steps after |"
+    )
+    print("|---|---|---|---|---|")
+    for run in rows:
+        m, ref = mask_fixed_step(run["spec"]), lora[run["spec"]["task"]]["losses"]
+        before = _mean(run["losses"][m - width : m]) / _mean(ref[m - width : m])
+        after = _mean(run["losses"][m + 1 : m + 1 + width]) / _mean(ref[m + 1 : m + 1 + width])
+        print(f"| {run['spec']['task']} | {label(run)} | {m} | {before:.2f} | {after:.2f} |")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _plot(runs: list[dict[str, Any]], plot: Path) -> None:

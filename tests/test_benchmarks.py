@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,21 @@ def test_live_storage_meter_counts_what_is_alive(step):
         del c, d
     assert meter.peak == 2 * 1000 * 250 * 4
     assert meter.current == 1000 * 250 * 4  # b
+
+
+@pytest.mark.parametrize("mask_method", ["fisher", "random"])
+def test_reported_mask_step_is_where_the_scheduler_fixes_the_mask(accuracy, mask_method):
+    """The report's before/after-mask window must sit where the schedule really sets the mask."""
+    spec = accuracy.Spec("viggo", "rosa", mask_method=mask_method, steps=30)
+    warmup = max(1, round(accuracy.WARMUP_FRACTION * spec.steps))
+    model, schedule, _ = accuracy.build(_tiny_llama(), spec, warmup)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(spec.steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        schedule.micro_batch_end()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step(optimizer)
+    (fixed,) = [e for e in schedule.events if e["event"] == "mask_fixed"]
+    assert accuracy.mask_fixed_step(asdict(spec)) == fixed["optimizer_step"]
