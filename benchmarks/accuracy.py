@@ -375,6 +375,7 @@ def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> floa
 def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
     results = load_results(path)
     for spec in specs:
+        results = load_results(path)  # another suite sharing the file may have finished this spec meanwhile
         if spec.key in results["runs"]:
             print(f"done already: {spec.key}")
             continue
@@ -567,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="print the table and plot from the JSON; no training"
     )
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only the specs whose key contains one of these strings"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -574,7 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report(load_results(args.out), PLOT if args.out == OUT else args.out.with_suffix(".png"))
         return 0
-    results = run_suite(specs_for(args.tasks, args.methods, args.budgets, args.part, args.steps), args.out)
+    specs = specs_for(args.tasks, args.methods, args.budgets, args.part, args.steps)
+    if args.only:
+        specs = [s for s in specs if any(part in s.key for part in args.only)]
+    results = run_suite(specs, args.out)
     report(results, PLOT if args.out == OUT else args.out.with_suffix(".png"))
     return 0
 
