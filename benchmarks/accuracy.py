@@ -22,6 +22,9 @@ clipping at 1.0 and fp32 weights:
   Warm-up and collection count toward the same step total as every other method.
 - Mask studies at the same budget and learning rate as ``rosa``: ``magnitude`` and ``random`` masks instead of
   fisher, and ``global`` allocation (one top-k across all layers) instead of per layer.
+- Diagnostics (``--part diagnostics``, never part of ``all``): single RoSA runs outside the policy that test an
+  explanation of a result: RoSA at the rate the policy chose for LoRA, and RoSA with its mask scored before
+  step 0 (as SpA's), so that its sparse values start under the LR warm-up instead of at the peak rate.
 
 Budgets count trainable weights in the adapted linear layers (q, k, v, o, gate, up, down of the 30 decoder
 layers: 106.2M weights). ``low`` is LoRA r=4: 1.22M trainable weights, 1.15% of the linear weights; RoSA gets
@@ -33,13 +36,15 @@ steps (the same schedule shape, compressed) and the lowest held-out loss on the 
 wins; while the winner is at an edge of the grid the grid grows by one x3 step past it (at most twice); the
 full run then uses that rate. The mask studies reuse the ``rosa`` rate.
 
-Resumable: every finished probe and run is written to the JSON at once (atomically) and skipped on the next
-call; Ctrl-C loses at most the run in progress. A run (probes excluded) took 12-14 minutes on the 2-core
+Resumable: every finished probe and run is added to the JSON at once (atomically, under a lock, so two suites may
+share the file, e.g. one per task with ``--threads 1`` each) and skipped on the next call; Ctrl-C loses at most
+the run in progress. A run (probes excluded) took 12-14 minutes on the 2-core
 CPU for SpA and RoSA on ViGGO (LoRA: 24 CPU-minutes over 2 threads); each probe about 2 minutes.
 
     python benchmarks/accuracy.py                            # everything: main comparison + mask studies
     python benchmarks/accuracy.py --tasks viggo --methods lora rosa
     python benchmarks/accuracy.py --part studies             # mask studies only
+    python benchmarks/accuracy.py --tasks viggo --part diagnostics --only mask-at-start
     python benchmarks/accuracy.py --report                   # table + plot from the JSON, no training
 """
 
