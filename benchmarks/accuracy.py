@@ -515,6 +515,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _short(run: dict[str, Any]) -> str:
+    """A bar label: the method, then what differs from the comparison run."""
+    spec = run["spec"]
+    name = label({"spec": {**spec, "mask_method": "fisher", "allocation": "layer", "fixed_lr": None}})
+    name = name.replace(" [diagnostic: mask before step 0]", "")
+    if kind(spec) == "mask study":
+        name += f" {spec['mask_method']}" + (" global" if spec["allocation"] == "global" else "")
+    if spec.get("mask_at_start"):
+        name += " mask at step 0"
+    if spec.get("fixed_lr") is not None:
+        name += f" lr {spec['fixed_lr']:g}"
+    return name
+
+
 def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
     """Left: exact match vs trainable parameters (the comparison). Right: every RoSA/SpA variant, as bars."""
     import matplotlib
@@ -539,13 +553,13 @@ def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
         variants = [
             r for r in mine if r["spec"]["method"] in ("spa", "rosa") or r["spec"]["method"] == "lora"
         ]
-        names = [label(r).replace(" [diagnostic: ", "\n[").replace("RoSA (", "RoSA\n(") for r in variants]
+        names = [_short(r) for r in variants]
         colors = [
             {"comparison": "C0", "mask study": "C1", "diagnostic": "C2"}[kind(r["spec"])] for r in variants
         ]
         bars = right.bar(range(len(variants)), [100 * r["exact_match"] for r in variants], color=colors)
         right.bar_label(bars, fmt="%.1f", fontsize=7)
-        right.set_xticks(range(len(variants)), names, fontsize=7)
+        right.set_xticks(range(len(variants)), names, fontsize=7, rotation=25, ha="right")
         right.set_ylabel("exact match, %")
         right.set_title(
             f"{task}: same budget; blue comparison, orange mask study, green diagnostic", fontsize=9
