@@ -100,10 +100,6 @@ class Spec:
     mask_at_start: bool = False  # diagnostics only: RoSA's mask scored before step 0 (as SpA's), no warm-up
 
     @property
-    def diagnostic(self) -> bool:
-        return self.fixed_lr is not None or self.mask_at_start
-
-    @property
     def key(self) -> str:
         variant = "" if self.method in ("full", "lora") else f"/{self.mask_method}/{self.allocation}"
         budget = "" if self.method == "full" else f"/{self.budget}"
@@ -256,6 +252,11 @@ def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
 # ------------------------------------------------------------------------------------------------ one run
 
 
+def warmup_steps(steps: int) -> int:
+    """LR warm-up length of a ``steps``-step run (also RoSA's LoRA-only phase)."""
+    return max(1, round(WARMUP_FRACTION * steps))
+
+
 def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -> dict[str, Any]:
     """Fine-tune a fresh copy of the model; return losses, validation loss and (optionally) test exact match."""
     from torch.utils.data import DataLoader
@@ -272,7 +273,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     train, val, test = splits(spec.task)
     torch.manual_seed(SEED)
     model, tokenizer = load_model_and_tokenizer(ModelSection())
-    warmup = max(1, round(WARMUP_FRACTION * steps))
+    warmup = warmup_steps(steps)
     model, schedule, info = build(model, spec, 0 if spec.mask_at_start else warmup)
     features = tokenize_examples(train, tokenizer, MAX_LENGTH)
     sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=SEED)
@@ -378,7 +379,6 @@ def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> floa
 
 
 def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
-    results = load_results(path)
     for spec in specs:
         results = load_results(path)  # another suite sharing the file may have finished this spec meanwhile
         if spec.key in results["runs"]:
@@ -389,10 +389,12 @@ def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
         run = train_once(spec, lr, spec.steps, score_test=True, desc=spec.key)
         record_result(results, path, "runs", spec.key, run)
         print(f"  {spec.key}: exact match {run['exact_match']:.1%} ({run['wall_seconds']:.0f} s)", flush=True)
-    return results
+    return load_results(path)
 
 
-def specs_for(tasks: list[str], methods: list[str], budgets: list[str], part: str, steps: int) -> list[Spec]:
+def specs_for(
+    tasks: list[str], methods: list[str], budgets: list[str], part: str, steps: int, path: Path = OUT
+) -> list[Spec]:
     """Main comparison first (every task), then the mask studies: the order in which results are most useful."""
     specs: list[Spec] = []
     if part in ("main", "all"):
@@ -408,15 +410,15 @@ def specs_for(tasks: list[str], methods: list[str], budgets: list[str], part: st
     if part == "diagnostics":  # why RoSA trails: its rate, and its late-starting sparse part (not in "all")
         for task in tasks:
             for b in budgets:
-                lora_rate = _chosen_rate(Spec(task, "lora", b, steps=steps))
+                lora_rate = _chosen_rate(Spec(task, "lora", b, steps=steps), path)
                 if lora_rate is not None:
                     specs.append(Spec(task, "rosa", b, steps=steps, fixed_lr=lora_rate))
                 specs.append(Spec(task, "rosa", b, steps=steps, mask_at_start=True))
     return specs
 
 
-def _chosen_rate(spec: Spec) -> float | None:
-    run = load_results(OUT)["runs"].get(spec.key)
+def _chosen_rate(spec: Spec, path: Path) -> float | None:
+    run = load_results(path)["runs"].get(spec.key)
     return None if run is None else run["lr"]
 
 
@@ -426,7 +428,7 @@ def _chosen_rate(spec: Spec) -> float | None:
 def label(run: dict[str, Any]) -> str:
     spec = run["spec"]
     name = {"full": "full FT", "lora": "LoRA", "spa": "SpA", "rosa": "RoSA"}[spec["method"]]
-    if spec["method"] in ("spa", "rosa") and (spec["mask_method"], spec["allocation"]) != ("fisher", "layer"):
+    if _other_mask(spec):
         name += f" ({spec['mask_method']}, {spec['allocation']})"
     if spec.get("fixed_lr") is not None:
         name += f" [diagnostic: lr {spec['fixed_lr']:g} set by hand]"
@@ -435,11 +437,19 @@ def label(run: dict[str, Any]) -> str:
     return name
 
 
+def _other_mask(spec: dict[str, Any]) -> bool:
+    """A sparse method whose mask is not the comparison's (fisher, per layer)."""
+    return spec["method"] in ("spa", "rosa") and (spec["mask_method"], spec["allocation"]) != (
+        "fisher",
+        "layer",
+    )
+
+
 def kind(spec: dict[str, Any]) -> str:
     """comparison (the policy's runs of each method), mask study, or diagnostic."""
     if spec.get("fixed_lr") is not None or spec.get("mask_at_start"):
         return "diagnostic"
-    if spec["method"] in ("spa", "rosa") and (spec["mask_method"], spec["allocation"]) != ("fisher", "layer"):
+    if _other_mask(spec):
         return "mask study"
     return "comparison"
 
@@ -485,10 +495,11 @@ def report(results: dict[str, Any], plot: Path | None) -> None:
 
 def mask_fixed_step(spec: dict[str, Any]) -> int:
     """Index of the first step whose update moves the sparse values (0 when the mask exists before step 0)."""
+    from rosa.masks import default_stats
+
     if spec["method"] == "spa" or spec.get("mask_at_start"):
         return 0
-    warmup = max(1, round(WARMUP_FRACTION * spec["steps"]))
-    return warmup + (MASK_STEPS if spec["mask_method"] in ("fisher", "grad") else 0)
+    return warmup_steps(spec["steps"]) + (MASK_STEPS if default_stats(spec["mask_method"]) else 0)
 
 
 def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> None:
@@ -550,9 +561,7 @@ def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
         left.set_ylabel(f"exact match, % ({TEST_ROWS} held-out rows)")
         left.set_title(f"SmolLM2-135M on {task}: methods at the policy's learning rate")
         left.grid(alpha=0.3)
-        variants = [
-            r for r in mine if r["spec"]["method"] in ("spa", "rosa") or r["spec"]["method"] == "lora"
-        ]
+        variants = [r for r in mine if r["spec"]["method"] in ("lora", "spa", "rosa")]
         names = [_short(r) for r in variants]
         colors = [
             {"comparison": "C0", "mask study": "C1", "diagnostic": "C2"}[kind(r["spec"])] for r in variants
@@ -597,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report(load_results(args.out), PLOT if args.out == OUT else args.out.with_suffix(".png"))
         return 0
-    specs = specs_for(args.tasks, args.methods, args.budgets, args.part, args.steps)
+    specs = specs_for(args.tasks, args.methods, args.budgets, args.part, args.steps, args.out)
     if args.only:
         specs = [s for s in specs if any(part in s.key for part in args.only)]
     results = run_suite(specs, args.out)

@@ -116,7 +116,8 @@ def test_diagnostics_are_separate_runs_that_skip_the_policy(accuracy, tmp_path, 
     by_hand = accuracy.Spec("viggo", "rosa", fixed_lr=9e-3)
     at_start = accuracy.Spec("viggo", "rosa", mask_at_start=True)
     assert len({plain.key, by_hand.key, at_start.key}) == 3
-    assert not plain.diagnostic and by_hand.diagnostic and at_start.diagnostic
+    kinds = [accuracy.kind(asdict(spec)) for spec in (plain, by_hand, at_start)]
+    assert kinds == ["comparison", "diagnostic", "diagnostic"]
     monkeypatch.setattr(accuracy, "_probe", lambda *a: pytest.fail("probed a hand-set rate"))
     assert accuracy.choose_lr(by_hand, {"probes": {}}, tmp_path / "x.json") == 9e-3
     _, schedule, _ = accuracy.build(_tiny_llama(), at_start, warmup_steps=0)
@@ -154,8 +155,7 @@ def test_live_storage_meter_counts_what_is_alive(step):
 def test_reported_mask_step_is_where_the_scheduler_fixes_the_mask(accuracy, mask_method):
     """The report's before/after-mask window must sit where the schedule really sets the mask."""
     spec = accuracy.Spec("viggo", "rosa", mask_method=mask_method, steps=30)
-    warmup = max(1, round(accuracy.WARMUP_FRACTION * spec.steps))
-    model, schedule, _ = accuracy.build(_tiny_llama(), spec, warmup)
+    model, schedule, _ = accuracy.build(_tiny_llama(), spec, accuracy.warmup_steps(spec.steps))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     for _ in range(spec.steps):
