@@ -58,7 +58,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,14 @@ LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "adapter": (3e-4, 1e-3, 3e-3)}
 MAX_EXTENSIONS = 2
 METHODS = ("lora", "rosa", "spa", "full")  # run order: the comparison that matters most first
 STUDIES = (("rosa", "magnitude", "layer"), ("rosa", "random", "layer"), ("rosa", "fisher", "global"))
+# RoSA schedule candidates (every one restarts under a fresh LR warm-up; they differ in the LoRA-only warm-up
+# before the mask statistics and in the sparse values' rate), in the order they run.
+CANDIDATES = (
+    {"lora_warmup": False, "restart": True, "rewarmup": True, "sparse_lr_ratio": 3.5},
+    {"lora_warmup": True, "restart": True, "rewarmup": True, "sparse_lr_ratio": 3.5},
+    {"lora_warmup": False, "restart": True, "rewarmup": True, "sparse_lr_ratio": 1.0},
+    {"lora_warmup": True, "restart": True, "rewarmup": True, "sparse_lr_ratio": 1.0},
+)
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,14 @@ class Spec:
     mask_method: str = "fisher"
     allocation: str = "layer"
     steps: int = STEPS
-    fixed_lr: float | None = None  # diagnostics only: a rate set by hand instead of the policy
+    fixed_lr: float | None = None  # a rate set by hand instead of the policy (candidates, diagnostics)
     mask_at_start: bool = False  # diagnostics only: RoSA's mask scored before step 0 (as SpA's), no warm-up
+    # RoSA's schedule (the defaults are the first runs' schedule, so their keys stay as they were):
+    lora_warmup: bool = True  # LoRA-only steps (10% of the run) before the mask statistics
+    restart: bool = False  # A and B back to their initial values when the mask is fixed
+    rewarmup: bool = False  # what starts at the mask gets a fresh LR warm-up (10% of the run)
+    sparse_lr_ratio: float = 1.0  # the sparse values train at lr / sparse_lr_ratio
+    seed: int = 0  # training order and adapter init
 
     @property
     def key(self) -> str:
@@ -106,15 +120,25 @@ class Spec:
         extra = (f"/lr{self.fixed_lr:g}" if self.fixed_lr is not None else "") + (
             "/mask-at-start" if self.mask_at_start else ""
         )
-        return f"{self.task}/{self.method}{budget}{variant}/{self.steps}{extra}"
+        return f"{self.task}/{self.method}{budget}{variant}/{self.steps}{self.schedule_suffix}{extra}"
+
+    @property
+    def schedule_suffix(self) -> str:
+        """What differs from the first runs' schedule and seed, as a key part ('' for those runs)."""
+        parts = [] if self.lora_warmup else ["wl0"]
+        parts += (["restart"] if self.restart else []) + (["rewarmup"] if self.rewarmup else [])
+        parts += [f"sr{self.sparse_lr_ratio:g}"] if self.sparse_lr_ratio != 1.0 else []
+        parts += [f"seed{self.seed}"] if self.seed else []
+        return "".join(f"/{p}" for p in parts)
 
     @property
     def lr_family(self) -> str:
         return "full" if self.method == "full" else "adapter"
 
     def lr_source(self) -> Spec:
-        """The spec whose probes choose this spec's learning rate (the mask studies borrow the fisher RoSA's)."""
-        return Spec(self.task, self.method, self.budget, "fisher", "layer", self.steps)
+        """The spec whose probes choose this spec's learning rate: the mask studies borrow the fisher RoSA's,
+        other seeds borrow seed 0's."""
+        return replace(self, mask_method="fisher", allocation="layer", seed=0, fixed_lr=None)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -152,6 +176,17 @@ def _write(results: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, path)
+
+
+def git_commit() -> str:
+    """The commit the benchmark code ran from, with '+dirty' when the tree had uncommitted changes."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def settings() -> dict[str, Any]:
@@ -240,9 +275,10 @@ def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
         mask_method=spec.mask_method,
         mask_allocation=spec.allocation,
         mask_seed=SEED,
-        warmup_steps=warmup_steps if spec.method == "rosa" else 0,
+        warmup_steps=warmup_steps if spec.method == "rosa" and spec.lora_warmup else 0,
         mask_steps=MASK_STEPS,
-        restart_after_mask=False,
+        restart_after_mask=spec.restart,
+        rewarmup_steps=warmup_steps if spec.rewarmup else 0,
     )
     peft_model = get_rosa_model(model, config)
     schedule = RosaScheduler(peft_model, config) if spec.method == "rosa" and not spec.mask_at_start else None
@@ -265,18 +301,20 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     from rosa.evaluate import evaluate_task, heldout_loss
     from rosa.masks import collect_mask
     from rosa.model import sparse_parameter_count
+    from rosa.optim import create_rosa_optimizer
     from rosa.run_config import ModelSection
     from rosa.train import load_model_and_tokenizer, warmup_cosine
 
     started = time.perf_counter()
     cpu_started = time.process_time()
+    load_before = os.getloadavg()[0]
     train, val, test = splits(spec.task)
-    torch.manual_seed(SEED)
+    torch.manual_seed(spec.seed)
     model, tokenizer = load_model_and_tokenizer(ModelSection())
     warmup = warmup_steps(steps)
     model, schedule, info = build(model, spec, 0 if spec.mask_at_start else warmup)
     features = tokenize_examples(train, tokenizer, MAX_LENGTH)
-    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=SEED)
+    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=spec.seed)
     collate = CausalLMCollator(tokenizer)
     batches = iter(sampler)
 
@@ -286,7 +324,10 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
         collect_mask(model, first)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if spec.method in ("spa", "rosa"):
+        optimizer = create_rosa_optimizer(model, lr=lr, sparse_lr_ratio=spec.sparse_lr_ratio)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
     losses = []
     model.train()
@@ -321,7 +362,13 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
         "params": info,
         "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),
+        "commit": git_commit(),
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load_before": load_before,
     }
+    if schedule is not None:
+        result["schedule_events"] = schedule.events
     if spec.method in ("spa", "rosa"):
         counts = sparse_parameter_count(model)
         result["trainable"] = {**counts, "total": counts["lora"] + counts["sparse_active"]}
@@ -407,6 +454,16 @@ def specs_for(
                 )
     if part in ("studies", "all"):
         specs += [Spec(t, m, b, mm, al, steps) for t in tasks for b in budgets for m, mm, al in STUDIES]
+    if part == "candidates":  # RoSA schedules, all at LoRA's chosen rate; the default is picked on val loss
+        for task in tasks:
+            for b in budgets:
+                lora_rate = _chosen_rate(Spec(task, "lora", b, steps=steps), path)
+                if lora_rate is None:
+                    raise SystemExit(f"candidates run at LoRA's chosen rate: run {task}/lora/{b} first")
+                specs += [
+                    Spec(task, "rosa", b, steps=steps, fixed_lr=lora_rate, **schedule)
+                    for schedule in CANDIDATES
+                ]
     if part == "diagnostics":  # why RoSA trails: its rate, and its late-starting sparse part (not in "all")
         for task in tasks:
             for b in budgets:
@@ -588,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part",
         default="all",
-        choices=("main", "studies", "all", "diagnostics"),
+        choices=("main", "studies", "all", "diagnostics", "candidates"),
         help="main: the method comparison; studies: magnitude/random masks, global allocation; "
         "diagnostics: RoSA at LoRA's chosen rate, and RoSA with its mask scored before step 0",
     )

@@ -99,6 +99,15 @@ class RosaConfig(PeftConfig):
             "help": "Reset A and B to their initial values once the mask is fixed (the paper's best runs)."
         },
     )
+    rewarmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps over which the parameters that start when the mask is fixed mid-run (the "
+            "sparse values; A and B too with restart_after_mask) ramp their learning rate linearly from 0 up "
+            "to the LR scheduler's; None: the run's own LR warm-up where the trainer knows it (rosa train, "
+            "RosaTrainerCallback), else warmup_steps; 0: no ramp."
+        },
+    )
     mask_memory_budget: float | None = field(
         default=None,
         metadata={"help": "Cap, in GiB, on the extra memory mask collection may use (None: automatic)."},
@@ -158,8 +167,12 @@ class RosaConfig(PeftConfig):
             )
         if self.global_capacity_factor < 1.0:
             raise RosaConfigError(f"global_capacity_factor must be >= 1, got {self.global_capacity_factor}")
-        if self.warmup_steps < 0 or self.mask_steps < 0:
-            raise RosaConfigError("warmup_steps and mask_steps must be >= 0")
+        for name in ("warmup_steps", "mask_steps", "rewarmup_steps"):
+            value = getattr(self, name)
+            if name == "rewarmup_steps" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RosaConfigError(f"{name} must be a non-negative integer, got {value!r}")
         if self.mask_memory_budget is not None and self.mask_memory_budget <= 0:
             raise RosaConfigError(f"mask_memory_budget must be positive (GiB), got {self.mask_memory_budget}")
         if self.bias != "none":

@@ -14,12 +14,17 @@ collection:
    exact values snapshotted when the schedule started, and the optimizer state of A, B and the sparse values
    is deleted (``optimizer.state.pop(param)``): an Adam-type optimizer then starts those parameters afresh
    (step 0, zero moments) exactly as a new optimizer would, while the parameter objects and param groups stay
-   the same (no parameter appears or disappears; DDP/FSDP see no change). The learning-rate schedule is not
-   touched. Without restart, training simply continues from the warmed-up LoRA and its optimizer state.
+   the same (no parameter appears or disappears; DDP/FSDP see no change).
+4. What starts afresh also starts under a fresh learning-rate warm-up, as in the paper's second run: for
+   ``rewarmup_steps`` optimizer steps the param groups holding those parameters run at
+   ``min(1, (k + 1) / rewarmup_steps)`` times the LR scheduler's rate (k counts the steps since the mask).
+   The factor is applied inside ``optimizer.step()`` only (step pre/post hooks) and the rate put back after
+   it, so any LR scheduler (LambdaLR, Trainer's, accelerate's) keeps its own values. Starting the sparse
+   values at the peak rate with empty Adam moments is what this avoids: measured, it costs RoSA its advantage.
 
 Plain PyTorch::
 
-    sched = RosaScheduler(model, config)
+    sched = RosaScheduler(model, config, optimizer=optimizer)
     for batch in loader:
         loss = model(**batch).loss
         loss.backward()
@@ -35,7 +40,8 @@ HF Trainer: ``Trainer(..., callbacks=[RosaTrainerCallback(config)])``.
 
 A saved mask (``mask_path``) skips warm-up and collection: joint training starts at step 0 (the paper's
 two-run recipe). ``save_mask_path`` writes the mask as soon as it is fixed. A model that already has a mask
-(e.g. resumed from a checkpoint after the mask was set) starts in the joint phase.
+(e.g. resumed from a checkpoint after the mask was set) starts in the joint phase; ``state_dict()`` /
+``load_state_dict()`` carry the restart snapshot and the step the mask was fixed at across a resume.
 """
 
 from __future__ import annotations
@@ -79,12 +85,56 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 def reset_optimizer_state(optimizer: Any, params: Iterable[torch.Tensor]) -> int:
     """Delete the optimizer state of ``params`` (lazily re-created from scratch at their next step).
 
-    Returns how many parameters had state."""
+    Returns how many parameters had state. Refuses an optimizer that does not hold every one of ``params``
+    (FSDP1 without ``use_orig_params``, DeepSpeed: flattened copies), where a reset would silently do nothing."""
+    params = list(params)
     inner = unwrap_optimizer(optimizer)
     state = getattr(inner, "state", None)
     if state is None:
         raise MaskError(f"cannot reset the state of optimizer {type(optimizer).__name__}: it has no .state")
+    groups_holding(optimizer, params)
     return sum(state.pop(p, None) is not None for p in params)
+
+
+def groups_holding(optimizer: Any, params: Iterable[torch.Tensor]) -> list[dict[str, Any]]:
+    """The param groups of ``optimizer`` that hold any of ``params``; every one of them must be held."""
+    ids = {id(p) for p in params}
+    groups = unwrap_optimizer(optimizer).param_groups
+    held = {id(p) for g in groups for p in g["params"]} & ids
+    if held != ids:
+        raise MaskError(
+            f"the optimizer does not hold {len(ids) - len(held)} of the {len(ids)} RoSA parameters the schedule "
+            "restarts (flattened parameters: FSDP1 without use_orig_params=True, or DeepSpeed ZeRO?); "
+            "build the optimizer over the model's own parameters"
+        )
+    return [g for g in groups if any(id(p) in ids for p in g["params"])]
+
+
+class _LRRamp:
+    """Scales the rate of some param groups during ``optimizer.step()`` only, by ``factor()``."""
+
+    def __init__(self, optimizer: Any, groups: list[dict[str, Any]], factor) -> None:
+        inner = unwrap_optimizer(optimizer)
+        self.groups = groups
+        self.factor = factor
+        self._saved: list[Any] = []
+        self._handles = [inner.register_step_pre_hook(self._pre), inner.register_step_post_hook(self._post)]
+
+    def _pre(self, *_: Any) -> None:
+        f = self.factor()
+        self._saved = [g["lr"] for g in self.groups]
+        for g in self.groups:
+            g["lr"] = g["lr"] * f
+
+    def _post(self, *_: Any) -> None:
+        for g, lr in zip(self.groups, self._saved):
+            g["lr"] = lr
+        self._saved = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class RosaScheduler:
@@ -107,12 +157,13 @@ class RosaScheduler:
         mask_path: str | os.PathLike | None = None,
         save_mask_path: str | os.PathLike | None = None,
         start_step: int = 0,
+        optimizer: Any = None,
+        rewarmup_steps: int | None = None,
     ) -> None:
         self.model = model
         self.adapter_name = resolve_adapter(model, adapter_name)
         if config is None:
-            peft_config = getattr(model, "peft_config", None)
-            config = peft_config.get(self.adapter_name) if isinstance(peft_config, dict) else None
+            config = _model_config(model, self.adapter_name)
         if config is None:
             raise MaskError("RosaScheduler needs a RosaConfig (none found on the model)")
         self.config = config
@@ -124,6 +175,12 @@ class RosaScheduler:
         self.warmup_steps = int(config.warmup_steps)
         self.mask_steps = int(config.mask_steps)
         self.restart_after_mask = bool(config.restart_after_mask)
+        if rewarmup_steps is None:
+            rewarmup_steps = getattr(config, "rewarmup_steps", None)
+        self.rewarmup_steps = int(self.warmup_steps if rewarmup_steps is None else rewarmup_steps)
+        self.optimizer = optimizer
+        self.mask_fixed_step: int | None = None  # optimizer steps done when the mask was fixed mid-run
+        self._ramp: _LRRamp | None = None
         self.optimizer_steps = int(start_step)
         self.events: list[dict[str, Any]] = []
         self.builder: MaskBuilder | None = None
@@ -174,6 +231,31 @@ class RosaScheduler:
             a0.copy_(state[f"{name}.A"])
             b0.copy_(state[f"{name}.B"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the model and optimizer: ``{"mask_fixed_step": int | None,
+        "snapshot": {name: tensor}}`` (the snapshot only before the mask is fixed)."""
+        return {
+            "mask_fixed_step": self.mask_fixed_step,
+            "snapshot": {} if self.mask_ready else self.snapshot_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a scheduler built for the resumed run (same ``start_step``)."""
+        if not self.mask_ready and state.get("snapshot"):
+            self.load_snapshot_state(state["snapshot"])
+        fixed = state.get("mask_fixed_step")
+        if fixed is not None and self.mask_ready:
+            self.mask_fixed_step = int(fixed)
+            if self.optimizer is not None:
+                self._start_ramp(self.optimizer)
+
+    @property
+    def lr_factor(self) -> float:
+        """The factor the re-warm-up applies to the restarted parameters' rate at the next optimizer step."""
+        if self.mask_fixed_step is None or self.rewarmup_steps <= 0:
+            return 1.0
+        return min(1.0, (self.optimizer_steps - self.mask_fixed_step + 1) / self.rewarmup_steps)
+
     def micro_batch_end(self) -> None:
         """Mark the end of a micro-batch (forward + backward). Optional: see the module docstring."""
         if self.phase == COLLECT and self.builder.collector is not None:
@@ -183,6 +265,13 @@ class RosaScheduler:
     def step(self, optimizer: Any = None) -> None:
         """Call after every optimizer step (with the optimizer, so its state can be reset on restart)."""
         self.optimizer_steps += 1
+        if optimizer is not None:
+            self.optimizer = optimizer
+        if self._ramp is not None and self.lr_factor >= 1.0:
+            self._ramp.remove()
+            self._ramp = None
+        elif self._ramp is None and self.lr_factor < 1.0 and optimizer is not None:
+            self._start_ramp(optimizer)  # resumed without an optimizer at construction
         if self.phase == COLLECT and self.builder.collector is not None:  # None: micro_batch_end finished it
             self.builder.collector.end_micro_batch()
             self._advance_groups()
@@ -195,6 +284,9 @@ class RosaScheduler:
         """Remove any hooks and accumulators (e.g. when training stops during collection)."""
         if self.builder is not None:
             self.builder.close()
+        if self._ramp is not None:
+            self._ramp.remove()
+            self._ramp = None
 
     # --- internals ----------------------------------------------------------------------------------------
 
@@ -245,21 +337,74 @@ class RosaScheduler:
                     layer = self.layers[name]
                     layer.rosa_A[a].weight.copy_(a0)
                     layer.rosa_B[a].weight.copy_(b0)
+        optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is not None:
-            params = [layer.rosa_values[a] for layer in self.layers.values()]
-            if self.restart_after_mask:
-                for layer in self.layers.values():
-                    if a in layer.rosa_A:
-                        params += [layer.rosa_A[a].weight, layer.rosa_B[a].weight]
-            reset_optimizer_state(optimizer, params)
+            reset_optimizer_state(optimizer, self._restarted_params())
         elif self.restart_after_mask and self.optimizer_steps > 0:
             logger.warning("restart_after_mask without an optimizer: the A/B optimizer state was not reset")
+        if self.optimizer_steps > 0:  # mid-run: what starts now gets its own LR warm-up
+            self.mask_fixed_step = self.optimizer_steps
+            if optimizer is not None:
+                self._start_ramp(optimizer)
+            elif self.rewarmup_steps > 0:
+                logger.warning("the mask was fixed without an optimizer: no learning-rate re-warm-up")
         self.phase = JOINT
         self.builder = None
         self._snapshot.clear()
-        self._event("mask_fixed", nnz=nnz, restart=self.restart_after_mask, method=method_name(self.method))
+        self._event(
+            "mask_fixed",
+            nnz=nnz,
+            restart=self.restart_after_mask,
+            method=method_name(self.method),
+            rewarmup=self.rewarmup_steps if self._ramp is not None else 0,
+        )
         if self.save_mask_path is not None and is_main_process():  # every rank holds the same mask
             save_mask(self.model, self.save_mask_path, adapter_name=a, method=self.method)
+
+    def _restarted_params(self) -> list[torch.Tensor]:
+        """The parameters that start afresh when the mask is fixed."""
+        a = self.adapter_name
+        params = [layer.rosa_values[a] for layer in self.layers.values()]
+        if self.restart_after_mask:
+            params += [
+                p
+                for layer in self.layers.values()
+                if a in layer.rosa_A
+                for p in (layer.rosa_A[a].weight, layer.rosa_B[a].weight)
+            ]
+        return params
+
+    def _start_ramp(self, optimizer: Any) -> None:
+        if self._ramp is not None or self.lr_factor >= 1.0:
+            return
+        groups = groups_holding(optimizer, self._restarted_params())
+        self._ramp = _LRRamp(optimizer, groups, lambda: self.lr_factor)
+
+
+SCHEDULE_FILE = "rosa_schedule.safetensors"
+
+
+def save_schedule_state(scheduler: RosaScheduler, path: str | os.PathLike) -> None:
+    """Write :meth:`RosaScheduler.state_dict` as safetensors (tensors + one metadata field)."""
+    from safetensors.torch import save_file
+
+    state = scheduler.state_dict()
+    fixed = state["mask_fixed_step"]
+    tensors = {f"snapshot.{k}": v.detach().cpu().contiguous() for k, v in state["snapshot"].items()}
+    save_file(tensors, os.fspath(path), metadata={"mask_fixed_step": "" if fixed is None else str(fixed)})
+
+
+def load_schedule_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by :func:`save_schedule_state` (safetensors: nothing is unpickled)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        fixed = (f.metadata() or {}).get("mask_fixed_step", "")
+        names = [k for k in f.keys() if k.startswith("snapshot.")]  # noqa: SIM118 (not a dict)
+        snapshot = {k[len("snapshot.") :]: f.get_tensor(k) for k in names}
+    if fixed and not fixed.isdigit():
+        raise MaskError(f"{path}: mask_fixed_step must be a non-negative integer, got {fixed!r}")
+    return {"mask_fixed_step": int(fixed) if fixed else None, "snapshot": snapshot}
 
 
 class RosaTrainerCallback(TrainerCallback):
@@ -267,9 +412,12 @@ class RosaTrainerCallback(TrainerCallback):
 
     Under ``torchrun`` / ``accelerate launch`` nothing changes: Trainer's DDP gets the support buffers marked
     as not to be synchronised (``on_init_end``), and the mask statistics are all-reduced across ranks.
-    The scheduler is created at ``on_train_begin`` (the A/B restart snapshot is taken there); the end of
-    every micro-batch (``on_substep_end``) and optimizer step (``on_step_end``, which receives the optimizer)
-    drive it. The scheduler is available as ``callback.scheduler`` (its ``events`` record the phase changes).
+    The scheduler is created at ``on_train_begin``; the end of every micro-batch (``on_substep_end``) and
+    optimizer step (``on_step_end``) drive it. The re-warm-up after a mid-run mask defaults to Trainer's own
+    LR warm-up (``warmup_steps`` / ``warmup_ratio``). Every Trainer checkpoint gets a ``rosa_schedule.safetensors``
+    (the restart snapshot and the step the mask was fixed at), which ``train(resume_from_checkpoint=...)`` reads
+    back from ``output_dir/checkpoint-N``. The scheduler is ``callback.scheduler`` (its ``events`` record the
+    phase changes).
     """
 
     def __init__(
@@ -282,8 +430,10 @@ class RosaTrainerCallback(TrainerCallback):
         accumulator_dtype: torch.dtype = torch.float32,
         mask_path: str | os.PathLike | None = None,
         save_mask_path: str | os.PathLike | None = None,
+        rewarmup_steps: int | None = None,
     ) -> None:
         self.config = config
+        self.rewarmup_steps = rewarmup_steps
         self.kwargs = {
             "adapter_name": adapter_name,
             "method": method,
@@ -306,10 +456,32 @@ class RosaTrainerCallback(TrainerCallback):
                 model, support_buffer_names(model)
             )
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise MaskError("RosaTrainerCallback needs the model (Trainer passes it to callbacks)")
-        self.scheduler = RosaScheduler(model, self.config, start_step=state.global_step, **self.kwargs)
+        rewarmup = self.rewarmup_steps
+        config = self.config if self.config is not None else _model_config(model, self.kwargs["adapter_name"])
+        if rewarmup is None and getattr(config, "rewarmup_steps", None) is None:
+            rewarmup = args.get_warmup_steps(state.max_steps) if state.max_steps else None
+        self.scheduler = RosaScheduler(
+            model,
+            config,
+            start_step=state.global_step,
+            optimizer=optimizer,
+            rewarmup_steps=rewarmup,
+            **self.kwargs,
+        )
+        if state.global_step > 0:  # resumed: the restart snapshot and mask step come from the checkpoint
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SCHEDULE_FILE)
+            if os.path.isfile(path):
+                self.scheduler.load_state_dict(load_schedule_state(path))
+            else:
+                logger.warning(
+                    "resumed at step %d without %s: a later restart returns A and B to their values at resume, "
+                    "and a re-warm-up in progress is not continued",
+                    state.global_step,
+                    path,
+                )
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self.scheduler is not None:
@@ -319,9 +491,22 @@ class RosaTrainerCallback(TrainerCallback):
         if self.scheduler is not None:
             self.scheduler.step(optimizer)
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.scheduler is not None and state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                save_schedule_state(self.scheduler, os.path.join(folder, SCHEDULE_FILE))
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.scheduler is not None:
             self.scheduler.close()
+
+
+def _model_config(model: nn.Module, adapter_name: str | None) -> Any:
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        return None
+    return peft_config.get(resolve_adapter(model, adapter_name))
 
 
 __all__ = [
@@ -330,6 +515,8 @@ __all__ = [
     "WARMUP",
     "RosaScheduler",
     "RosaTrainerCallback",
+    "load_schedule_state",
     "reset_optimizer_state",
+    "save_schedule_state",
     "unwrap_optimizer",
 ]

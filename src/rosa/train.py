@@ -204,6 +204,7 @@ def _train(
     from safetensors.torch import load_file
 
     from .model import get_rosa_model, sparse_parameter_count
+    from .optim import create_rosa_optimizer
     from .scheduler import RosaScheduler
 
     started = time.perf_counter()
@@ -213,6 +214,8 @@ def _train(
     if checkpoint is not None:  # the run continues with the settings it was started with
         run = load_run_config(out / "run_config.yaml")
     rosa_config = run.rosa_config()
+    if run.train.mask_path is not None and not Path(run.train.mask_path).is_file():
+        raise RunConfigError(f"train.mask_path: no mask file at {run.train.mask_path}")
     task, train_examples, held_out = load_task_examples(run.data)
     torch.manual_seed(run.train.seed)
     model, tokenizer = load_model_and_tokenizer(run.model, device=ctx.device)
@@ -252,7 +255,9 @@ def _train(
         )
     collate = CausalLMCollator(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=run.train.lr, weight_decay=run.train.weight_decay)
+    optimizer = create_rosa_optimizer(
+        model, lr=run.train.lr, sparse_lr_ratio=run.train.sparse_lr_ratio, weight_decay=run.train.weight_decay
+    )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(run.train.lr_warmup_steps, run.train.steps)
     )
@@ -268,14 +273,26 @@ def _train(
         start_step = int(state["step"])
     trained = distributed.wrap_ddp(model, ctx)
     mask_path = mask_out if mask_out is not None else out / "mask.safetensors"
-    schedule = RosaScheduler(trained, rosa_config, start_step=start_step, save_mask_path=mask_path)
+    start_mask = run.train.mask_path if checkpoint is None and start_step == 0 else None
+    schedule = RosaScheduler(
+        trained,
+        rosa_config,
+        start_step=start_step,
+        save_mask_path=None if start_mask is not None else mask_path,
+        mask_path=start_mask,
+        optimizer=optimizer,
+        rewarmup_steps=run.train.lr_warmup_steps if rosa_config.rewarmup_steps is None else None,
+    )
     if mask_out is not None and schedule.mask_ready:
         schedule.close()
         return TrainResult(str(mask_out), 0, None, None, time.perf_counter() - started)
-    if checkpoint is not None and not schedule.mask_ready:
+    if checkpoint is not None:
         prefix = "snapshot."
-        schedule.load_snapshot_state(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        schedule.load_state_dict(
+            {
+                "mask_fixed_step": state.get("mask_fixed_step"),
+                "snapshot": {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+            }
         )
 
     counts = sparse_parameter_count(model)
@@ -435,6 +452,7 @@ class _Saver:
                     "sampler": sampler.state_dict(),
                     "before": before,
                     "processes": self.ctx.world if gather else 1,
+                    "mask_fixed_step": schedule.mask_fixed_step,
                 },
                 keep=self.run.train.keep_checkpoints,
             )
