@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,53 @@ def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, tiny_model_dir)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_in_the_middle_of_the_rewarmup_reaches_the_same_adapter(tmp_path, tiny_model_dir):
+    """The mask is fixed after step 2 and the restarted parameters ramp over 6 steps: a run resumed from its
+    step-4 checkpoint (in a copy of its folder) must continue the ramp where it was, not restart or skip it."""
+    ramp = ["train.steps=10", "train.lr_warmup_steps=6", "train.keep_checkpoints=10", "eval.before=false"]
+    code, out = _train(tmp_path, tiny_model_dir, *ramp)
+    assert code == 0
+    events = json.loads((out / "results.json").read_text())["schedule_events"]
+    fixed = next(e for e in events if e["event"] == "mask_fixed")
+    assert fixed["optimizer_step"] == 2 and fixed["rewarmup"] == 6
+    state = json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())
+    assert state["mask_fixed_step"] == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "adapter")
+    (copy / "results.json").unlink()
+    (copy / "checkpoints" / "latest").write_text("step-4")
+    assert main(["train", "-q", f"model.name={tiny_model_dir}", f"output_dir={copy}", "--resume"]) == 0
+    a = load_file(out / "adapter" / "adapter_model.safetensors")
+    b = load_file(copy / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_two_run_recipe_from_the_command_line(tmp_path, tiny_model_dir):
+    """`rosa mask --out m` then `rosa train train.mask_path=m`: the second run starts from that mask at step 0
+    (no warm-up, no collection) and trains the sparse values at lr / train.sparse_lr_ratio."""
+    mask = tmp_path / "mask.safetensors"
+    model = f"model.name={tiny_model_dir}"
+    assert main(["mask", "-q", model, *FAST, "--out", str(mask)]) == 0
+    code, out = _train(tmp_path, tiny_model_dir, f"train.mask_path={mask}", "train.sparse_lr_ratio=4")
+    assert code == 0
+    events = json.loads((out / "results.json").read_text())["schedule_events"]
+    assert [e["event"] for e in events] == ["mask_loaded"]
+    saved = load_file(mask)
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    col_keys = [k for k in adapter if k.endswith("rosa_col_idx")]
+    assert col_keys and all(
+        any(torch.equal(adapter[k], v) for n, v in saved.items() if n.endswith("col_idx")) for k in col_keys
+    )
+    groups = json.loads((out / "checkpoints" / "step-2" / "state.json").read_text())["optimizer"]["param_groups"]
+    rates = {g["name"]: g["initial_lr"] for g in groups}
+    assert rates["rosa_sparse"] == pytest.approx(rates["rosa_lora"] / 4)
+
+
+def test_a_missing_mask_file_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, capsys):
+    code, out = _train(tmp_path, tiny_model_dir, f"train.mask_path={tmp_path / 'nope.safetensors'}")
+    assert code == 2 and "train.mask_path" in capsys.readouterr().err
+    assert not out.exists()

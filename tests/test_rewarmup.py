@@ -1,0 +1,222 @@
+"""The fresh learning-rate warm-up of what starts when the mask is fixed mid-run (RosaConfig.rewarmup_steps):
+the update it applies, step by step, against a plain SGD step at the expected rate; under an LR scheduler, under
+transformers.Trainer, and across a resume in the middle of the ramp (plain loop and Trainer checkpoints)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_scheduler import TokenData, config, lora, make_batches, tiny_llama, values, wrap_rosa
+from transformers import Trainer, TrainingArguments
+
+import rosa
+from rosa.masks import MaskError
+from rosa.optim import LORA_GROUP, SPARSE_GROUP, create_rosa_optimizer
+from rosa.scheduler import JOINT, RosaScheduler, RosaTrainerCallback, load_schedule_state
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _optimizer(model, optimizer_cls=torch.optim.SGD, **kw):
+    """create_rosa_optimizer works on any module: name the groups the way a PEFT model's would be."""
+    return create_rosa_optimizer(model, optimizer_cls, **kw)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_each_step_after_the_mask_moves_at_the_ramped_rate(restart):
+    """SGD: the update is -rate * grad, so the rate each parameter really used is measured exactly."""
+    model = wrap_rosa(tiny_llama())
+    opt = _optimizer(model, lr=0.1, sparse_lr_ratio=4.0)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.05 * step)
+    cfg = config(warmup_steps=2, mask_steps=1, restart_after_mask=restart, rewarmup_steps=4)
+    sched = RosaScheduler(model, cfg)
+    batches = make_batches(9)
+    used = []  # per step after the mask: (rate of A/B, rate of the sparse values) as measured
+    for step, batch in enumerate(batches):
+        model(**batch).loss.backward()
+        before = {id(p): p.detach().clone() for p in lora(model) + values(model)}
+        grads = {id(p): p.grad.clone() for p in lora(model) + values(model) if p.grad is not None}
+        scheduled = {g["name"]: g["lr"] for g in opt.param_groups}
+        opt.step()
+        if sched.phase == JOINT:
+            rates = []
+            # B, not A: right after a restart B = 0, so A's gradient (and step) is too small to measure in fp32
+            for params in (lora(model)[1::2], values(model)):
+                ratio = [
+                    ((before[id(p)] - p.detach()).flatten() @ grads[id(p)].flatten())
+                    / (grads[id(p)].flatten() @ grads[id(p)].flatten())
+                    for p in params
+                    if grads[id(p)].abs().sum() > 0
+                ]
+                rates.append(float(torch.stack(ratio).mean()))
+            used.append((step, rates, scheduled))
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step(opt)
+        # outside optimizer.step() the groups hold the LR scheduler's own rates
+        assert [g["lr"] for g in opt.param_groups] == lr_sched.get_last_lr()
+    assert sched.mask_fixed_step == 3
+    fixed = next(e for e in sched.events if e["event"] == "mask_fixed")
+    assert fixed["rewarmup"] == 4
+    for k, (step, (lora_rate, sparse_rate), scheduled) in enumerate(used):
+        factor = min(1.0, (k + 1) / 4)
+        assert step == 3 + k
+        assert sparse_rate == pytest.approx(scheduled[SPARSE_GROUP] * factor, rel=1e-4)
+        lora_factor = factor if restart else 1.0  # without restart A and B simply go on
+        assert lora_rate == pytest.approx(scheduled[LORA_GROUP] * lora_factor, rel=1e-4)
+    assert sched._ramp is None  # the hooks are gone once the ramp is over
+
+
+def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
+    model = wrap_rosa(tiny_llama())
+    opt = _optimizer(model, lr=0.1)
+    sched = RosaScheduler(model, config(warmup_steps=1, mask_steps=1, rewarmup_steps=0))
+    for batch in make_batches(3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step(opt)
+    assert sched.mask_fixed_step == 2 and sched._ramp is None and sched.lr_factor == 1.0
+    # a data-free mask fixed before any step: the run's own LR warm-up covers it
+    model = wrap_rosa(tiny_llama())
+    sched = RosaScheduler(model, config(warmup_steps=0, mask_method="random", rewarmup_steps=5))
+    assert sched.phase == JOINT and sched.mask_fixed_step is None and sched.lr_factor == 1.0
+
+
+def test_an_optimizer_without_the_rosa_parameters_is_refused():
+    """FSDP1 without use_orig_params or DeepSpeed hold flattened copies: a restart would silently do nothing."""
+    model = wrap_rosa(tiny_llama())
+    stand_in = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([stand_in], lr=1e-3)
+    sched = RosaScheduler(model, config(warmup_steps=0, mask_steps=1))
+    model(**make_batches(1)[0]).loss.backward()
+    with pytest.raises(MaskError, match="does not hold"):
+        sched.step(opt)
+
+
+def _run_plain(model, steps, *, state=None, start=0, batches):
+    """A plain loop with AdamW + LambdaLR; returns what a checkpoint needs. ``state`` resumes from one."""
+    opt = _optimizer(model, torch.optim.AdamW, lr=2e-2, sparse_lr_ratio=2.0, weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+    cfg = config(warmup_steps=2, mask_steps=2, restart_after_mask=True, rewarmup_steps=4)
+    sched = RosaScheduler(model, cfg, start_step=start, optimizer=opt)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr"])
+        sched.load_state_dict(state["schedule"])
+    for batch in batches[start:steps]:
+        model(**batch).loss.backward()
+        opt.step()
+        lr_sched.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step(opt)
+    return {
+        "optimizer": copy.deepcopy(opt.state_dict()),
+        "lr": lr_sched.state_dict(),
+        "schedule": copy.deepcopy(sched.state_dict()),
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+@pytest.mark.parametrize("stop", [2, 6])  # 2: before collection (snapshot needed); 6: in the middle of the ramp
+def test_plain_loop_resume_reaches_the_same_adapter(stop):
+    batches = make_batches(10)
+    full = _run_plain(wrap_rosa(tiny_llama()), 10, batches=batches)
+    first = _run_plain(wrap_rosa(tiny_llama()), stop, batches=batches)
+    # a fresh process: a model with other initial A values, then the checkpoint's adapter and schedule state
+    fresh = wrap_rosa(tiny_llama(seed=7))
+    fresh.load_state_dict(first["model"])
+    resumed = _run_plain(fresh, 10, state=first, start=stop, batches=batches)
+    assert first["schedule"]["mask_fixed_step"] == (None if stop == 2 else 4)
+    for name, value in full["model"].items():
+        torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-7, msg=name)
+
+
+def _trainer(model, out, max_steps, callback, **kw):
+    opt = create_rosa_optimizer(model, lr=1e-2, sparse_lr_ratio=3.5)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        warmup_steps=3,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kw,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=TokenData(),
+        optimizers=(opt, None),
+        callbacks=[callback],
+    )
+
+
+def _peft_rosa(adapter_seed=0):
+    """The same base model every time; ``adapter_seed`` draws the initial A."""
+    cfg = rosa.RosaConfig(r=4, lora_alpha=8, density=0.05, warmup_steps=2, mask_steps=2)
+    base = tiny_llama(0, initializer_range=0.2)
+    torch.manual_seed(adapter_seed)
+    return rosa.get_rosa_model(base, cfg)
+
+
+def test_trainer_puts_the_sparse_values_under_trainers_warmup_after_the_mask(tmp_path):
+    model = _peft_rosa()
+    callback = RosaTrainerCallback()
+    trainer = _trainer(model, tmp_path, 8, callback, save_strategy="no")
+    seen = []
+
+    def spy(optimizer, args, kwargs):  # registered first: runs before the ramp's pre-hook, sees the plain rate
+        seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+
+    applied = []
+
+    def after(optimizer, args, kwargs):  # registered first: runs before the ramp's post-hook, sees its rate
+        applied.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+
+    opt = trainer.optimizer
+    opt.register_step_pre_hook(spy)
+    opt.register_step_post_hook(after)
+    trainer.train()
+    sched = callback.scheduler
+    assert sched.rewarmup_steps == 3  # Trainer's own warm-up
+    assert sched.mask_fixed_step == 4  # 2 LoRA-only steps + 2 collection micro-batches (one per step)
+    for step in range(8):
+        k = step - sched.mask_fixed_step
+        factor = min(1.0, (k + 1) / 3) if k >= 0 else 1.0
+        for name in (LORA_GROUP, SPARSE_GROUP):
+            assert applied[step][name] == pytest.approx(seen[step][name] * factor), (step, name)
+    assert seen[4][SPARSE_GROUP] == pytest.approx(seen[4][LORA_GROUP] / 3.5)
+
+
+@pytest.mark.parametrize("resume_at", [2, 6])  # 2: before the mask (snapshot); 6: in the middle of the ramp
+def test_trainer_resume_reaches_the_same_adapter(tmp_path, resume_at):
+    full = _peft_rosa()
+    _trainer(full, tmp_path / "full", 8, RosaTrainerCallback(), save_strategy="no").train()
+    first = _peft_rosa()
+    _trainer(first, tmp_path / "run", 8, RosaTrainerCallback(), save_strategy="steps", save_steps=2).train()
+    saved = load_schedule_state(tmp_path / "run" / f"checkpoint-{resume_at}" / "rosa_schedule.safetensors")
+    assert saved["mask_fixed_step"] == (None if resume_at == 2 else 4)
+    assert bool(saved["snapshot"]) == (resume_at == 2)
+    # a new process: other initial A values (the restart must use the checkpoint's snapshot, not these)
+    again = _peft_rosa(adapter_seed=5)
+    trainer = _trainer(again, tmp_path / "run", 8, RosaTrainerCallback(), save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{resume_at}"))
+    expected = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    for name, p in again.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=name)
