@@ -432,6 +432,12 @@ def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
             print(f"done already: {spec.key}")
             continue
         lr = choose_lr(spec, results, path)
+        twin = replace(spec, fixed_lr=lr).key  # the same training, already run with the rate set by hand
+        if spec.fixed_lr is None and twin in results["runs"]:
+            run = {**results["runs"][twin], "spec": asdict(spec), "same_run_as": twin}
+            record_result(results, path, "runs", spec.key, run)
+            print(f"  {spec.key}: the same run as {twin} (the policy chose its rate)", flush=True)
+            continue
         print(f"run {spec.key} at lr {lr:g}", flush=True)
         run = train_once(spec, lr, spec.steps, score_test=True, desc=spec.key)
         record_result(results, path, "runs", spec.key, run)
@@ -440,20 +446,41 @@ def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
 
 
 def specs_for(
-    tasks: list[str], methods: list[str], budgets: list[str], part: str, steps: int, path: Path = OUT
+    tasks: list[str],
+    methods: list[str],
+    budgets: list[str],
+    part: str,
+    steps: int,
+    path: Path = OUT,
+    seeds: tuple[int, ...] = (0,),
 ) -> list[Spec]:
-    """Main comparison first (every task), then the mask studies: the order in which results are most useful."""
+    """Main comparison first (every task), then the mask studies: the order in which results are most useful.
+    RoSA runs the schedule the candidates chose (``choose_schedule``); ``seeds`` apply to LoRA and RoSA."""
     specs: list[Spec] = []
+    schedule: dict[str, Any] = {}
+    if part in ("main", "all", "studies") and ("rosa" in methods or part == "studies"):
+        chosen = choose_schedule(load_results(path))
+        if chosen is None:
+            raise SystemExit(
+                "RoSA's schedule is chosen by the candidates: run --part candidates on viggo and sql"
+            )
+        schedule = chosen
     if part in ("main", "all"):
-        for task in tasks:
-            for method in methods:
-                specs += (
-                    [Spec(task, method, steps=steps)]
-                    if method == "full"
-                    else [Spec(task, method, b, steps=steps) for b in budgets]
-                )
+        for seed in seeds:
+            for task in tasks:
+                for method in methods:
+                    if method in ("full", "spa") and seed != 0:
+                        continue
+                    extra = {**schedule, "seed": seed} if method == "rosa" else {"seed": seed}
+                    specs += (
+                        [Spec(task, method, steps=steps)]
+                        if method == "full"
+                        else [Spec(task, method, b, steps=steps, **extra) for b in budgets]
+                    )
     if part in ("studies", "all"):
-        specs += [Spec(t, m, b, mm, al, steps) for t in tasks for b in budgets for m, mm, al in STUDIES]
+        specs += [
+            Spec(t, m, b, mm, al, steps, **schedule) for t in tasks for b in budgets for m, mm, al in STUDIES
+        ]
     if part == "candidates":  # RoSA schedules, all at LoRA's chosen rate; the default is picked on val loss
         for task in tasks:
             for b in budgets:
@@ -482,12 +509,45 @@ def _chosen_rate(spec: Spec, path: Path) -> float | None:
 # ------------------------------------------------------------------------------------------------ report
 
 
+# The first runs' RoSA schedule: LoRA-only warm-up (10%), mask fixed mid-run, no restart, no re-warm-up.
+FIRST_SCHEDULE = {"lora_warmup": True, "restart": False, "rewarmup": False, "sparse_lr_ratio": 1.0}
+
+
+def schedule_of(spec: dict[str, Any]) -> dict[str, Any]:
+    """A run's RoSA schedule (runs recorded before these fields existed ran the first schedule)."""
+    return {k: spec.get(k, default) for k, default in FIRST_SCHEDULE.items()}
+
+
+def schedule_label(spec: dict[str, Any]) -> str:
+    """The schedule in words, as the tables show it."""
+    source = (
+        f"from {MASK_STEPS} batches"
+        if spec.get("mask_method", "fisher") in ("fisher", "grad")
+        else "data-free"
+    )
+    if spec["method"] == "spa" or spec.get("mask_at_start"):
+        return f"mask {source} before step 0" + _ratio_label(spec)
+    if spec["method"] != "rosa":
+        return "-"
+    s = schedule_of(spec)
+    parts = [f"{round(100 * WARMUP_FRACTION)}% LoRA-only, then mask" if s["lora_warmup"] else "mask first"]
+    parts.append(source)
+    parts.append("restart" if s["restart"] else "no restart")
+    parts.append(f"re-warm-up {round(100 * WARMUP_FRACTION)}%" if s["rewarmup"] else "no re-warm-up")
+    return ", ".join(parts) + _ratio_label(spec)
+
+
+def _ratio_label(spec: dict[str, Any]) -> str:
+    ratio = spec.get("sparse_lr_ratio", 1.0)
+    return f"; sparse lr = lr / {ratio:g}" if ratio != 1.0 else ""
+
+
 def label(run: dict[str, Any]) -> str:
     spec = run["spec"]
     name = {"full": "full FT", "lora": "LoRA", "spa": "SpA", "rosa": "RoSA"}[spec["method"]]
     if _other_mask(spec):
         name += f" ({spec['mask_method']}, {spec['allocation']})"
-    if spec.get("fixed_lr") is not None:
+    if spec.get("fixed_lr") is not None and kind(spec) == "diagnostic":
         name += f" [diagnostic: lr {spec['fixed_lr']:g} set by hand]"
     if spec.get("mask_at_start"):
         name += " [diagnostic: mask before step 0]"
@@ -503,51 +563,175 @@ def _other_mask(spec: dict[str, Any]) -> bool:
 
 
 def kind(spec: dict[str, Any]) -> str:
-    """comparison (the policy's runs of each method), mask study, or diagnostic."""
-    if spec.get("fixed_lr") is not None or spec.get("mask_at_start"):
+    """comparison (the policy's runs of each method), schedule candidate, first schedule (superseded RoSA
+    runs), mask study, or diagnostic."""
+    if spec.get("mask_at_start"):
         return "diagnostic"
+    if spec["method"] == "rosa" and spec.get("fixed_lr") is not None:
+        return "schedule candidate" if schedule_of(spec) in CANDIDATES else "diagnostic"
     if _other_mask(spec):
         return "mask study"
+    if spec["method"] == "rosa" and schedule_of(spec) == FIRST_SCHEDULE:
+        return "first schedule"
     return "comparison"
 
 
-KINDS = ("comparison", "mask study", "diagnostic")
+KINDS = ("comparison", "schedule candidate", "first schedule", "mask study", "diagnostic")
 METHOD_ORDER = {"full": 0, "lora": 1, "spa": 2, "rosa": 3}
 
 
 def ordered_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs by task, then comparison / studies / diagnostics, then method."""
+    """Runs by task, then kind, then method, then seed."""
     return sorted(
         results["runs"].values(),
-        key=lambda r: (r["spec"]["task"], KINDS.index(kind(r["spec"])), METHOD_ORDER[r["spec"]["method"]]),
+        key=lambda r: (
+            r["spec"]["task"],
+            KINDS.index(kind(r["spec"])),
+            METHOD_ORDER[r["spec"]["method"]],
+            r["spec"].get("budget", ""),
+            r["spec"].get("seed", 0),
+        ),
     )
 
 
-def report(results: dict[str, Any], plot: Path | None) -> None:
+def choose_schedule(results: dict[str, Any], tasks: tuple[str, ...] = ("viggo", "sql")) -> dict | None:
+    """The default RoSA schedule: among the candidates run on every task, the lowest validation loss relative
+    to LoRA's on the same task, averaged over the tasks (validation rows only; test rows never choose)."""
+    runs = [r for r in results["runs"].values() if kind(r["spec"]) == "schedule candidate"]
+    lora = {
+        r["spec"]["task"]: r["val_loss"]
+        for r in results["runs"].values()
+        if r["spec"]["method"] == "lora" and r["spec"].get("seed", 0) == 0 and r["spec"]["budget"] == "low"
+    }
+    scores = {}
+    for schedule in CANDIDATES:
+        rel = [
+            r["val_loss"] / lora[r["spec"]["task"]]
+            for r in runs
+            if schedule_of(r["spec"]) == schedule and r["spec"]["task"] in lora
+        ]
+        tasks_done = {r["spec"]["task"] for r in runs if schedule_of(r["spec"]) == schedule}
+        if set(tasks) <= tasks_done:
+            scores[json.dumps(schedule, sort_keys=True)] = sum(rel) / len(rel)
+    if not scores:
+        return None
+    return json.loads(min(scores, key=scores.get))
+
+
+def report(results: dict[str, Any], plot: Path | None) -> str:
+    """The README's accuracy tables (markdown) from the JSON; also prints them, and draws the plot."""
     runs = ordered_runs(results)
-    print(
-        "\n| task | kind | method | trainable | % of linear weights | lr | val loss | exact match | wall / CPU min |"
+    lines = [
+        _comparison_table(runs),
+        _candidate_table(results, runs),
+        _runs_table(runs),
+        _mask_window_table(runs),
+    ]
+    for key, why in results.get("withdrawn", {}).items():
+        lines.append(f"withdrawn: {key} ({why['exact_match']:.1%}): {why['why']}")
+    text = "\n\n".join(line for line in lines if line) + "\n"
+    print(text)
+    if plot is not None and runs:
+        _plot(runs, plot)
+    return text
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = (
+        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if len(values) > 1
+        else float("nan")
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    return mean, sd
+
+
+def _comparison_table(runs: list[dict[str, Any]]) -> str:
+    """One row per method, task and budget: the mean and standard deviation over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        if kind(run["spec"]) == "comparison":
+            spec = run["spec"]
+            groups.setdefault((spec["task"], spec["method"], spec.get("budget", "")), []).append(run)
+    if not groups:
+        return ""
+    rows = [
+        "| task | method | budget | trainable (% of linear weights) | schedule | lr | seeds | val loss | "
+        "exact match, mean ± sd (per seed) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, method, budget), group in groups.items():
+        first = group[0]
+        em = [r["exact_match"] for r in group]
+        mean, sd = _mean_sd(em)
+        per_seed = ", ".join(f"{100 * v:.1f}" for v in em)
+        spread = f" ± {100 * sd:.1f}" if len(em) > 1 else ""
+        rows.append(
+            f"| {task} | {label(first)} | {budget if method != 'full' else '-'} | {_share(first)} "
+            f"| {schedule_label(first['spec'])} | {_rates(first)} "
+            f"| {', '.join(str(r['spec'].get('seed', 0)) for r in group)} "
+            f"| {_mean_sd([r['val_loss'] for r in group])[0]:.3f} | **{100 * mean:.1f}%**{spread} ({per_seed}) |"
+        )
+    return "\n".join(rows)
+
+
+def _candidate_table(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    rows = [r for r in runs if kind(r["spec"]) == "schedule candidate"]
+    if not rows:
+        return ""
+    chosen = choose_schedule(results)
+    out = [
+        "| task | RoSA schedule (A/B at LoRA's chosen rate) | lr | val loss | val loss / LoRA's | exact match | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lora = {
+        r["spec"]["task"]: r["val_loss"]
+        for r in runs
+        if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
+    }
+    for run in rows:
+        task = run["spec"]["task"]
+        rel = f"{run['val_loss'] / lora[task]:.3f}" if task in lora else "-"
+        mark = "yes" if chosen is not None and schedule_of(run["spec"]) == chosen else ""
+        out.append(
+            f"| {task} | {schedule_label(run['spec'])} | {_rates(run)} | {run['val_loss']:.4f} | {rel} "
+            f"| {_em(run)} | {mark} |"
+        )
+    return "\n".join(out)
+
+
+def _runs_table(runs: list[dict[str, Any]]) -> str:
+    out = [
+        "| task | kind | method | seed | trainable (% of linear weights) | schedule | lr | val loss | exact match "
+        "| wall / CPU min | threads | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         spec = run["spec"]
-        total = run["trainable"]["total"]
-        linear = run["params"].get("linear_weights")
-        share = f"{100 * total / linear:.2f}" if linear else "all"
-        method = label(run)
-        if spec["method"] in ("spa", "rosa") and kind(spec) == "comparison":
-            method += " (fisher, layer)"
-        print(
-            f"| {spec['task']} | {kind(spec)} | {method} | {total:,} | {share} | {run['lr']:.0e} "
-            f"| {run['val_loss']:.3f} | {run['exact_match']:.1%} ({run['correct']}/{run['count']}) "
-            f"| {run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f} |"
+        out.append(
+            f"| {spec['task']} | {kind(spec)} | {label(run)} | {spec.get('seed', 0)} | {_share(run)} "
+            f"| {schedule_label(spec)} | {_rates(run)} | {run['val_loss']:.3f} | {_em(run)} "
+            f"| {run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f} | {run.get('threads') or '-'} "
+            f"| {run['commit'][:7] if 'commit' in run else 'not recorded'} |"
         )
-    _mask_window_table(runs)
-    for key, why in results.get("withdrawn", {}).items():
-        print(f"\nwithdrawn: {key} ({why['exact_match']:.1%}): {why['why']}")
-    if plot is None or not runs:
-        return
-    _plot(runs, plot)
+    return "\n".join(out)
+
+
+def _share(run: dict[str, Any]) -> str:
+    total = run["trainable"]["total"]
+    linear = run["params"].get("linear_weights")
+    return f"{total:,} ({100 * total / linear:.2f}%)" if linear else f"{total:,} (all)"
+
+
+def _rates(run: dict[str, Any]) -> str:
+    ratio = run["spec"].get("sparse_lr_ratio", 1.0)
+    if run["spec"]["method"] in ("spa", "rosa") and ratio != 1.0:
+        return f"{run['lr']:.0e} (sparse {run['lr'] / ratio:.1e})"
+    return f"{run['lr']:.0e}"
+
+
+def _em(run: dict[str, Any]) -> str:
+    return f"{run['exact_match']:.1%} ({run['correct']}/{run['count']})"
 
 
 def mask_fixed_step(spec: dict[str, Any]) -> int:
@@ -556,27 +740,38 @@ def mask_fixed_step(spec: dict[str, Any]) -> int:
 
     if spec["method"] == "spa" or spec.get("mask_at_start"):
         return 0
-    return warmup_steps(spec["steps"]) + (MASK_STEPS if default_stats(spec["mask_method"]) else 0)
+    warmup = warmup_steps(spec["steps"]) if schedule_of(spec)["lora_warmup"] else 0
+    return warmup + (MASK_STEPS if default_stats(spec["mask_method"]) else 0)
 
 
-def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> None:
+def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
     """Training loss just before and just after RoSA's mask is fixed, as a ratio to LoRA's loss on the same
     batches (every method sees the same batches in the same order, so the ratio removes the batch-to-batch
-    noise): a rise after the mask means the first updates of the sparse values hurt."""
-    lora = {r["spec"]["task"]: r for r in runs if r["spec"]["method"] == "lora"}
+    noise): a rise after the mask means the first updates of the sparse values hurt. With a restart the loss
+    returns towards the pretrained model's by design; the question is how far above that it goes."""
+    lora = {
+        r["spec"]["task"]: r
+        for r in runs
+        if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
+    }
     rows = [r for r in runs if r["spec"]["method"] == "rosa" and mask_fixed_step(r["spec"]) > width]
-    rows = [r for r in rows if r["spec"]["task"] in lora]
+    rows = [r for r in rows if r["spec"]["task"] in lora and r["spec"].get("seed", 0) == 0]
     if not rows:
-        return
-    print(
-        f"\n| task | RoSA run | mask fixed after step | RoSA / LoRA loss, {width} steps before | {width} steps after |"
-    )
-    print("|---|---|---|---|---|")
+        return ""
+    out = [
+        f"| task | RoSA run | schedule | mask fixed after step | RoSA / LoRA loss, {width} steps before "
+        f"| {width} steps after |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in rows:
         m, ref = mask_fixed_step(run["spec"]), lora[run["spec"]["task"]]["losses"]
         before = _mean(run["losses"][m - width : m]) / _mean(ref[m - width : m])
         after = _mean(run["losses"][m + 1 : m + 1 + width]) / _mean(ref[m + 1 : m + 1 + width])
-        print(f"| {run['spec']['task']} | {label(run)} | {m} | {before:.2f} | {after:.2f} |")
+        out.append(
+            f"| {run['spec']['task']} | {label(run)} | {schedule_label(run['spec'])} | {m} | {before:.2f} "
+            f"| {after:.2f} |"
+        )
+    return "\n".join(out)
 
 
 def _mean(values: list[float]) -> float:
@@ -592,48 +787,81 @@ def _short(run: dict[str, Any]) -> str:
         name += f" {spec['mask_method']}" + (" global" if spec["allocation"] == "global" else "")
     if spec.get("mask_at_start"):
         name += " mask at step 0"
-    if spec.get("fixed_lr") is not None:
+    if kind(spec) == "schedule candidate":
+        s = schedule_of(spec)
+        name += (" wl10%" if s["lora_warmup"] else " mask first") + f" sr{s['sparse_lr_ratio']:g}"
+    elif spec.get("fixed_lr") is not None:
         name += f" lr {spec['fixed_lr']:g}"
+    if kind(spec) == "first schedule":
+        name += " (first schedule)"
+    if spec.get("seed", 0):
+        name += f" seed {spec['seed']}"
     return name
 
 
+KIND_COLORS = {
+    "comparison": "C0",
+    "schedule candidate": "C3",
+    "first schedule": "C7",
+    "mask study": "C1",
+    "diagnostic": "C2",
+}
+
+
 def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
-    """Left: exact match vs trainable parameters (the comparison). Right: every RoSA/SpA variant, as bars."""
+    """Left: exact match vs trainable parameters (the comparison, mean over seeds with the spread). Right: every
+    LoRA/RoSA/SpA run, as bars coloured by kind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({run["spec"]["task"] for run in runs})
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(14, 4.5 * len(tasks)), squeeze=False)
     markers = {"full": "s", "lora": "o", "spa": "^", "rosa": "*"}
     for (left, right), task in zip(axes, tasks):
         mine = [r for r in runs if r["spec"]["task"] == task]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
         for run in (r for r in mine if kind(r["spec"]) == "comparison"):
-            x, y = run["trainable"]["total"], 100 * run["exact_match"]
-            left.scatter(x, y, marker=markers[run["spec"]["method"]], s=70)
-            left.annotate(label(run), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+            groups.setdefault((run["spec"]["method"], run["spec"].get("budget")), []).append(run)
+        for (method, _), group in groups.items():
+            x = group[0]["trainable"]["total"]
+            mean, sd = _mean_sd([100 * r["exact_match"] for r in group])
+            left.errorbar(
+                x, mean, yerr=sd if len(group) > 1 else None, marker=markers[method], ms=8, capsize=3
+            )
+            left.annotate(
+                f"{label(group[0])} (n={len(group)})",
+                (x, mean),
+                fontsize=8,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
         left.set_xscale("log")
         left.set_xlabel("trainable parameters")
         left.set_ylabel(f"exact match, % ({TEST_ROWS} held-out rows)")
-        left.set_title(f"SmolLM2-135M on {task}: methods at the policy's learning rate")
+        left.set_title(f"SmolLM2-135M on {task}: comparison (mean ± sd over seeds)")
         left.grid(alpha=0.3)
         variants = [r for r in mine if r["spec"]["method"] in ("lora", "spa", "rosa")]
-        names = [_short(r) for r in variants]
-        colors = [
-            {"comparison": "C0", "mask study": "C1", "diagnostic": "C2"}[kind(r["spec"])] for r in variants
-        ]
-        bars = right.bar(range(len(variants)), [100 * r["exact_match"] for r in variants], color=colors)
-        right.bar_label(bars, fmt="%.1f", fontsize=7)
-        right.set_xticks(range(len(variants)), names, fontsize=7, rotation=25, ha="right")
+        bars = right.bar(
+            range(len(variants)),
+            [100 * r["exact_match"] for r in variants],
+            color=[KIND_COLORS[kind(r["spec"])] for r in variants],
+        )
+        right.bar_label(bars, fmt="%.1f", fontsize=6)
+        right.set_xticks(
+            range(len(variants)), [_short(r) for r in variants], fontsize=6, rotation=35, ha="right"
+        )
         right.set_ylabel("exact match, %")
         right.set_title(
-            f"{task}: same budget; blue comparison, orange mask study, green diagnostic", fontsize=9
+            f"{task}: blue comparison, red schedule candidate, grey first schedule, orange mask study, "
+            "green diagnostic",
+            fontsize=8,
         )
         right.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
-    print(f"\nwrote {plot}")
+    print(f"wrote {plot}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -642,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", default=["low"], choices=sorted(BUDGETS))
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="seeds (training order, init) for LoRA and RoSA"
+    )
     parser.add_argument(
         "--part",
         default="all",
@@ -663,7 +894,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         report(load_results(args.out), PLOT if args.out == OUT else args.out.with_suffix(".png"))
         return 0
-    specs = specs_for(args.tasks, args.methods, args.budgets, args.part, args.steps, args.out)
+    specs = specs_for(
+        args.tasks, args.methods, args.budgets, args.part, args.steps, args.out, tuple(args.seeds)
+    )
     if args.only:
         specs = [s for s in specs if any(part in s.key for part in args.only)]
     results = run_suite(specs, args.out)

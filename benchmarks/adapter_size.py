@@ -18,6 +18,8 @@ Reported per file: trainable parameters, bytes on disk, bytes per trainable para
 matched LoRA file both as is and per trainable parameter (the two counts differ by under one rank's worth).
 
     python benchmarks/adapter_size.py    # writes docs/benchmarks/adapter_size.json and prints a table
+
+The JSON records its provenance (benchmarks/provenance.py); ``markdown(results)`` renders the README's table.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     import rosa
     from rosa import RosaConfig
 
+    prov = provenance.provenance(None if argv is None else [sys.argv[0], *argv])
     start = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rosa": {"r": RANK, "density": DENSITY, "mask": "magnitude top-k, full capacity", **mask},
         "matched_lora_rank": matched_rank,
         "target": f"RoSA file <= {TARGET_RATIO}x the LoRA file with the same trainable parameters",
+        "target_ratio": TARGET_RATIO,
         "target_met": rosa_row["ratio_per_param_to_lora_matched"] <= TARGET_RATIO
         and rosa_row["ratio_to_lora_matched"] <= TARGET_RATIO,
         "notes": {
@@ -167,13 +172,72 @@ def main(argv: list[str] | None = None) -> dict:
             "python": platform.python_version(),
         },
         "seconds": round(time.time() - start, 1),
-        "command": "python benchmarks/adapter_size.py",
+        "command": provenance.command_line(None if argv is None else [sys.argv[0], *argv]),
+        "provenance": provenance.finish(prov),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"\nwritten {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return result
+
+
+# --- the README's table (python benchmarks/report.py) ---------------------------------------------------
+
+JSON_KEYS = {
+    "benchmark",
+    "model",
+    "adapted_layers",
+    "rosa",
+    "matched_lora_rank",
+    "target",
+    "target_ratio",
+    "target_met",
+    "notes",
+    "rows",
+    "versions",
+    "seconds",
+    "command",
+    "provenance",
+}
+_NAMES = {
+    "rosa": "RoSA r {r} + density {density:.1%} (full mask)",
+    "lora_matched": "PEFT LoRA r {rank} (matched count)",
+    "lora_r16": "PEFT LoRA r {r} (RoSA's low-rank part alone)",
+    "shira_matched": "PEFT SHiRA (matched count)",
+}
+
+
+def markdown(results: dict) -> str:
+    """The README's adapter-file section, from the JSON alone (the target verdict is computed here)."""
+    target = results.get("target_ratio", TARGET_RATIO)
+    rosa_cfg = results["rosa"]
+    fields = {"r": rosa_cfg["r"], "density": rosa_cfg["density"], "rank": results["matched_lora_rank"]}
+    out = [
+        f"**Adapter files** (`{results['command']}`, {results['model']}, all {results['adapted_layers']} "
+        "linear layers of the decoder; `docs/benchmarks/adapter_size.json`): `adapter_model.safetensors` as "
+        "saved, against PEFT adapters with the closest trainable-parameter count.",
+        "",
+        provenance.describe(results, "benchmarks/adapter_size.py"),
+        "",
+        "| adapter | trainable params | file | bytes / param | per param vs matched LoRA |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        name = _NAMES.get(row["name"], row["config"]).format(**fields)
+        ratio, per_param = row["ratio_to_lora_matched"], row["ratio_per_param_to_lora_matched"]
+        verdict = ""
+        if row["name"] == "rosa":
+            met = ratio <= target and per_param <= target
+            verdict = f" (file {ratio:.2f}x; target <= {target:g}x: {'met' if met else '**not met**'})"
+        out.append(
+            f"| {name} | {row['trainable_params']:,} | {row['file_bytes'] / 1e6:.1f} MB "
+            f"| {row['bytes_per_param']:.2f} | {per_param:.2f}x{verdict} |"
+        )
+    note = provenance.unknown_keys_note(results, JSON_KEYS, "python benchmarks/adapter_size.py")
+    if note:
+        out += ["", note]
+    return "\n".join(out) + "\n"
 
 
 def print_table(result: dict) -> None:

@@ -28,6 +28,8 @@ reported, and time ratios are computed per round before taking the median.
 
     python benchmarks/masks.py                   # writes docs/benchmarks/masks.json and prints a table
     python benchmarks/masks.py --rounds 1 --micro-batches 2
+
+The JSON records its provenance (benchmarks/provenance.py); ``markdown(results)`` renders the README's table.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import threading
 import time
 from pathlib import Path
 
+import provenance
 from proc_memory import status_kib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,6 +259,49 @@ def _mib(x: float) -> float:
     return round(x / 2**20, 1)
 
 
+# --- the README's table (python benchmarks/report.py) ---------------------------------------------------
+
+JSON_KEYS = {"benchmark", "command", "provenance", "model", "setup", "machine", "summary", "runs"}
+
+
+def markdown(results: dict) -> str:
+    """The README's mask-collection section, from the JSON alone."""
+    setup, summary = results["setup"], results["summary"]
+    lora = summary["lora"]
+    passes_all = summary["collect"]["passes"]
+    labels = {
+        "collect": "collection, all layers at once",
+        "collect_capped": f"collection, `mask_memory_budget={setup['capped budget GiB']:g}` GiB "
+        f"({summary['collect_capped']['groups']} layer groups, "
+        f"{summary['collect_capped']['passes'] / passes_all:g}x the passes)",
+        "collect_bf16": "collection, bf16 accumulators",
+    }
+    out = [
+        f"**Mask collection** (`{results['command'].strip()}`, {results['model']}, r {setup['rank']}, density "
+        f"{100 * setup['density']:g}%, {setup['micro_batch']} per micro-batch, "
+        f"{setup['mask_steps (micro-batches)']} micro-batches, {setup['torch_threads']} torch thread(s), each "
+        f"variant in its own process, medians over {setup['rounds']} interleaved rounds; "
+        "`docs/benchmarks/masks.json`). Time per collection micro-batch and peak RSS growth, as ratios to a "
+        "LoRA training step taken within each round; accumulators: the largest layer group's statistics.",
+        "",
+        provenance.describe(results, "benchmarks/masks.py"),
+        "",
+        "| variant | time per micro-batch vs a LoRA step | extra peak RSS vs a LoRA step | accumulators |",
+        "|---|---|---|---|",
+        f"| LoRA training step | 1.00 ({lora['time_s']:.1f} s) | 1.00 ({lora['extra_rss_mib']:.0f} MiB) | - |",
+    ]
+    for key, text in labels.items():
+        row = summary[key]
+        out.append(
+            f"| {text} | {row['time_ratio_vs_lora_step']:.2f} | {row['extra_rss_ratio_vs_lora_step']:.2f} "
+            f"| {row['largest_group_accumulator_mib']:.1f} MiB |"
+        )
+    note = provenance.unknown_keys_note(results, JSON_KEYS, "python benchmarks/masks.py")
+    if note:
+        out += ["", note]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -277,6 +323,7 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
 
+    prov = provenance.provenance()
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS:
@@ -324,7 +371,8 @@ def main() -> None:
     first = runs["lora"][0]
     report = {
         "benchmark": "rosa mask collection vs LoRA step",
-        "command": "python benchmarks/masks.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/masks.py", *sys.argv[1:]]),
+        "provenance": provenance.finish(prov),
         "model": "SmolLM2-135M-Instruct (rosa.default_model, fp32)",
         "setup": {
             "micro_batch": f"{args.batch} x {args.seq} tokens",

@@ -24,6 +24,8 @@ default, because on a shared machine two OpenMP threads spin at every barrier wh
     python benchmarks/qrosa.py                       # writes docs/benchmarks/qrosa.json and prints a table
     python benchmarks/qrosa.py --rounds 1 --steps 2  # quicker
     python benchmarks/qrosa.py --child qrosa_joint   # one run, JSON on stdout
+
+The JSON records its provenance (benchmarks/provenance.py); ``markdown(results)`` renders the README's table.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import provenance
 import torch
 
 VARIANTS = ("qlora", "qrosa_warmup", "qrosa_joint")
@@ -265,6 +268,87 @@ def table(summary: dict, rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- the README's table (python benchmarks/report.py) ---------------------------------------------------
+
+JSON_KEYS = {
+    "benchmark",
+    "command",
+    "provenance",
+    "settings",
+    "machine",
+    "targets",
+    "summary",
+    "per_round_ratios",
+    "rounds",
+}
+_LABELS = {
+    "qlora": "PEFT QLoRA r {r}",
+    "qrosa_warmup": "QRoSA, LoRA-only warm-up",
+    "qrosa_joint": "QRoSA, joint phase (mask set)",
+}
+
+
+def _verdict(value: float, target: float) -> str:
+    return "met" if value <= target else "**not met**"
+
+
+def markdown(results: dict) -> str:
+    """The README's QRoSA section from the keys this script writes (targets judged here, from the values)."""
+    settings, summary, rounds, targets = (
+        results["settings"],
+        results["summary"],
+        results["rounds"],
+        results["targets"],
+    )
+    mem_t, time_t = targets["memory_ratio"], targets["time_ratio"]
+    threads = settings["threads"]
+    out = [
+        f"**QRoSA vs QLoRA** (`{results['command'].strip()}`, {settings['model']}, NF4 with double "
+        f"quantization and bf16 compute, batch {settings['batch']}x{settings['seq_len']}, "
+        f"{settings['optimizer']}, gradient checkpointing {'on' if settings['gradient_checkpointing'] else 'off'}, "
+        f"{threads} thread{'s' if threads != 1 else ''} per process, {settings['device']}; "
+        f"{len(rounds)} rotated rounds of {settings['steps_timed']} timed steps after "
+        f"{settings['steps_untimed']} untimed; `docs/benchmarks/qrosa.json`). Peak RSS: median over the rounds; "
+        f"ratios to QLoRA: taken within each round, then the median. Targets: memory <= {mem_t:g}x and step "
+        f"time <= {time_t:g}x QLoRA's.",
+        "",
+        provenance.describe(results, "benchmarks/qrosa.py"),
+        "",
+        "| variant | trainable | peak RSS | memory vs QLoRA | step time vs QLoRA (wall / CPU) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        present = [r[variant] for r in rounds if variant in r]
+        if not present:
+            continue
+        peak = statistics.median(run["train_peak_rss_mib"] for run in present)
+        label = _LABELS[variant].format(r=settings["qlora"]["r"])
+        if variant == "qlora":
+            out.append(f"| {label} | {present[0]['trainable']:,} | {peak:.0f} MiB | 1.000 | 1.00 / 1.00 |")
+            continue
+        s = summary[variant]
+        wall, cpu = s["time_ratio"], s["cpu_time_ratio"]
+        if wall <= time_t and cpu <= time_t:
+            time_verdict = "met"
+        elif cpu <= time_t:
+            time_verdict = "**not met** on wall time, met on CPU time"
+        elif wall <= time_t:
+            time_verdict = "met on wall time, **not met** on CPU time"
+        else:
+            time_verdict = "**not met**"
+        out.append(
+            f"| {label} | {present[0]['trainable']:,} | {peak:.0f} MiB "
+            f"| {s['memory_ratio']:.3f} ({_verdict(s['memory_ratio'], mem_t)}) "
+            f"| {wall:.2f} / {cpu:.2f} ({time_verdict}) |"
+        )
+    note = provenance.unknown_keys_note(
+        results, JSON_KEYS, results.get("command", "python benchmarks/qrosa.py").strip()
+    )
+    if note:
+        out += ["", note]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -297,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     if "qlora" not in variants:
         parser.error("the qlora variant is the reference: keep it in --variants")
+    prov = provenance.provenance(None if argv is None else [sys.argv[0], *argv])
     started = time.time()
     load_start = os.getloadavg()
     rounds = []
@@ -329,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     rosa_count = rosa_trainable(shapes)
     report = {
         "benchmark": "QRoSA vs PEFT QLoRA, one training step on SmolLM2-135M in NF4 (double quant, bf16 compute)",
-        "command": "python benchmarks/qrosa.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/qrosa.py", *(argv if argv is not None else sys.argv[1:])]),
+        "provenance": provenance.finish(prov),
         "settings": {
             "model": "SmolLM2-135M-Instruct (rosa.default_model, fp32 checkpoint quantized on load)",
             "batch": args.batch,

@@ -40,8 +40,14 @@ not clean measurements.
 The cost rule of rosa.sparse.strategy is fitted to the same measurements (non-negative least squares on
 absolute time, clean rows only when there are enough) and its choice, with the current and with the fitted
 constants, is compared with the measured faster strategy on every row (``rule / faster``: current constants).
+Agreement with constants fitted to the same run is in-sample; the out-of-sample check applies the constants
+fitted on an earlier run (``--previous``, by default the JSON this run replaces) to this run's rows and
+records how often they pick the measured faster strategy (``out_of_sample`` in the JSON).
 
-    python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N] [--wait-quiet S]
+The JSON records its provenance (command, git commit, date, torch / CPU, load average: benchmarks/provenance.py);
+``markdown(results)`` renders it for the README (``python benchmarks/report.py``).
+
+    python benchmarks/sparse_ops.py [--quick] [--out PATH] [--repeats N] [--wait-quiet S] [--previous PATH]
 
 The full run writes docs/benchmarks/sparse_ops.json; ``--quick`` (fewer shapes, densities and repeats) writes
 nothing unless ``--out`` is given.
@@ -62,6 +68,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import provenance
 import torch
 
 from rosa.sparse import ops, support_from_flat_index
@@ -107,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--wait-budget", type=float, default=300.0, help="total seconds of such waiting per run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--previous",
+        default=None,
+        help="JSON of an earlier run whose fitted constants are checked out of sample on this run "
+        "(default: the output file this run replaces, if it exists; 'none': no check)",
+    )
     return p.parse_args(argv)
 
 
@@ -379,7 +392,7 @@ def fit_cost_model(rows: list[dict]) -> tuple[CostModel, int]:
     spmm + spmm_t = 2 * (nnz * tokens / sparse_rate + tokens * (in + out) / stream_rate)
     fold          = out * in / fold_rate
     """
-    clean = [r for r in rows if (r.get("foreign_load_cores") or 0.0) < CLEAN_LOAD]
+    clean = [r for r in rows if is_clean(r)]
     if len(clean) >= 4:
         rows = clean
     a = np.array(
@@ -408,6 +421,50 @@ def rule_pick(model: CostModel, r: dict) -> str:
 def faster(r: dict) -> str:
     s = r["seconds"]
     return "fold" if s["fold_strategy_extra"] < s["spmm_strategy_extra"] else "spmm"
+
+
+def is_clean(r: dict) -> bool:
+    return (r.get("foreign_load_cores") or 0.0) < CLEAN_LOAD
+
+
+def out_of_sample(earlier: dict, rows: list[dict], earlier_path: str | None = None) -> dict:
+    """How often the constants fitted on an earlier run (``earlier``: that run's JSON) pick the measured faster
+    strategy on this run's ``rows``: the cost rule's out-of-sample agreement (the fit on a run agrees with that
+    same run by construction, so it validates nothing)."""
+    fitted = (earlier.get("cost_rule") or {}).get("fitted")
+    p = earlier.get("provenance") or {}
+    source = {
+        "path": earlier_path,
+        "date": p.get("date") or (earlier.get("machine") or {}).get("date"),
+        "command": p.get("command") or earlier.get("command"),
+        "git_commit": p.get("git_commit"),
+    }
+    if not fitted:
+        return {"earlier_run": source, "error": "the earlier run records no fitted constants"}
+    model = CostModel(**{k: float(fitted[k]) for k in ("sparse_rate", "stream_rate", "fold_rate")})
+    picks = [rule_pick(model, r) for r in rows]
+    agree = [pick == faster(r) for pick, r in zip(picks, rows)]
+    clean = [is_clean(r) for r in rows]
+    return {
+        "earlier_run": source,
+        "constants": dataclasses.asdict(model),
+        "rows": len(rows),
+        "rows_agreeing": sum(agree),
+        "clean_rows": sum(clean),
+        "clean_rows_agreeing": sum(a and c for a, c in zip(agree, clean)),
+        "disagreements": [
+            {
+                "label": r["label"],
+                "out": r["out"],
+                "in": r["in"],
+                "density": r["density"],
+                "faster": faster(r),
+                "rule": pick,
+            }
+            for pick, r, a in zip(picks, rows, agree)
+            if not a
+        ],
+    }
 
 
 # --- output ----------------------------------------------------------------------------------------------
@@ -465,6 +522,172 @@ def machine_info() -> dict:
     }
 
 
+# --- the README's text (python benchmarks/report.py) ----------------------------------------------------
+
+README_DENSITIES = (0.006, 0.01)  # the table's rows; the text around it covers every row
+JSON_KEYS = {
+    "benchmark",
+    "command",
+    "provenance",
+    "machine",
+    "settings",
+    "definitions",
+    "targets",
+    "cost_rule",
+    "out_of_sample",
+    "rows",
+}
+
+
+def _pct(density: float) -> str:
+    return f"{100 * density:g}%"
+
+
+def _range(values: list[float], digits: int = 2) -> str:
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
+def _shape(r: dict) -> str:
+    return f"{r['out']}x{r['in']}"
+
+
+def _faster_by_shape(rows: list[dict]) -> str:
+    parts = []
+    shapes = list(dict.fromkeys((r["label"], r["out"], r["in"]) for r in rows))
+    for label, out_f, in_f in shapes:
+        mine = [r for r in rows if (r["label"], r["out"], r["in"]) == (label, out_f, in_f)]
+        fold = [_pct(r["density"]) for r in mine if faster(r) == "fold"]
+        spmm = [_pct(r["density"]) for r in mine if faster(r) == "spmm"]
+        if not spmm:
+            what = "fold at every density"
+        elif not fold:
+            what = "spmm at every density"
+        else:
+            what = f"spmm at {', '.join(spmm)}, fold at {', '.join(fold)}"
+        parts.append(f"{out_f}x{in_f} ({label}): {what}")
+    return "; ".join(parts)
+
+
+def _rows_named(rows: list[dict]) -> str:
+    return ", ".join(f"{_shape(r)} at {_pct(r['density'])} ({r['faster']} faster)" for r in rows)
+
+
+def markdown(results: dict) -> str:
+    """The README's sparse-operations section, from the JSON alone: every number and every claim (targets met,
+    which strategy is faster, how often the cost rule agrees) is computed here."""
+    settings, rows = results["settings"], results["rows"]
+    rounds = settings["rounds"]
+    shown = [r for r in rows if r["density"] in README_DENSITIES] or rows
+    out = [
+        f"**Sparse operations** (`{results['command']}`, {settings['dtype']}, {settings['tokens']} tokens, "
+        f"{settings['support']} random support; `docs/benchmarks/sparse_ops.json`). Extra time of the three "
+        "sparse ops (SpMM + transposed SpMM + SDDMM: the spmm strategy) against one dense GEMM of the same "
+        "shape; of the dense-masked approach of PEFT's SHiRA / Super-Tuning (a dense delta and a dense weight "
+        "gradient) and of the fold strategy (S added into a transient dense copy of the weight) against the "
+        f"three ops. Every time is the median over {rounds} interleaved rounds, every ratio is the ratio of "
+        "those medians, and the brackets give the range of the per-round ratios; peak extra MiB is the "
+        "allocator's peak above the base layer's own (spmm / fold / dense-masked).",
+        "",
+        provenance.describe(results, "benchmarks/sparse_ops.py"),
+        "",
+        "| shape (out x in), density | 3 sparse ops / GEMM | dense-masked / 3 sparse ops | fold / 3 sparse ops "
+        "| measured faster | peak extra MiB (spmm / fold / dense-masked) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in shown:
+        t, rr, b = r["seconds"], r["round_ratios"], r["bytes"]
+
+        def mib(key, b=b):
+            return f"{b[key] / MiB:.1f}" if b.get(key) is not None else "-"
+
+        out.append(
+            f"| {r['label']} {_shape(r)}, {_pct(r['density'])} "
+            f"| {t['spmm_strategy_extra'] / t['gemm']:.2f}x ({_range(rr['spmm_strategy_extra_over_gemm'])}) "
+            f"| {t['dense_masked_extra'] / t['spmm_strategy_extra']:.2f}x "
+            f"({_range(rr['dense_masked_extra_over_spmm_strategy_extra'])}) "
+            f"| {t['fold_strategy_extra'] / t['spmm_strategy_extra']:.2f}x "
+            f"({_range(rr['fold_strategy_extra_over_spmm_strategy_extra'])}) "
+            f"| {faster(r)} "
+            f"| {mib('spmm_strategy_peak_extra')} / {mib('fold_strategy_peak_extra')} / "
+            f"{mib('dense_masked_peak_extra')} |"
+        )
+    out.append("")
+
+    para = []
+    target_rows = [r for r in rows if (r["out"], r["in"]) == TARGET_SHAPE and r["density"] == TARGET_DENSITY]
+    targets = results.get("targets") or {}
+    if target_rows and targets:
+        r = target_rows[0]
+        t, rr, m = r["seconds"], r["round_ratios"], r["seconds_min_over_rounds"]
+        goal1 = targets["three_sparse_ops_over_gemm_target"]
+        goal2 = targets["dense_masked_over_three_sparse_ops_target"]
+        v1 = t["spmm_strategy_extra"] / t["gemm"]
+        v2 = t["dense_masked_extra"] / t["spmm_strategy_extra"]
+        r1, r2 = rr["spmm_strategy_extra_over_gemm"], rr["dense_masked_extra_over_spmm_strategy_extra"]
+        para.append(
+            f"Targets at {_shape(r)}, {_pct(r['density'])}: three sparse ops <= {goal1:g}x one GEMM: "
+            f"**{v1:.2f}x, {'met' if v1 <= goal1 else 'not met'}** (met in {sum(x <= goal1 for x in r1)} of "
+            f"{len(r1)} rounds); dense-masked >= {goal2:g}x the three sparse ops: **{v2:.2f}x, "
+            f"{'met' if v2 >= goal2 else 'not met'}** (met in {sum(x >= goal2 for x in r2)} of {len(r2)} "
+            f"rounds). From the fastest round of each approach instead of the median: "
+            f"{m['spmm_strategy_extra'] / m['gemm']:.2f}x and "
+            f"{m['dense_masked_extra'] / m['spmm_strategy_extra']:.2f}x."
+        )
+    loads = [r["foreign_load_cores"] for r in rows if r.get("foreign_load_cores") is not None]
+    if loads:
+        para.append(
+            f"Other processes kept at most {max(loads):.2f} cores busy while a row was timed "
+            f"({sum(is_clean(r) for r in rows)} of {len(rows)} rows under {CLEAN_LOAD:g}: clean)."
+        )
+    para.append(
+        f"The CPU kernels are PyTorch's MKL CSR routines. Measured faster strategy over all {len(rows)} rows "
+        f"(densities {', '.join(_pct(d) for d in dict.fromkeys(r['density'] for r in rows))}): "
+        f"{_faster_by_shape(rows)}."
+    )
+    out += [" ".join(para), ""]
+
+    rule = results.get("cost_rule") or {}
+    if rule:
+        n = len(rows)
+        wrong = [r for r in rows if r["rule_current"] != r["faster"]]
+        current = rule["current"]
+        sentence = (
+            "The cost rule (`rosa.sparse.strategy`) with the constants in force during this run (sparse "
+            f"{current['sparse_rate']:.3g}, stream {current['stream_rate']:.3g}, fold "
+            f"{current['fold_rate']:.3g} per second) picks the measured faster strategy on "
+            f"{n - len(wrong)} of {n} rows"
+        )
+        sentence += f" (wrong on {_rows_named(wrong)})." if wrong else "."
+        fitted_ok = sum(r["rule_fitted"] == r["faster"] for r in rows)
+        sentence += (
+            f" Constants refitted to this same run agree on {fitted_ok} of {n} rows: an in-sample fit, which "
+            "validates nothing."
+        )
+        oos = results.get("out_of_sample")
+        if oos and "error" not in oos:
+            src = oos["earlier_run"]
+            sentence += (
+                f" **Out of sample**, the constants fitted on an earlier run ({src.get('date')}, "
+                f"`{src.get('command')}`) pick the measured faster strategy on {oos['rows_agreeing']} of "
+                f"{oos['rows']} rows of this run ({oos['clean_rows_agreeing']} of {oos['clean_rows']} clean rows)"
+            )
+            if oos["disagreements"]:
+                sentence += "; wrong on " + _rows_named(oos["disagreements"])
+            sentence += "."
+        else:
+            why = f" ({oos['error']})" if oos else ""
+            sentence += (
+                f" **Out of sample: not measured yet**{why}: that takes a second run, which checks the "
+                "constants fitted on the JSON it replaces against its own measurements "
+                "(`python benchmarks/sparse_ops.py`, `--previous PATH` to name another earlier run)."
+            )
+        out.append(sentence)
+    note = provenance.unknown_keys_note(results, JSON_KEYS, "python benchmarks/sparse_ops.py")
+    if note:
+        out += ["", note]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -478,6 +701,12 @@ def main(argv=None) -> int:
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     gen = torch.Generator().manual_seed(args.seed)
     WAIT_BUDGET["left_s"] = args.wait_budget
+    prov = provenance.provenance(None if argv is None else [sys.argv[0], *argv])
+    # The earlier run is read now, before this run's JSON replaces it.
+    previous_path = args.previous if args.previous is not None else out_path
+    earlier = None
+    if previous_path is not None and str(previous_path).lower() != "none" and Path(previous_path).is_file():
+        earlier = json.loads(Path(previous_path).read_text())
     info = machine_info()
     print(
         f"rosa sparse-op benchmark: {info['cpu_model']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch "
@@ -519,7 +748,7 @@ def main(argv=None) -> int:
     n = len(rows)
     agree_current = sum(r["rule_current"] == r["faster"] for r in rows)
     agree_fitted = sum(r["rule_fitted"] == r["faster"] for r in rows)
-    clean = [r for r in rows if (r.get("foreign_load_cores") or 0.0) < CLEAN_LOAD]
+    clean = [r for r in rows if is_clean(r)]
     clean_current = sum(r["rule_current"] == r["faster"] for r in clean)
     clean_fitted = sum(r["rule_fitted"] == r["faster"] for r in clean)
     print(
@@ -528,8 +757,19 @@ def main(argv=None) -> int:
     )
     print(
         f"cost rule, fitted constants  {fitted} (fitted on {fitted_on} rows): picks the measured faster "
-        f"strategy on {agree_fitted}/{n} rows ({clean_fitted}/{len(clean)} clean rows)"
+        f"strategy on {agree_fitted}/{n} rows ({clean_fitted}/{len(clean)} clean rows; in sample)"
     )
+    oos = None
+    if earlier is not None:
+        oos = out_of_sample(earlier, rows, str(previous_path))
+        if "error" in oos:
+            print(f"out of sample: {oos['error']} ({previous_path})")
+        else:
+            print(
+                f"cost rule, constants fitted on the earlier run {previous_path}: picks the measured faster "
+                f"strategy on {oos['rows_agreeing']}/{n} rows of this run ({oos['clean_rows_agreeing']}/"
+                f"{oos['clean_rows']} clean rows; out of sample)"
+            )
 
     targets = {}
     target_rows = [r for r in rows if (r["out"], r["in"]) == TARGET_SHAPE and r["density"] == TARGET_DENSITY]
@@ -585,6 +825,7 @@ def main(argv=None) -> int:
             "command": " ".join(
                 ["python", "benchmarks/sparse_ops.py", *(argv if argv is not None else sys.argv[1:])]
             ),
+            "provenance": provenance.finish(prov),
             "machine": info,
             "settings": {
                 "call_time_s": CALL_TIME_S,
@@ -612,6 +853,7 @@ def main(argv=None) -> int:
                 "clean_rows_agreeing_current": clean_current,
                 "clean_rows_agreeing_fitted": clean_fitted,
             },
+            "out_of_sample": oos,
             "rows": rows,
         }
         out_path.parent.mkdir(parents=True, exist_ok=True)

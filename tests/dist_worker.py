@@ -120,7 +120,8 @@ def run_steps(ddp, sched, optimizer, batches, start, stop, rank, world, results,
             inner = ddp.module if hasattr(ddp, "module") else ddp
             if rank == 0:  # only rank 0 writes files
                 lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-                save_checkpoint(out / "run", step + 1, inner, optimizer, lr, {}, {})
+                schedule = {"mask_fixed_step": sched.state_dict()["mask_fixed_step"]}
+                save_checkpoint(out / "run", step + 1, inner, optimizer, lr, {}, schedule)
             if world > 1:
                 torch.distributed.barrier()
 
@@ -171,7 +172,8 @@ def scenario_ddp(scenario: str, rank: int, world: int, out: Path) -> dict:
         )
         ckpt_tensors, state = load_checkpoint(checkpoint)
         restore_optimizer(optimizer2, ckpt_tensors, state)
-        sched2 = RosaScheduler(ddp2, config2, start_step=SAVE_AT)
+        sched2 = RosaScheduler(ddp2, config2, start_step=SAVE_AT, optimizer=optimizer2)
+        sched2.load_state_dict({"mask_fixed_step": state["mask_fixed_step"]})  # the re-warm-up goes on
         results["resumed_phase"] = sched2.phase
         run_steps(
             ddp2,

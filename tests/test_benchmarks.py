@@ -117,7 +117,7 @@ def test_diagnostics_are_separate_runs_that_skip_the_policy(accuracy, tmp_path, 
     at_start = accuracy.Spec("viggo", "rosa", mask_at_start=True)
     assert len({plain.key, by_hand.key, at_start.key}) == 3
     kinds = [accuracy.kind(asdict(spec)) for spec in (plain, by_hand, at_start)]
-    assert kinds == ["comparison", "diagnostic", "diagnostic"]
+    assert kinds == ["first schedule", "diagnostic", "diagnostic"]
     monkeypatch.setattr(accuracy, "_probe", lambda *a: pytest.fail("probed a hand-set rate"))
     assert accuracy.choose_lr(by_hand, {"probes": {}}, tmp_path / "x.json") == 9e-3
     _, schedule, _ = accuracy.build(_tiny_llama(), at_start, warmup_steps=0)
@@ -151,10 +151,11 @@ def test_live_storage_meter_counts_what_is_alive(step):
     assert meter.current == 1000 * 250 * 4  # b
 
 
+@pytest.mark.parametrize("lora_warmup", [True, False])
 @pytest.mark.parametrize("mask_method", ["fisher", "random"])
-def test_reported_mask_step_is_where_the_scheduler_fixes_the_mask(accuracy, mask_method):
+def test_reported_mask_step_is_where_the_scheduler_fixes_the_mask(accuracy, mask_method, lora_warmup):
     """The report's before/after-mask window must sit where the schedule really sets the mask."""
-    spec = accuracy.Spec("viggo", "rosa", mask_method=mask_method, steps=30)
+    spec = accuracy.Spec("viggo", "rosa", mask_method=mask_method, steps=30, lora_warmup=lora_warmup)
     model, schedule, _ = accuracy.build(_tiny_llama(), spec, accuracy.warmup_steps(spec.steps))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -166,3 +167,63 @@ def test_reported_mask_step_is_where_the_scheduler_fixes_the_mask(accuracy, mask
         schedule.step(optimizer)
     (fixed,) = [e for e in schedule.events if e["event"] == "mask_fixed"]
     assert accuracy.mask_fixed_step(asdict(spec)) == fixed["optimizer_step"]
+
+
+def test_schedule_kinds_and_keys(accuracy):
+    """Candidates (a candidate schedule at a hand-set rate), the first runs' schedule (keys unchanged), the
+    comparison (a candidate schedule at the policy's rate) and seeds are told apart."""
+    first = accuracy.Spec("viggo", "rosa")
+    assert first.key == "viggo/rosa/low/fisher/layer/150"  # the first runs' keys stay valid
+    for schedule in accuracy.CANDIDATES:
+        candidate = accuracy.Spec("viggo", "rosa", fixed_lr=9e-3, **schedule)
+        policy = accuracy.Spec("viggo", "rosa", **schedule)
+        seeded = accuracy.Spec("viggo", "rosa", seed=2, **schedule)
+        assert accuracy.kind(asdict(candidate)) == "schedule candidate"
+        assert accuracy.kind(asdict(policy)) == accuracy.kind(asdict(seeded)) == "comparison"
+        assert len({first.key, candidate.key, policy.key, seeded.key}) == 4
+        assert seeded.lr_source() == policy  # other seeds use seed 0's rate
+    assert accuracy.kind(asdict(first)) == "first schedule"
+    assert accuracy.kind(asdict(accuracy.Spec("viggo", "lora", seed=1))) == "comparison"
+
+
+def _fake_run(accuracy, spec, val_loss):
+    return {"spec": asdict(spec), "val_loss": val_loss, "lr": spec.fixed_lr or 1e-3}
+
+
+def test_the_default_schedule_is_chosen_on_validation_loss_relative_to_lora(accuracy):
+    """Lowest mean of val loss / LoRA's val loss over both tasks; test scores play no part; a schedule not yet
+    run on every task cannot be chosen."""
+    a, b = accuracy.CANDIDATES[0], accuracy.CANDIDATES[1]
+    runs = {}
+    for task, lora_loss, loss_a, loss_b in (("viggo", 0.1, 0.09, 0.095), ("sql", 0.2, 0.25, 0.19)):
+        lora = accuracy.Spec(task, "lora")
+        runs[lora.key] = _fake_run(accuracy, lora, lora_loss)
+        for schedule, loss in ((a, loss_a), (b, loss_b)):
+            spec = accuracy.Spec(task, "rosa", fixed_lr=3e-3, **schedule)
+            runs[spec.key] = {**_fake_run(accuracy, spec, loss), "exact_match": 0.9 if schedule is a else 0.1}
+    # a: (0.9 + 1.25) / 2 = 1.075; b: (0.95 + 0.95) / 2 = 0.95
+    assert accuracy.choose_schedule({"runs": runs}) == b
+    del runs[accuracy.Spec("sql", "rosa", fixed_lr=3e-3, **b).key]
+    assert accuracy.choose_schedule({"runs": runs}) == a
+    assert accuracy.choose_schedule({"runs": {}}) is None
+
+
+def test_a_policy_run_reuses_the_identical_hand_set_run(accuracy, tmp_path, monkeypatch):
+    """When the policy picks the rate a candidate ran at, the candidate is the same training: it is recorded
+    once more under the policy's key (marked as such), not trained again."""
+    schedule = accuracy.CANDIDATES[0]
+    policy = accuracy.Spec("viggo", "rosa", **schedule)
+    candidate = accuracy.Spec("viggo", "rosa", fixed_lr=9e-3, **schedule)
+    path = tmp_path / "acc.json"
+    results = accuracy.load_results(path)
+    results["runs"][candidate.key] = {**_fake_run(accuracy, candidate, 0.1), "exact_match": 0.4}
+    accuracy.save_results(results, path)
+    monkeypatch.setattr(accuracy, "choose_lr", lambda *a: 9e-3)
+    monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: pytest.fail("trained an identical run again"))
+    run = accuracy.run_suite([policy], path)["runs"][policy.key]
+    assert run["same_run_as"] == candidate.key and run["exact_match"] == 0.4
+    assert accuracy.kind(run["spec"]) == "comparison"
+    monkeypatch.setattr(accuracy, "choose_lr", lambda *a: 3e-3)  # another rate: a new run
+    monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: {"exact_match": 0.2, "wall_seconds": 1})
+    other = accuracy.Spec("sql", "rosa", **schedule)
+    assert accuracy.run_suite([other], path)["runs"][other.key]["exact_match"] == 0.2

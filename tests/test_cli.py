@@ -249,7 +249,9 @@ def test_two_run_recipe_from_the_command_line(tmp_path, tiny_model_dir):
     assert col_keys and all(
         any(torch.equal(adapter[k], v) for n, v in saved.items() if n.endswith("col_idx")) for k in col_keys
     )
-    groups = json.loads((out / "checkpoints" / "step-2" / "state.json").read_text())["optimizer"]["param_groups"]
+    groups = json.loads((out / "checkpoints" / "step-2" / "state.json").read_text())["optimizer"][
+        "param_groups"
+    ]
     rates = {g["name"]: g["initial_lr"] for g in groups}
     assert rates["rosa_sparse"] == pytest.approx(rates["rosa_lora"] / 4)
 

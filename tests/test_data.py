@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -351,3 +352,61 @@ def test_tokenize_examples_feeds_sampler(tokenizer):
     batch = CausalLMCollator(tokenizer)([feats[i] for i in next(iter(sampler))])
     assert batch["input_ids"].shape[0] == 4
     assert (batch["labels"] == tokenizer.eos_token_id).sum() == 4  # one EOS label per row
+
+
+# --------------------------------------------------------------------------------------- unusable files
+
+
+UNUSABLE = [
+    ("empty.jsonl", b"", "the file has no rows \\(it is empty\\)"),
+    ("blank.jsonl", b"\n  \n", "the file has no rows"),
+    ("empty.json", b"[]", "the file has no rows"),
+    ("header.csv", b"prompt,response\n", "the file has no rows"),
+    (
+        "latin1.jsonl",
+        '{"prompt": "caf\u00e9"}\n'.encode("latin-1"),
+        "not UTF-8 text \\(byte 0xe9 at offset 15\\)",
+    ),
+    (
+        "latin1.csv",
+        "prompt\ncaf\u00e9\n".encode("latin-1"),
+        "not UTF-8 text \\(byte 0xe9 at offset 10\\)",
+    ),
+    ("list.jsonl", b'{"prompt": "p"}\n["p", "r"]\n', "expected a JSON object .* got list"),
+    ("strings.json", b'["prompt", "response"]', "item 0: expected a JSON object"),
+    ("huge.csv", b"prompt\n" + b"x" * 200_000 + b"\n", "not valid CSV \\(field larger"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), UNUSABLE, ids=[case[0] for case in UNUSABLE])
+def test_unusable_file_is_one_error_naming_it(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}(:2)?: {message}") as err:
+        load_rows(path)
+    assert type(err.value).__name__ == "DataFileError"
+
+
+def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,response\nhi,there\n".encode())
+    assert load_examples("generic", path) == [Example("hi\n", "there")]
+
+
+def test_missing_column_names_the_setting_the_file_and_the_columns(tmp_path):
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"a": "x", "b": "y"}) + "\n" + json.dumps({"b": "z"}) + "\n"
+    )
+    cmap = {"prompt": "instruction", "response": "b"}
+    with pytest.raises(KeyError) as err:  # a directory source: the message names the file read from it
+        load_examples("generic", tmp_path, column_map=cmap, column_settings={"prompt": "data.prompt_column"})
+    path = tmp_path / "train.jsonl"
+    assert str(err.value) == f"data.prompt_column='instruction' not found in {path}; columns: a, b"
+    with pytest.raises(KeyError) as err:
+        load_examples("generic", tmp_path, column_map={"prompt": "a", "response": "b"})
+    assert str(err.value) == f"column_map['prompt']='a' not found in {path} (row 2 of 2); columns: b"
+    with pytest.raises(KeyError) as err:
+        format_rows([{"question": "q"}], "gsm8k")
+    assert str(err.value) == (
+        "task 'gsm8k' expects columns 'question', 'answer'; 'answer' not found in the rows; columns: question"
+    )

@@ -325,6 +325,7 @@ def test_resume_with_another_process_count_is_refused(cli_runs, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(cli_runs["ddp"], run)
+    (run / "results.json").unlink()  # as if stopped before the end (a finished run is refused first)
     done = _rosa(["train", "-q", "--resume", f"output_dir={run}"], None)
     assert done.returncode == 2
     assert "written by a run of 2 process(es)" in done.stderr, done.stderr[-2000:]

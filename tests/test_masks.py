@@ -75,9 +75,10 @@ def wrap_rosa(
                 lora_alpha=lora_alpha,
                 density=density,
                 capacity=capacity,
-                init_lora_weights=init_lora_weights,
                 lora_dropout=lora_dropout,
             )
+            if not init_lora_weights:  # a small random B (N(0, 0.02)): the adapter is not the identity
+                torch.nn.init.normal_(layer.rosa_B[ADAPTER].weight, std=0.02)
             setattr(parent, child_name, layer)
     return model
 

@@ -126,7 +126,9 @@ def _run_plain(model, steps, *, state=None, start=0, batches):
     }
 
 
-@pytest.mark.parametrize("stop", [2, 6])  # 2: before collection (snapshot needed); 6: in the middle of the ramp
+@pytest.mark.parametrize(
+    "stop", [2, 6]
+)  # 2: before collection (snapshot needed); 6: in the middle of the ramp
 def test_plain_loop_resume_reaches_the_same_adapter(stop):
     batches = make_batches(10)
     full = _run_plain(wrap_rosa(tiny_llama()), 10, batches=batches)
@@ -180,7 +182,9 @@ def test_trainer_puts_the_sparse_values_under_trainers_warmup_after_the_mask(tmp
     trainer = _trainer(model, tmp_path, 8, callback, save_strategy="no")
     seen = []
 
-    def spy(optimizer, args, kwargs):  # registered first: runs before the ramp's pre-hook, sees the plain rate
+    def spy(
+        optimizer, args, kwargs
+    ):  # registered first: runs before the ramp's pre-hook, sees the plain rate
         seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
 
     applied = []

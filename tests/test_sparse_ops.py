@@ -266,3 +266,21 @@ def test_cost_rule_is_monotone_in_nnz_and_tokens():
     model = COST_MODELS["cpu"]
     assert model.spmm_cost(64, 64, 100, 8) < model.spmm_cost(64, 64, 100, 16)
     assert choose_strategy("unknown-device", 64, 64, 10, 8) == choose_strategy("cpu", 64, 64, 10, 8)
+
+
+def test_auto_never_folds_on_cuda_until_rates_are_measured():
+    """CUDA has no measured rates (benchmarks/gpu.py has not run on a GPU), so `auto` builds nothing dense there:
+    spmm for every LLaMA-7B and SmolLM2 shape at any token count and density, where the CPU rule folds some."""
+    assert "cuda" not in COST_MODELS
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 576), (1536, 576)]
+    picks = {
+        (device, out_f, in_f, density, tokens): choose_strategy(
+            device, out_f, in_f, round(density * out_f * in_f), tokens
+        )
+        for device in ("cuda", "cpu")
+        for out_f, in_f in shapes
+        for density in (0.001, 0.01, 0.05)
+        for tokens in (1, 512, 2048, 65536)
+    }
+    assert {p for k, p in picks.items() if k[0] == "cuda"} == {"spmm"}
+    assert "fold" in {p for k, p in picks.items() if k[0] == "cpu"}

@@ -8,9 +8,12 @@ offline, and prints exact-match accuracy before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 EXAMPLES = """
@@ -26,7 +29,8 @@ examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's own parser, by name."""
     parser = argparse.ArgumentParser(
         prog="rosa",
         description="Fine-tune causal language models with RoSA (low-rank + sparse adaptation).",
@@ -69,11 +73,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--requantize", action="store_true", help="save 4-bit NF4 again (lossy; default: lossless)"
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is a non-empty folder (never a file)"
+    )
 
     p = sub.add_parser("mask", help="run warm-up and mask collection only, and save the mask")
     common(p)
     p.add_argument("--out", required=True, help="mask file (.safetensors)")
-    return parser
+    return parser, dict(sub.choices)
+
+
+def _parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options may stand anywhere among the overrides (``rosa train a=1 -q b=2``).
+
+    ``parse_intermixed_args`` refuses a parser with subcommands, so the top level only picks the command and
+    the command's own parser reads the rest, intermixed.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, commands = _parsers()
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -88,13 +114,76 @@ def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Parse first: torch, PEFT and transformers are imported only by the command that runs (not for --help)."""
+    args = parse_args(argv)
     if args.command is None:
         _parser().print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING, format="rosa: %(message)s")
-    # bitsandbytes tries to fetch an optional CPU kernel from the hub at import and warns when offline.
+    _configure_logging()
+    with _quiet_third_parties(args.quiet):
+        return _run(args)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """``rosa: message`` on the sys.stderr of the moment (tests swap it between runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("rosa: %(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """rosa's warnings as ``rosa: ...``; other libraries' log lines keep their own form (Python's default)."""
+    logger = logging.getLogger("rosa")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.WARNING)
+    # bitsandbytes (imported by PEFT) tries to fetch an optional CPU kernel from the hub and warns when offline.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _quiet_third_parties(quiet: bool) -> Iterator[None]:
+    """With -q, nothing from other libraries on stderr for this command (restored after: nothing process-wide).
+
+    Their log lines and transformers' progress bars ("Loading weights") go, and so do the deprecation warnings
+    they raise at each other (PEFT reading transformers' ``is_gradient_checkpointing``), which a user cannot act
+    on (rosa raises neither kind itself). rosa's own warnings and log lines stay.
+    """
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    root = logging.getLogger()
+    root_level = root.level
+    hf_level = hf_logging.get_verbosity()
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    root.setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        root.setLevel(root_level)
+        hf_logging.set_verbosity(hf_level)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the run config and run the command; a user's mistake is one line, anything else a traceback."""
     from .run_config import load_run_config
 
     try:
@@ -132,9 +221,11 @@ def _is_user_error(e: Exception) -> bool:
 
 
 def _train(run, args) -> int:
+    from .run_config import given_keys
     from .train import train
 
-    result = train(run, resume=args.resume, show_progress=not args.quiet)
+    keys = given_keys(*_split_overrides(args))
+    result = train(run, resume=args.resume, show_progress=not args.quiet, given_keys=keys)
     before = result.before["exact_match"] if result.before else None
     after = result.after["exact_match"] if result.after else None
     print(f"\nrun folder: {result.output_dir} ({result.steps} steps, {result.wall_seconds:.0f} s)")
@@ -148,9 +239,11 @@ def _train(run, args) -> int:
 
 
 def _eval(run, args) -> int:
-    from .model import load_rosa_model
+    from .model import check_adapter_folder, load_rosa_model
     from .train import evaluate_heldout, load_model_and_tokenizer, load_task_examples
 
+    if args.adapter:
+        check_adapter_folder(args.adapter)  # before the base model loads
     task, _, held_out = load_task_examples(run.data)
     if run.eval.limit is not None:
         held_out = held_out[: run.eval.limit]
@@ -172,7 +265,12 @@ def _merge(run, args) -> int:
     from .merge import merge_adapter_to_disk
 
     path = merge_adapter_to_disk(
-        run.model, args.adapter, args.out, dtype=args.dtype, requantize=args.requantize
+        run.model,
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        requantize=args.requantize,
+        overwrite=args.overwrite,
     )
     print(f"merged model written to {path}")
     return 0

@@ -61,15 +61,22 @@ class RosaConfig(PeftConfig):
         default="float32", metadata={"help": "dtype of A, B and the sparse values."}
     )
     fan_in_fan_out: bool = field(
-        default=False, metadata={"help": "Base weight stored (in, out), as GPT-2 Conv1D."}
+        default=False,
+        metadata={
+            "help": "Base weight stored (in, out), as GPT-2 Conv1D. rosa reads the layout from the layer type; "
+            "a value that disagrees is corrected with a warning, as PEFT's LoRA does."
+        },
     )
     bias: Literal["none"] = field(default="none", metadata={"help": "Only 'none' is supported."})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained and saved."}
     )
-    init_lora_weights: bool = field(
+    init_lora_weights: bool | Literal["gaussian"] = field(
         default=True,
-        metadata={"help": "PEFT's default init (Kaiming A, zero B); False makes B random (tests)."},
+        metadata={
+            "help": "As in PEFT's LoRA: True (Kaiming-uniform A, zero B), 'gaussian' (A ~ N(0, 1/r), zero B) "
+            "or False (nn.Linear's random init for both: not an identity, for tests and debugging)."
+        },
     )
     sparse_strategy: SparseStrategy = field(
         default="auto",
@@ -177,15 +184,30 @@ class RosaConfig(PeftConfig):
             raise RosaConfigError(f"mask_memory_budget must be positive (GiB), got {self.mask_memory_budget}")
         if self.bias != "none":
             raise RosaConfigError(f"bias must be 'none', got {self.bias!r}")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
+            raise RosaConfigError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} (PEFT's "
+                "data-driven initialisations such as pissa, olora, loftq, eva or corda are not supported by RoSA)"
+            )
+        if self.r == 0 and not any(self.rank_pattern.values()) and self.warmup_steps > 0:
+            raise RosaConfigError(
+                f"r=0 (sparse only) has no low-rank part to warm up: warmup_steps={self.warmup_steps} would train "
+                "nothing; set warmup_steps=0 (the mask is then scored before the first step)"
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """PEFT's loader, after refusing folders whose weights are pickle-only (adapters load from safetensors)."""
-        from .model import check_adapter_dir
+        """PEFT's loader, after ``check_adapter_dir`` (no unpickling, a RoSA config, an intact safetensors file);
+        a value RoSA cannot use is reported against the file it came from."""
+        from .model import CONFIG_NAME, check_adapter_dir
+        from .serialization import AdapterFileError
 
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         check_adapter_dir(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (RosaConfigError, TypeError) as e:  # TypeError: a value of the wrong type, e.g. "r": [1]
+            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from e
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import re
@@ -44,6 +45,18 @@ _SPLIT_ALIASES = {
     "validation": ("validation", "valid", "val", "dev"),
     "valid": ("valid", "validation", "val", "dev"),
 }
+
+
+class DataFileError(ValueError):
+    """A local data file cannot be read as rows: empty, not UTF-8, not JSON/CSV, or a row that is not an object."""
+
+
+class MissingColumnError(KeyError):
+    """The rows lack a column the task needs. A ``KeyError`` as before; ``str()`` is the plain message (a
+    ``KeyError`` would print it quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -135,30 +148,57 @@ def get_task(name: str) -> TaskFormat:
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
+    """Rows of a local file; every problem is a ``DataFileError`` naming the file (and line where known)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except UnicodeDecodeError as e:
+        raise DataFileError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    if path.suffix.lower() == ".csv":
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise DataFileError(f"{path}: not valid CSV ({e})") from None
+    else:
+        rows = _json_rows(path, text)
+    if not rows:
+        raise DataFileError(f"{path}: the file has no rows" + (" (it is empty)" if not text.strip() else ""))
+    return rows
+
+
+def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """A ``.json`` list of objects (or ``{"data": [...]}``), else JSON lines (many ``.json`` files are)."""
+    if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            data = None  # many ".json" files are really JSON lines
-        if isinstance(data, list):
-            return data
+            data = None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
-            return data["data"]
+            data = data["data"]
+        if isinstance(data, list):
+            for i, row in enumerate(data):
+                _check_object(row, f"{path}: item {i}")
+            return data
         if data is not None:
-            raise ValueError(f"{path}: expected a JSON list of objects (or an object with a 'data' list)")
+            raise DataFileError(f"{path}: expected a JSON list of objects (or an object with a 'data' list)")
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            rows.append(_check_object(row, f"{path}:{lineno}"))
     return rows
+
+
+def _check_object(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataFileError(
+            f"{where}: expected a JSON object with the task's columns, got {type(row).__name__}"
+        )
+    return row
 
 
 def _split_file(directory: Path, split: str) -> Path:
@@ -182,14 +222,11 @@ def load_rows(source: str | Path, split: str = "train", hf_config: str | None = 
 
     A source that does not exist locally and does not look like a path is passed to
     ``datasets.load_dataset(source, hf_config, split=split)`` (needs network or a populated HF cache).
+    A local file with no rows is an error (``DataFileError``), as is one that is not UTF-8 or not parseable.
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = _split_file(path, split)
-    if path.is_file():
+    path = _local_file(source, split)
+    if path is not None:
         return _read_local(path)
-    if isinstance(source, Path) or _looks_like_path(str(source)):
-        raise FileNotFoundError(f"data file not found: {source}")
     try:
         import datasets
     except ImportError as e:
@@ -206,27 +243,65 @@ def load_rows(source: str | Path, split: str = "train", hf_config: str | None = 
     return [dict(r) for r in ds]
 
 
+def _local_file(source: str | Path, split: str) -> Path | None:
+    """The local file ``source`` names (a directory's ``{split}.*`` file), or None for a hub dataset name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = _split_file(path, split)
+    if path.is_file():
+        return path
+    if isinstance(source, Path) or _looks_like_path(str(source)):
+        raise FileNotFoundError(f"data file not found: {source}")
+    return None
+
+
+def _source_name(source: str | Path, split: str) -> str:
+    """How messages name the rows' origin: the file read, or the hub dataset and split."""
+    path = _local_file(source, split)
+    return str(path) if path is not None else f"dataset {str(source)!r} split {split!r}"
+
+
 def check_columns(
-    rows: Sequence[Mapping[str, Any]], task: str | TaskFormat, column_map: Mapping[str, str] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    task: str | TaskFormat,
+    column_map: Mapping[str, str] | None = None,
+    *,
+    source: str | None = None,
+    column_settings: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise a ``KeyError`` naming the missing columns and the columns present (checks every row)."""
+    """Raise a ``MissingColumnError`` naming the missing columns, where they were looked for (``source``) and the
+    columns present (checks every row). A column chosen by ``column_map`` is named by the setting that chose it:
+    ``column_settings[field]`` (e.g. ``{"prompt": "data.prompt_column"}``), else ``column_map[field]``."""
     fmt = get_task(task) if isinstance(task, str) else task
-    needed = [(column_map or {}).get(f, f) for f in fmt.fields]
+    column_map, column_settings = column_map or {}, column_settings or {}
+    needed = {f: column_map.get(f, f) for f in fmt.fields}
     for i, row in enumerate(rows):
-        missing = [c for c in needed if c not in row]
-        if missing:
-            raise KeyError(
-                f"task {fmt.name!r} needs column(s) {missing} (row {i}); columns present: {sorted(row)}. "
-                f"Map columns with column_map, e.g. {{{missing[0]!r}: '<column in your data>'}}"
-            )
+        missing = [f for f, column in needed.items() if column not in row]
+        if not missing:
+            continue
+        named = [
+            f"{column_settings.get(f, f'column_map[{f!r}]')}={needed[f]!r}" if f in column_map else repr(f)
+            for f in missing
+        ]
+        expects = ""
+        if any(f not in column_map for f in missing):
+            expects = f"task {fmt.name!r} expects columns {', '.join(repr(c) for c in needed.values())}; "
+        where = (source or "the rows") + (f" (row {i + 1} of {len(rows)})" if i else "")
+        present = ", ".join(str(c) for c in row) or "(none)"
+        raise MissingColumnError(f"{expects}{', '.join(named)} not found in {where}; columns: {present}")
 
 
 def format_rows(
-    rows: Sequence[Mapping[str, Any]], task: str | TaskFormat, column_map: Mapping[str, str] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    task: str | TaskFormat,
+    column_map: Mapping[str, str] | None = None,
+    *,
+    source: str | None = None,
+    column_settings: Mapping[str, str] | None = None,
 ) -> list[Example]:
-    """Turn raw rows into examples of ``task`` after checking the needed columns exist."""
+    """Turn raw rows into examples of ``task`` after checking the needed columns exist (see ``check_columns``)."""
     fmt = get_task(task) if isinstance(task, str) else task
-    check_columns(rows, fmt, column_map)
+    check_columns(rows, fmt, column_map, source=source, column_settings=column_settings)
     return [fmt.format(r, column_map) for r in rows]
 
 
@@ -236,10 +311,12 @@ def load_examples(
     *,
     split: str = "train",
     column_map: Mapping[str, str] | None = None,
+    column_settings: Mapping[str, str] | None = None,
     hf_config: str | None = None,
     limit: int | None = None,
 ) -> list[Example]:
-    """Load ``source`` and format it as ``task``; ``synthetic`` needs no source (its default train/eval set)."""
+    """Load ``source`` and format it as ``task``; ``synthetic`` needs no source (its default train/eval set).
+    ``column_settings`` names, in error messages, the setting each ``column_map`` entry came from."""
     fmt = get_task(task)
     if fmt.name == "synthetic" and source is None:
         train, val = synthetic_splits()
@@ -247,7 +324,10 @@ def load_examples(
     else:
         if source is None:
             raise ValueError(f"task {task!r} needs a data source (a file path or a dataset name)")
-        examples = format_rows(load_rows(source, split=split, hf_config=hf_config), fmt, column_map)
+        rows = load_rows(source, split=split, hf_config=hf_config)
+        examples = format_rows(
+            rows, fmt, column_map, source=_source_name(source, split), column_settings=column_settings
+        )
     return examples[:limit] if limit is not None else examples
 
 

@@ -84,7 +84,7 @@ class RosaLayer(BaseTunerLayer):
         density: float = 0.0,
         capacity: int | None = None,
         use_rslora: bool = False,
-        init_lora_weights: bool = True,
+        init_lora_weights: bool | str = True,
         adapter_dtype: torch.dtype = torch.float32,
         sparse_strategy: str = "auto",
         inference_mode: bool = False,
@@ -119,15 +119,22 @@ class RosaLayer(BaseTunerLayer):
         self._place_adapter(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
-        """PEFT's LoRA init: Kaiming-uniform A, zero B (so the adapter starts as the identity)."""
-        if adapter_name not in self.rosa_A:
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
+        """PEFT's LoRA initialisations: ``True`` Kaiming-uniform A and zero B (the adapter starts as the
+        identity); ``"gaussian"`` A ~ N(0, 1/r) and zero B; ``False`` leaves both at ``nn.Linear``'s own random
+        init (not an identity: for tests and debugging, as in PEFT)."""
+        if adapter_name not in self.rosa_A or init_lora_weights is False:
             return
-        nn.init.kaiming_uniform_(self.rosa_A[adapter_name].weight, a=math.sqrt(5))
-        if init_lora_weights:
-            nn.init.zeros_(self.rosa_B[adapter_name].weight)
+        a, b = self.rosa_A[adapter_name].weight, self.rosa_B[adapter_name].weight
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter_name])
+        elif init_lora_weights is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         else:
-            nn.init.normal_(self.rosa_B[adapter_name].weight, std=0.02)
+            raise ValueError(
+                f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}"
+            )
+        nn.init.zeros_(b)
 
     def _place_adapter(self, adapter_name: str) -> None:
         """Move this adapter to the base weight's device, keeping its own dtype (fp32 adapters on a bf16 base

@@ -219,6 +219,9 @@ class StatCollector:
         if self._handles:
             return self
         for name, layer in self.layers.items():
+            layer._rosa_scheduled = (
+                True  # a mask is being chosen: the model's "no schedule" warning stays quiet
+            )
             if name not in self._state:
                 device = layer.rosa_values[self.adapter_name].device
                 shape = (layer.out_features, layer.in_features)
@@ -567,11 +570,15 @@ class MaskBuilder:
         self.accumulator_dtype = accumulator_dtype
         self.max_micro_batches = max_micro_batches
         self.budgets = {n: layer_budget(layer, adapter_name) for n, layer in self.layers.items()}
+        # layers with no sparse values (density 0 there) are never observed or scored: their support stays empty
+        self.selectable = {
+            n: layer for n, layer in self.layers.items() if layer.capacity.get(adapter_name, 0)
+        }
         self.groups = (
             plan_layer_groups(
-                self.layers, memory_budget, n_stats=len(self.stats), accumulator_dtype=accumulator_dtype
+                self.selectable, memory_budget, n_stats=len(self.stats), accumulator_dtype=accumulator_dtype
             )
-            if self.stats
+            if self.stats and self.selectable
             else []
         )
         self.collector: StatCollector | None = None
@@ -644,14 +651,15 @@ class MaskBuilder:
         if self.collector is not None or self._next_group < len(self.groups):
             raise MaskError("mask statistics are still being collected")
         if not self.needs_data:
-            for name, layer in self.layers.items():
+            for name, layer in self.selectable.items():
                 if name not in self._chosen and name not in self._candidates:
                     self._take(name, layer_scores(self.method, name, layer, None, self.seed))
         chosen = self._chosen
         if self.allocation == "global":
             chosen = select_global(self._candidates, sum(self.budgets.values()))
+        nothing = torch.zeros(0, dtype=torch.int64)
         return {
-            name: support_from_flat_index(chosen[name], (layer.out_features, layer.in_features))
+            name: support_from_flat_index(chosen.get(name, nothing), (layer.out_features, layer.in_features))
             for name, layer in self.layers.items()
         }
 

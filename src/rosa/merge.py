@@ -9,11 +9,13 @@ is available on request and warns with the error it measured.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +26,10 @@ from .layer import RosaLayer
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MergeOutputError(ValueError):
+    """The merge's output path cannot be written without destroying something the caller did not ask to replace."""
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -132,35 +138,104 @@ def merge_adapter_to_disk(
     out: str | os.PathLike,
     dtype: str = "bfloat16",
     requantize: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """``rosa merge``: load base + adapter, merge, and write the merged checkpoint atomically.
 
-    With ``requantize`` the merged model is quantized to NF4 (double quantization, bf16 compute) by
-    transformers itself, from the merged weights, and saved as a pre-quantized bitsandbytes checkpoint; a
-    warning states the error this adds, measured layer by layer against the merged weights."""
-    from .model import load_rosa_model
+    The target is checked before anything loads: a file or symlink is never replaced, a non-empty folder only
+    with ``overwrite``, and never a folder holding one of the merge's inputs. With ``requantize`` the merged
+    model is quantized to NF4 (double quantization, bf16 compute) by transformers itself, from the merged
+    weights, and saved as a pre-quantized bitsandbytes checkpoint; a warning states the error this adds,
+    measured layer by layer against the merged weights."""
+    from .model import check_adapter_folder, load_rosa_model
     from .train import load_model_and_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = Path(os.path.abspath(out))
+    inputs = {"the adapter": Path(adapter), "the current folder": Path.cwd()}
+    if Path(model_section.name).exists():
+        inputs["the base model"] = Path(model_section.name)
+    check_merge_target(out, overwrite, inputs)
+    check_adapter_folder(adapter)
     model, tokenizer = load_model_and_tokenizer(model_section, for_training=False)
     model = load_rosa_model(model, adapter)
     delta_norms = _delta_norms(model) if requantize else {}
     merged = merge_to_dense(model, DTYPES[dtype])
-    out = Path(out)
+
+    def write(folder: Path) -> None:
+        if requantize:
+            _save_requantized(merged, folder, delta_norms)
+        else:
+            merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_atomically(out, write, overwrite)
+    return out
+
+
+def check_merge_target(out: Path, overwrite: bool, inputs: dict[str, Path] | None = None) -> None:
+    """Refuse an output path whose replacement would destroy what the caller did not ask to replace: a file or
+    symlink (never), a non-empty folder (only with ``overwrite``), a folder holding one of ``inputs`` (never,
+    label -> path), a path below a file. An absent path or an empty folder is fine."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise MergeOutputError(
+            f"merge output {out} is {kind}, not a folder; refusing to replace it (--overwrite replaces folders only)"
+        )
+    real_out = Path(os.path.realpath(out))
+    for label, path in (inputs or {}).items():
+        real = Path(os.path.realpath(path))
+        if real == real_out or real_out in real.parents:
+            raise MergeOutputError(
+                f"merge output {out} holds {label} ({path}); refusing to replace it, choose another folder"
+            )
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise MergeOutputError(
+            f"merge output {out} is a folder that is not empty; refusing to delete its contents "
+            "(pass --overwrite to replace it)"
+        )
+    ancestor = next((p for p in out.parents if p.exists() or p.is_symlink()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise MergeOutputError(f"merge output {out}: {ancestor} is a file, not a folder")
+
+
+def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Have ``write`` fill a fresh folder beside ``out``, then rename it into place, so ``out`` is either left as
+    it was or holds the complete result. The target is checked again just before the swap (it may have changed
+    while the model was merging)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if requantize:
-            _save_requantized(merged, tmp, delta_norms)
-        else:
-            merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        write(tmp)
+        check_merge_target(out, overwrite)
+        _swap_in(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def _swap_in(new: Path, out: Path, overwrite: bool) -> None:
+    """rename(2) replaces only an absent or empty folder; with ``overwrite`` a non-empty one is first renamed
+    aside (and renamed back if the swap fails), and deleted only once the new folder is in place."""
+    try:
+        os.replace(new, out)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if not overwrite:
+            raise MergeOutputError(
+                f"merge output {out} became non-empty while merging; refusing to delete its contents "
+                "(pass --overwrite to replace it)"
+            ) from None
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16):

@@ -8,8 +8,13 @@ how a layer is built from the config, the compact on-disk support, and the check
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import sys
+import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,11 +23,12 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .config import RosaConfig
+from .config import PEFT_TYPE, RosaConfig
 from .layer import RosaLayer, RosaLinear, nnz_budget
 from .serialization import AdapterFileError, compact_support
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
@@ -32,6 +38,16 @@ class RosaModel(BaseTuner):
     prefix: str = "rosa_"
     tuner_layer_cls = RosaLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model, config, adapter_name, *args, **kwargs) -> None:
+        _refuse_transformers_load_adapter()
+        super().__init__(model, config, adapter_name, *args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        if not getattr(self, "_schedule_checked", False) and self.training and torch.is_grad_enabled():
+            self._schedule_checked = True
+            _warn_if_no_schedule(self)
+        return super().forward(*args, **kwargs)
 
     def _create_and_replace(
         self,
@@ -64,6 +80,44 @@ class RosaModel(BaseTuner):
         return compact_support(full)
 
 
+def _refuse_transformers_load_adapter() -> None:
+    """transformers' ``model.load_adapter(path)`` writes the file's tensors straight into the model, past the
+    load hooks that validate a sparse support and size its buffers: refuse it with the calls that work. (Its
+    ``add_adapter(config)``, which loads nothing, is fine.)"""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return
+        if frame.f_code.co_name == "load_adapter" and "transformers" in frame.f_code.co_filename:
+            raise AdapterFileError(
+                "transformers' model.load_adapter() cannot load a RoSA adapter (it bypasses the checks and resizing "
+                "of the sparse support); use peft.PeftModel.from_pretrained(model, path) or "
+                "rosa.load_rosa_model(model, path)"
+            )
+        frame = frame.f_back
+
+
+def _warn_if_no_schedule(tuner: nn.Module) -> None:
+    """Training a RoSA model with no mask and nothing that will choose one trains LoRA only, silently."""
+    layers = [m for m in tuner.modules() if isinstance(m, RosaLayer)]
+    waiting = [
+        layer
+        for layer in layers
+        for name in layer.active_adapters
+        if layer.capacity.get(name, 0) > 0
+        and layer.nnz(name) == 0
+        and not getattr(layer, "_rosa_scheduled", False)
+    ]
+    if waiting:
+        warnings.warn(
+            "RoSA is training with no mask and no schedule to choose one: the sparse values stay frozen and only "
+            "LoRA trains. With transformers.Trainer add callbacks=[rosa.scheduler.RosaTrainerCallback()]; in a "
+            "plain loop call rosa.scheduler.RosaScheduler(model).step(optimizer) after every optimizer step; or "
+            "set a mask first (rosa.masks.collect_mask / load_mask).",
+            stacklevel=4,
+        )
+
+
 def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dict:
     """RosaLinear arguments for one module, with the per-module rank/alpha/density overrides applied."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -71,6 +125,7 @@ def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dic
     if weight is None:
         raise TypeError(f"RoSA cannot adapt {module_name} ({type(base).__name__}): it has no weight")
     out_features, in_features = _out_in(base)
+    _check_fan_in_fan_out(config, base, module_name)
     density = config.density_for(module_name)
     budget = nnz_budget(density, out_features, in_features)
     capacity = budget
@@ -90,6 +145,21 @@ def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dic
     }
 
 
+def _check_fan_in_fan_out(config: RosaConfig, base: nn.Module, module_name: str) -> None:
+    """The weight layout comes from the layer type; a config that says otherwise is corrected, loudly (PEFT's
+    LoRA does the same)."""
+    from transformers.pytorch_utils import Conv1D
+
+    stored_in_out = isinstance(base, Conv1D)
+    if config.fan_in_fan_out != stored_in_out:
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} but {module_name} is a {type(base).__name__}, which stores "
+            f"its weight as {'(in, out)' if stored_in_out else '(out, in)'}: using fan_in_fan_out={stored_in_out}",
+            stacklevel=4,
+        )
+        config.fan_in_fan_out = stored_in_out
+
+
 def _out_in(base: nn.Module) -> tuple[int, int]:
     from peft.tuners.tuners_utils import _get_in_out_features
 
@@ -105,15 +175,35 @@ def get_rosa_model(
     """Wrap ``model`` with a RoSA adapter; the same as ``peft.get_peft_model`` once rosa is imported."""
     if not isinstance(config, RosaConfig):
         raise TypeError(f"expected a RosaConfig, got {type(config).__name__}")
-    return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+    # PEFT counts every element of a trainable tensor; with global allocation the sparse values are allocated
+    # above the budget (the budget moves between layers), so count the budget, which is what trains.
+    peft_model.get_nb_trainable_parameters = types.MethodType(_nb_trainable_at_budget, peft_model)
+    return peft_model
+
+
+def _nb_trainable_at_budget(self: PeftModel) -> tuple[int, int]:
+    trainable, total = PeftModel.get_nb_trainable_parameters(self)
+    spare = sum(
+        layer.capacity[name] - nnz_budget(layer.density[name], layer.out_features, layer.in_features)
+        for layer in rosa_layers(self).values()
+        for name in layer.rosa_values
+        if layer.rosa_values[name].requires_grad
+    )
+    return trainable - spare, total - spare
 
 
 def check_adapter_dir(path: str | os.PathLike) -> None:
-    """Refuse adapter folders that hold only pickle weights: loading must never unpickle."""
+    """Refuse a local adapter folder PEFT would load unsafely or with a traceback, naming the file at fault:
+    pickle-only weights (loading must never unpickle), an adapter_config.json that is not a RoSA config, a
+    truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``)."""
     path = Path(path)
     if not path.is_dir():
         return  # a hub id: PEFT resolves it (and prefers safetensors); nothing local to check
+    if (path / CONFIG_NAME).is_file():
+        check_adapter_config(path / CONFIG_NAME)
     if (path / SAFETENSORS_NAME).is_file():
+        _check_safetensors_file(path / SAFETENSORS_NAME)
         return
     pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
     if pickles:
@@ -121,6 +211,65 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
             f"{path / pickles[0]}: RoSA adapters are loaded from safetensors only, and this folder has no "
             f"{SAFETENSORS_NAME}; refusing to unpickle {pickles[0]}"
         )
+
+
+def check_adapter_config(file: Path) -> None:
+    """The config must be a JSON object of a RoSA adapter; PEFT indexes it blindly (TypeError, KeyError)."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{file}: not UTF-8 text, so not an adapter config") from None
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(
+            f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file}: expected a JSON object, got {_json_kind(config)}")
+    if "peft_type" not in config:
+        raise AdapterFileError(f"{file}: no 'peft_type' key, so not an adapter config written by PEFT")
+    if config["peft_type"] != PEFT_TYPE:
+        raise AdapterFileError(
+            f"{file}: peft_type is {config['peft_type']!r}, not {PEFT_TYPE!r}: not a RoSA adapter"
+        )
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), "null")
+
+
+def _check_safetensors_file(file: Path) -> None:
+    """Parse the header (safetensors validates every tensor's dtype, shape and byte range against the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except SafetensorError as e:
+        raise AdapterFileError(
+            f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+
+
+def check_adapter_folder(path: str | os.PathLike) -> None:
+    """Everything ``load_rosa_model`` checks before loading, for callers that fail fast (before the base model
+    loads): ``check_adapter_dir``, and a local folder that exists and holds both files. A missing path that could
+    be a hub id ('owner/name') is left to PEFT."""
+    local = Path(path)
+    if not local.exists():
+        if isinstance(path, str) and re.fullmatch(r"[\w][\w.-]*/[\w.-]+", path):
+            return
+        raise AdapterFileError(f"{path}: adapter folder not found")
+    if not local.is_dir():
+        raise AdapterFileError(
+            f"{path}: not a folder; pass the adapter folder (holding {CONFIG_NAME} and {SAFETENSORS_NAME})"
+        )
+    check_adapter_dir(local)
+    for name in (CONFIG_NAME, SAFETENSORS_NAME):
+        if not (local / name).is_file():
+            raise AdapterFileError(
+                f"{local / name}: missing, so {path} is not an adapter folder written by save_pretrained"
+            )
 
 
 def load_rosa_model(
@@ -131,7 +280,8 @@ def load_rosa_model(
     **kwargs,
 ) -> PeftModel:
     """Load a saved RoSA adapter onto ``model`` (``PeftModel.from_pretrained`` with RoSA's file checks)."""
-    check_adapter_dir(path)
+    subfolder = kwargs.get("subfolder")
+    check_adapter_folder(os.path.join(path, subfolder) if subfolder else path)
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
     )

@@ -61,6 +61,7 @@ from .masks import (
     MaskError,
     Method,
     apply_mask,
+    collect_mask,
     has_mask,
     load_mask,
     method_name,
@@ -108,6 +109,24 @@ def groups_holding(optimizer: Any, params: Iterable[torch.Tensor]) -> list[dict[
             "build the optimizer over the model's own parameters"
         )
     return [g for g in groups if any(id(p) in ids for p in g["params"])]
+
+
+def needs_mask_before_training(
+    model: nn.Module, config: Any, adapter_name: str | None = None, method: Method | None = None
+) -> bool:
+    """Sparse-only (no layer has a LoRA pair), no mask yet and a data-driven method: the mask must be scored
+    before the first step, since ordinary training has nothing to backpropagate into while it is collected."""
+    from .masks import default_stats
+
+    adapter = resolve_adapter(model, adapter_name)
+    layers = rosa_layers(model, adapter).values()
+    method = method if method is not None else config.mask_method
+    return (
+        not any(adapter in layer.rosa_A for layer in layers)
+        and any(layer.capacity.get(adapter, 0) for layer in layers)
+        and not has_mask(model, adapter)
+        and bool(default_stats(method))
+    )
 
 
 class _LRRamp:
@@ -168,6 +187,8 @@ class RosaScheduler:
             raise MaskError("RosaScheduler needs a RosaConfig (none found on the model)")
         self.config = config
         self.layers = rosa_layers(model, self.adapter_name)
+        for layer in self.layers.values():
+            layer._rosa_scheduled = True  # the model's "no schedule" warning stays quiet
         self.method = method if method is not None else config.mask_method
         self.stats = stats
         self.accumulator_dtype = accumulator_dtype
@@ -190,7 +211,10 @@ class RosaScheduler:
             for name, layer in self.layers.items()
             if a in layer.rosa_A
         }
-        if mask_path is not None:
+        if not any(layer.capacity.get(a, 0) for layer in self.layers.values()):
+            self.phase = JOINT  # density 0 everywhere: plain LoRA, nothing to select
+            self._event("no_sparse_budget")
+        elif mask_path is not None:
             load_mask(model, mask_path, adapter_name=a)
             self.phase = JOINT
             self._event("mask_loaded", path=os.fspath(mask_path))
@@ -199,6 +223,12 @@ class RosaScheduler:
             self._event("mask_present")
         else:
             self.phase = WARMUP
+            if needs_mask_before_training(model, config, self.adapter_name, self.method):
+                raise MaskError(
+                    "sparse-only RoSA (r=0) has nothing to train while mask statistics are collected: score the "
+                    "mask before training (rosa.masks.collect_mask(model, first_batches)) or pass mask_path "
+                    "(RosaTrainerCallback and rosa train do the first themselves)"
+                )
             self._make_builder()
             if self.optimizer_steps >= self.warmup_steps:
                 self._begin_collection()
@@ -456,13 +486,30 @@ class RosaTrainerCallback(TrainerCallback):
                 model, support_buffer_names(model)
             )
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs
+    ):
         if model is None:
             raise MaskError("RosaTrainerCallback needs the model (Trainer passes it to callbacks)")
         rewarmup = self.rewarmup_steps
         config = self.config if self.config is not None else _model_config(model, self.kwargs["adapter_name"])
         if rewarmup is None and getattr(config, "rewarmup_steps", None) is None:
             rewarmup = args.get_warmup_steps(state.max_steps) if state.max_steps else None
+        first_run = (
+            state.global_step == 0 and self.kwargs["mask_path"] is None and train_dataloader is not None
+        )
+        if first_run and needs_mask_before_training(
+            model, config, self.kwargs["adapter_name"], self.kwargs["method"]
+        ):
+            with torch.random.fork_rng(devices=[]):  # the training order stays what it would have been
+                first = [batch for _, batch in zip(range(int(config.mask_steps)), train_dataloader)]
+            collect_mask(
+                model,
+                first,
+                config=config,
+                method=self.kwargs["method"],
+                adapter_name=self.kwargs["adapter_name"],
+            )
         self.scheduler = RosaScheduler(
             model,
             config,

@@ -44,8 +44,20 @@ def expand_layer_support(
         _check_float_tensors(layer, state_dict, prefix, name)
         offsets_key = f"{prefix}rosa_row_offsets.{name}"
         cols_key = f"{prefix}rosa_col_idx.{name}"
+        values_key = f"{prefix}rosa_values.{name}"
         if offsets_key not in state_dict and cols_key not in state_dict:
+            derived = [f"{prefix}{attr}.{name}" for attr in DERIVED_SUPPORT]
+            smuggled = [key for key in derived if key in state_dict]
+            if smuggled:  # the transpose is derived from the CSR, never taken from a file on its own
+                raise AdapterFileError(
+                    f"{smuggled[0]}: a transposed support without the CSR it derives from "
+                    f"({offsets_key}, {cols_key}); rosa never saves it: the file was not written by rosa"
+                )
+            if values_key in state_dict:  # a value belongs to a position: never one without the other
+                raise AdapterFileError(f"{values_key}: sparse values without their support ({cols_key})")
             continue
+        if values_key not in state_dict:
+            raise AdapterFileError(f"{cols_key}: a sparse support without its values ({values_key})")
         if offsets_key not in state_dict or cols_key not in state_dict:
             missing = offsets_key if offsets_key not in state_dict else cols_key
             raise AdapterFileError(

@@ -14,6 +14,9 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +107,10 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+# the run-config keys that choose the generic task's columns, named in missing-column errors
+COLUMN_SETTINGS = {"prompt": "data.prompt_column", "response": "data.response_column"}
+
+
 def load_task_examples(section: DataSection) -> tuple[str, list[Example], list[Example]]:
     """(metric task name, train examples, held-out examples) for the configured data."""
     task = GENERIC_TASKS.get(section.task, section.task)
@@ -120,11 +127,24 @@ def load_task_examples(section: DataSection) -> tuple[str, list[Example], list[E
                 )
             column_map = {"prompt": section.prompt_column, "response": section.response_column}
         try:
-            rows = load_examples(task, section.path, split="train", column_map=column_map)
+            rows = load_examples(
+                task, section.path, split="train", column_map=column_map, column_settings=COLUMN_SETTINGS
+            )
             if section.eval_path is not None:
-                held_out = load_examples(task, section.eval_path, split="validation", column_map=column_map)
+                held_out = load_examples(
+                    task,
+                    section.eval_path,
+                    split="validation",
+                    column_map=column_map,
+                    column_settings=COLUMN_SETTINGS,
+                )
                 train = rows
             else:
+                if len(rows) <= section.val_size:
+                    raise RunConfigError(
+                        f"{section.path} has {len(rows)} rows: data.val_size={section.val_size} leaves none to "
+                        "train on (lower data.val_size, or give data.eval_path)"
+                    )
                 train, held_out = split_rows(rows, val_size=section.val_size, seed=section.split_seed)
         except (FileNotFoundError, KeyError) as e:
             raise RunError(str(e)) from None
@@ -162,6 +182,8 @@ def warmup_cosine(warmup: int, total: int):
 def _prepare_output(run: RunConfig, resume: bool) -> tuple[Path, Path | None]:
     out = Path(run.output_dir)
     checkpoint = latest_checkpoint(out) if resume else None
+    if resume and (out / "results.json").is_file():
+        raise RunError(f"--resume: the run in {out} has finished (results.json); start a new run elsewhere")
     if resume and checkpoint is None:
         raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if not resume and (out / "checkpoints").exists():
@@ -171,16 +193,115 @@ def _prepare_output(run: RunConfig, resume: bool) -> tuple[Path, Path | None]:
     return out, checkpoint
 
 
+LOCK_NAME = ".rosa-run.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path):
+    """Hold ``out`` for this run: a second run on the same folder is refused while this one lives. An OS lock
+    (flock), so a killed process leaves nothing stuck. A folder this call created and nothing else wrote into
+    is removed again on the way out."""
+    import fcntl
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(
+            f"{out} is in use by another rosa run ({holder}); wait for it or choose another output_dir"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        if created and {p.name for p in out.iterdir()} == {LOCK_NAME}:
+            (out / LOCK_NAME).unlink()
+            out.rmdir()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+class GracefulStop:
+    """The first SIGINT / SIGTERM asks the loop to stop at the next step boundary (where a checkpoint is exact);
+    a second one stops at once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested_everywhere(self, ctx: distributed.ProcessContext) -> bool:
+        """Whether any rank was asked to stop (every rank must stop at the same step)."""
+        flag = float(self.requested)
+        return (distributed.all_reduce_sum([flag], ctx)[0] if ctx.distributed else flag) > 0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\nrosa: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(again to stop at once)",
+            file=sys.stderr,
+        )
+
+
+def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -> None:
+    """A resumed run keeps the settings it started with: refuse any setting given now that differs."""
+    for key in keys:
+        if key == "output_dir":
+            continue
+        then, now = _get_path(saved.to_dict(), key), _get_path(given.to_dict(), key)
+        if then != now:
+            raise RunError(
+                f"--resume continues the run with its own settings: {key} was {then!r}, given {now!r} "
+                "(drop the override, or start a new run in another output_dir)"
+            )
+
+
+def _get_path(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
 def collect_mask_only(run: RunConfig, mask_out: Path, show_progress: bool = True) -> Path:
     """``rosa mask``: warm-up and mask collection only; writes the mask file and nothing else."""
-    if run.rosa_config().mask_method in ("magnitude", "random"):
+    config = run.rosa_config()
+    if config.density == 0 and not any(config.density_pattern.values()):
+        raise RunConfigError("rosa.density is 0 (plain LoRA): there is no sparse support to select")
+    if config.mask_method in ("magnitude", "random"):
         run.rosa = {**run.rosa, "warmup_steps": 0}
     train(run, show_progress=show_progress, mask_out=mask_out)
     return mask_out
 
 
 def train(
-    run: RunConfig, resume: bool = False, show_progress: bool = True, mask_out: Path | None = None
+    run: RunConfig,
+    resume: bool = False,
+    show_progress: bool = True,
+    mask_out: Path | None = None,
+    given_keys: list[str] | None = None,
 ) -> TrainResult:
     """Run (or resume) one training job; see the module docstring. With ``mask_out``, stop as soon as the mask
     is fixed, write it there, and write nothing else (no evaluation, no checkpoints, no run folder).
@@ -189,30 +310,43 @@ def train(
     model is wrapped in DDP, each global batch of ``batch_size * world`` rows is split between the ranks, the
     loss is normalised by the global number of response tokens (so the gradient equals a single process's
     over the same global batch), evaluation is split between the ranks, and only rank 0 writes files.
+
+    ``given_keys``: the settings the user gave explicitly (``section.key``); with ``resume`` each must equal the
+    run's saved setting. The output folder is locked for the whole run (rank 0).
     """
     ctx = distributed.init_from_env()
     try:
-        return _train(run, resume, show_progress, mask_out, ctx)
+        hold = mask_out is None and ctx.is_main
+        with run_folder_lock(Path(run.output_dir)) if hold else contextlib.nullcontext():
+            return _train(run, resume, show_progress, mask_out, ctx, given_keys or [])
     finally:
         distributed.close(ctx)
 
 
 def _train(
-    run: RunConfig, resume: bool, show_progress: bool, mask_out: Path | None, ctx: distributed.ProcessContext
+    run: RunConfig,
+    resume: bool,
+    show_progress: bool,
+    mask_out: Path | None,
+    ctx: distributed.ProcessContext,
+    given_keys: list[str],
 ) -> TrainResult:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from .masks import collect_mask, save_mask
     from .model import get_rosa_model, sparse_parameter_count
     from .optim import create_rosa_optimizer
-    from .scheduler import RosaScheduler
+    from .scheduler import RosaScheduler, needs_mask_before_training
 
     started = time.perf_counter()
     show_progress = show_progress and ctx.is_main
     out, checkpoint = _prepare_output(run, resume) if mask_out is None else (Path(run.output_dir), None)
     distributed.barrier(ctx)  # every rank has checked the folder before rank 0 writes into it
     if checkpoint is not None:  # the run continues with the settings it was started with
-        run = load_run_config(out / "run_config.yaml")
+        saved = load_run_config(out / "run_config.yaml")
+        check_resume_settings(saved, run, given_keys)
+        run = saved
     rosa_config = run.rosa_config()
     if run.train.mask_path is not None and not Path(run.train.mask_path).is_file():
         raise RunConfigError(f"train.mask_path: no mask file at {run.train.mask_path}")
@@ -274,6 +408,17 @@ def _train(
     trained = distributed.wrap_ddp(model, ctx)
     mask_path = mask_out if mask_out is not None else out / "mask.safetensors"
     start_mask = run.train.mask_path if checkpoint is None and start_step == 0 else None
+    if checkpoint is None and start_mask is None and needs_mask_before_training(model, rosa_config):
+        # sparse-only: score the mask on the run's own first batches before step 0 (nothing trains without it)
+        first = [
+            collate([features[i] for i in distributed.shard(batch, ctx)])
+            for batch in sampler.batches(0)[: rosa_config.mask_steps]
+        ]
+        collect_mask(model, first, lambda m, b: summed_response_loss(m, b, ctx.device), config=rosa_config)
+        if ctx.is_main:
+            save_mask(model, mask_path, method=rosa_config.mask_method)
+        if mask_out is not None:
+            return TrainResult(str(mask_out), 0, None, None, time.perf_counter() - started)
     schedule = RosaScheduler(
         trained,
         rosa_config,
@@ -305,64 +450,80 @@ def _train(
     )
     trained.train()
     step = start_step
-    try:
-        while step < run.train.steps:
-            tick = time.perf_counter()
-            micro = []
-            for _ in range(run.train.grad_accum):
-                batch = next(batches, None)
-                if batch is None:
-                    batches = iter(sampler)
-                    batch = next(batches)
-                micro.append(collate([features[i] for i in distributed.shard(batch, ctx)]))
-            global_targets, global_tokens = distributed.all_reduce_sum(
-                [
-                    sum(response_token_count(m["labels"]) for m in micro),
-                    sum(int(m["attention_mask"].sum()) for m in micro),
-                ],
-                ctx,
-            )
-            loss_sum = 0.0
-            for i, inputs in enumerate(micro):
-                last = i == len(micro) - 1
-                with contextlib.nullcontext() if last or not ctx.distributed else trained.no_sync():
-                    loss = summed_response_loss(trained, inputs, ctx.device) / max(global_targets, 1.0)
-                    (loss * ctx.world).backward()  # DDP averages gradients over ranks: undo its 1/world
-                schedule.micro_batch_end()
-                loss_sum += loss.item()
-            if run.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, run.train.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step(optimizer)
-            step += 1
-            if mask_out is not None and schedule.mask_ready:
-                bar.close()
-                return TrainResult(str(mask_out), step, None, None, time.perf_counter() - started)
-            loss_sum = distributed.all_reduce_sum([loss_sum], ctx)[0]
-            lr = lr_scheduler.get_last_lr()[0]
-            rate = global_tokens / (time.perf_counter() - tick)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", phase=schedule.phase)
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_sum, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/tokens_per_s", rate, step)
-            if mask_out is not None:
-                continue
-            if ctx.is_main and (step % run.train.log_every == 0 or step == run.train.steps):
-                _append_jsonl(
-                    out / "log.jsonl", {"step": step, "loss": loss_sum, "lr": lr, "phase": schedule.phase}
+    with GracefulStop() as stop:
+        try:
+            while step < run.train.steps:
+                tick = time.perf_counter()
+                micro = []
+                for _ in range(run.train.grad_accum):
+                    batch = next(batches, None)
+                    if batch is None:
+                        batches = iter(sampler)
+                        batch = next(batches)
+                    micro.append(collate([features[i] for i in distributed.shard(batch, ctx)]))
+                global_targets, global_tokens = distributed.all_reduce_sum(
+                    [
+                        sum(response_token_count(m["labels"]) for m in micro),
+                        sum(int(m["attention_mask"].sum()) for m in micro),
+                    ],
+                    ctx,
                 )
-            if step % run.train.save_every == 0 and step < run.train.steps and schedule.phase != "collect":
-                saver.save(step, before)
-    except KeyboardInterrupt:
-        bar.close()
-        if schedule.phase != "collect" and mask_out is None:
-            saver.save(step, before, gather=False)
-        schedule.close()
-        raise
+                loss_sum = 0.0
+                for i, inputs in enumerate(micro):
+                    last = i == len(micro) - 1
+                    with contextlib.nullcontext() if last or not ctx.distributed else trained.no_sync():
+                        loss = summed_response_loss(trained, inputs, ctx.device) / max(global_targets, 1.0)
+                        (loss * ctx.world).backward()  # DDP averages gradients over ranks: undo its 1/world
+                    schedule.micro_batch_end()
+                    loss_sum += loss.item()
+                if run.train.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, run.train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step(optimizer)
+                step += 1
+                if mask_out is not None and schedule.mask_ready:
+                    bar.close()
+                    return TrainResult(str(mask_out), step, None, None, time.perf_counter() - started)
+                loss_sum = distributed.all_reduce_sum([loss_sum], ctx)[0]
+                lr = lr_scheduler.get_last_lr()[0]
+                rate = global_tokens / (time.perf_counter() - tick)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", phase=schedule.phase
+                )
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss_sum, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/tokens_per_s", rate, step)
+                saved = False
+                if mask_out is None:
+                    if ctx.is_main and (step % run.train.log_every == 0 or step == run.train.steps):
+                        _append_jsonl(
+                            out / "log.jsonl",
+                            {"step": step, "loss": loss_sum, "lr": lr, "phase": schedule.phase},
+                        )
+                    saved = (
+                        step % run.train.save_every == 0
+                        and step < run.train.steps
+                        and schedule.phase != "collect"
+                    )
+                    if saved:
+                        saver.save(step, before)
+                if step < run.train.steps and stop.requested_everywhere(ctx):
+                    if mask_out is None and schedule.phase != "collect" and not saved:
+                        saver.save(step, before)
+                    elif schedule.phase == "collect" and ctx.is_main:
+                        print(
+                            "rosa: stopped during mask collection: no checkpoint of this step",
+                            file=sys.stderr,
+                        )
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:  # a graceful stop has checkpointed; a second signal stops without one
+            bar.close()
+            schedule.close()
+            raise
     bar.close()
     schedule.close()
     if writer is not None:
@@ -429,18 +590,13 @@ class _Saver:
         self.run = run
         self.ctx = ctx
 
-    def save(self, step: int, before: dict | None, gather: bool = True) -> None:
-        """``gather=False`` (after Ctrl-C, when the other ranks may be gone): rank 0's own state only; such a
-        checkpoint resumes only as a single process."""
+    def save(self, step: int, before: dict | None) -> None:
+        """At a step boundary, on every rank together (each contributes its RNG state)."""
         out, model, optimizer, lr_scheduler, sampler, schedule = self.parts
-        rng = _rng_tensors(self.ctx) if gather else {}
+        rng = _rng_tensors(self.ctx)
         if self.ctx.is_main:
             # The restart snapshot must survive a resume before the mask is fixed.
-            snapshot = (
-                {}
-                if schedule.mask_ready
-                else {f"snapshot.{k}": v.cpu() for k, v in schedule.snapshot_state().items()}
-            )
+            snapshot = {f"snapshot.{k}": v.cpu() for k, v in schedule.state_dict()["snapshot"].items()}
             save_checkpoint(
                 out,
                 step,
@@ -451,13 +607,12 @@ class _Saver:
                 {
                     "sampler": sampler.state_dict(),
                     "before": before,
-                    "processes": self.ctx.world if gather else 1,
+                    "processes": self.ctx.world,
                     "mask_fixed_step": schedule.mask_fixed_step,
                 },
                 keep=self.run.train.keep_checkpoints,
             )
-        if gather:
-            distributed.barrier(self.ctx)
+        distributed.barrier(self.ctx)
 
 
 def evaluate_heldout(

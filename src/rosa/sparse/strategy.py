@@ -11,11 +11,11 @@ only what differs is compared:
     spmm_cost = 2 * (nnz * tokens / sparse_rate + tokens * (in + out) / stream_rate)
     fold_cost = 2 * out * in / fold_rate
 
-and fold is chosen when ``fold_cost < spmm_cost``. The rates are per device type; the CPU ones were fitted to
-``benchmarks/sparse_ops.py`` on the 2-core development machine (see docs/benchmarks/sparse_ops.json). The CUDA
-ones are estimates for a Hopper GPU (memory-bound fold at ~2 TB/s of 2-byte elements; SpMM through the Triton
-kernels) until ``benchmarks/gpu.py`` has been run on one: they make fold win for all but very small weights,
-which is what the dense tensor cores favour.
+and fold is chosen when ``fold_cost < spmm_cost``. The rates are per device type and only measured ones are
+used: the CPU ones were fitted to ``benchmarks/sparse_ops.py`` on the 2-core development machine (see
+docs/benchmarks/sparse_ops.json). CUDA has no measured rates until ``benchmarks/gpu.py`` has been run on a GPU,
+so on CUDA the rule always answers ``"spmm"``: nothing dense of size out x in is built there unless a user asks
+for ``sparse_strategy="fold"``. Other device types use the CPU rates.
 """
 
 from __future__ import annotations
@@ -41,14 +41,20 @@ class CostModel:
         return 2.0 * out_features * in_features / self.fold_rate
 
 
-COST_MODELS: dict[str, CostModel] = {
+COST_MODELS: dict[str, CostModel] = {  # measured rates only (see the module docstring)
     "cpu": CostModel(sparse_rate=1.5e10, stream_rate=4.8e8, fold_rate=6.9e8),
-    "cuda": CostModel(sparse_rate=2e11, stream_rate=1e12, fold_rate=5e11),
 }
 
 
 def choose_strategy(device_type: str, out_features: int, in_features: int, nnz: int, tokens: int) -> Strategy:
-    """'fold' when adding S into a weight copy is predicted cheaper than the two SpMMs, else 'spmm'."""
-    model = COST_MODELS.get(device_type, COST_MODELS["cpu"])
+    """'fold' when adding S into a weight copy is predicted cheaper than the two SpMMs, else 'spmm'. On CUDA,
+    until COST_MODELS has measured rates for it, always 'spmm'."""
+    model = COST_MODELS.get(device_type)
+    if model is None:
+        if (
+            device_type == "cuda"
+        ):  # no measured rates (benchmarks/gpu.py has not run): no guess, nothing dense
+            return "spmm"
+        model = COST_MODELS["cpu"]
     spmm = model.spmm_cost(out_features, in_features, nnz, tokens)
     return "fold" if model.fold_cost(out_features, in_features) < spmm else "spmm"

@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-# The CSR layout is only used as a call-local view of our own validated buffers.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+_BETA_WARNING = "Sparse CSR tensor support is in beta"
+_beta_warning_spent = False  # PyTorch gives it once per process: only the first CSR needs the filter
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -21,8 +21,20 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def _csr(values: torch.Tensor, row_offsets: torch.Tensor, col_idx: torch.Tensor, shape: tuple[int, int]):
-    # Invariants were checked once when the support was built; re-checking costs a host sync per call.
-    return torch.sparse_csr_tensor(row_offsets, col_idx, values, shape, check_invariants=False)
+    """A call-local CSR view of our own buffers, without PyTorch's "beta" warning about the layout.
+
+    The warning is filtered here only, never process-wide, and around the first call only: PyTorch gives it
+    once per process, and each ``catch_warnings`` resets every module's record of warnings already shown.
+    """
+    global _beta_warning_spent
+    if _beta_warning_spent:
+        # Invariants were checked once when the support was built; re-checking costs a host sync per call.
+        return torch.sparse_csr_tensor(row_offsets, col_idx, values, shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_WARNING)
+        csr = torch.sparse_csr_tensor(row_offsets, col_idx, values, shape, check_invariants=False)
+    _beta_warning_spent = True
+    return csr
 
 
 def spmm(

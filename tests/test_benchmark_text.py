@@ -1,0 +1,223 @@
+"""What the benchmark scripts record about their runs and how their markdown functions turn it into claims:
+provenance, the cost rule's out-of-sample agreement, target verdicts computed from the values, hand-edited
+keys, and the GPU benchmark timing the layer's own op path."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+RESULTS = ROOT / "docs" / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def provenance():
+    return _load("provenance")
+
+
+@pytest.fixture(scope="module")
+def sparse_ops():
+    return _load("sparse_ops")
+
+
+# --- provenance ---------------------------------------------------------------------------------------------
+
+
+def test_provenance_records_command_commit_date_machine_and_load(provenance):
+    p = provenance.finish(provenance.provenance([str(BENCHMARKS / "masks.py"), "--rounds", "1"]))
+    assert p["command"] == "python benchmarks/masks.py --rounds 1"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", p["git_commit"]) and p["git_commit"].startswith(head)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", p["date"])
+    for key in ("python", "platform", "torch", "torch_threads", "cpu_model", "cpu_count", "gpus"):
+        assert key in p
+    assert len(p["load_average_start"]) == 3 and len(p["load_average_end"]) == 3
+    line = provenance.describe({"provenance": p}, "benchmarks/masks.py")
+    assert p["git_commit"] in line and p["date"] in line and "load average" in line
+
+
+def test_a_json_without_provenance_says_what_it_lacks(provenance):
+    old = {"command": "python benchmarks/x.py", "machine": {"torch": "2.0", "load_avg_start": [1, 2, 3]}}
+    line = provenance.describe(old, "benchmarks/x.py")
+    assert "no git commit or date" in line and "torch 2.0" in line and "1.00 / 2.00 / 3.00" in line
+    assert "rerun (`python benchmarks/x.py`)" in line
+
+
+def test_every_benchmark_script_records_provenance():
+    for script in ("sparse_ops", "masks", "adapter_size", "qrosa", "step", "gpu"):
+        source = (BENCHMARKS / f"{script}.py").read_text()
+        assert "provenance.provenance(" in source and '"provenance": provenance.finish(' in source, script
+        assert "def markdown(" in source, script
+
+
+# --- sparse_ops: the cost rule out of sample ----------------------------------------------------------------
+
+
+def _row(out_f, in_f, density, spmm_s, fold_s, load=0.0):
+    nnz = round(density * out_f * in_f)
+    return {
+        "label": "x",
+        "out": out_f,
+        "in": in_f,
+        "tokens": 512,
+        "density": density,
+        "nnz": nnz,
+        "foreign_load_cores": load,
+        "seconds": {"spmm_strategy_extra": spmm_s, "fold_strategy_extra": fold_s},
+    }
+
+
+def test_out_of_sample_agreement_uses_the_earlier_runs_constants(sparse_ops):
+    # Constants under which fold costs 2 * out * in / 1e9 s and spmm 2 * nnz * tokens / 1e9 s (streaming free):
+    # fold is picked exactly when out * in < nnz * tokens, i.e. density > 1 / 512.
+    earlier = {
+        "provenance": {"date": "A-date", "command": "python benchmarks/sparse_ops.py", "git_commit": "abc"},
+        "cost_rule": {"fitted": {"sparse_rate": 1e9, "stream_rate": 1e30, "fold_rate": 1e9}},
+    }
+    rows = [
+        _row(64, 64, 0.001, spmm_s=1.0, fold_s=2.0),  # rule: spmm, faster: spmm
+        _row(64, 64, 0.01, spmm_s=2.0, fold_s=1.0),  # rule: fold, faster: fold
+        _row(64, 64, 0.05, spmm_s=1.0, fold_s=2.0, load=1.0),  # rule: fold, faster: spmm (a loaded row)
+    ]
+    oos = sparse_ops.out_of_sample(earlier, rows, "earlier.json")
+    assert (oos["rows"], oos["rows_agreeing"], oos["clean_rows"], oos["clean_rows_agreeing"]) == (3, 2, 2, 2)
+    assert [(d["density"], d["faster"], d["rule"]) for d in oos["disagreements"]] == [(0.05, "spmm", "fold")]
+    assert oos["earlier_run"] == {
+        "path": "earlier.json",
+        "date": "A-date",
+        "command": "python benchmarks/sparse_ops.py",
+        "git_commit": "abc",
+    }
+    assert "error" in sparse_ops.out_of_sample({}, rows)
+
+
+def test_sparse_ops_text_reports_out_of_sample_only_when_measured(sparse_ops):
+    results = json.loads((RESULTS / "sparse_ops.json").read_text())
+    results.pop("out_of_sample", None)
+    text = sparse_ops.markdown(results)
+    assert "Out of sample: not measured yet" in text
+    assert "in-sample fit" in text
+    n = len(results["rows"])
+    agree = sum(r["rule_current"] == r["faster"] for r in results["rows"])
+    assert f"picks the measured faster strategy on {agree} of {n} rows" in text
+
+    later = copy.deepcopy(results)
+    later["out_of_sample"] = sparse_ops.out_of_sample(results, later["rows"], "x.json")
+    text = sparse_ops.markdown(later)
+    oos = later["out_of_sample"]
+    assert "**Out of sample**, the constants fitted on an earlier run" in text
+    assert f"on {oos['rows_agreeing']} of {oos['rows']} rows of this run" in text
+
+
+def test_sparse_ops_run_records_provenance_and_checks_the_run_it_replaces(sparse_ops, tmp_path):
+    """A tiny run (one 16x16 shape: milliseconds) written over an earlier JSON: the earlier run's fitted constants
+    are applied to the new rows before the file is replaced."""
+    out = tmp_path / "sparse_ops.json"
+    tiny = [
+        "--shapes",
+        "16x16",
+        "--densities",
+        "0.1,0.5",
+        "--repeats",
+        "1",
+        "--no-memory",
+        "--wait-quiet",
+        "0",
+    ]
+    assert sparse_ops.main([*tiny, "--out", str(out), "--previous", "none"]) == 0
+    first = json.loads(out.read_text())
+    assert first["out_of_sample"] is None and first["provenance"]["command"].endswith("--previous none")
+    assert sparse_ops.main([*tiny, "--out", str(out)]) == 0  # --previous defaults to the file it replaces
+    second = json.loads(out.read_text())
+    oos = second["out_of_sample"]
+    assert oos["earlier_run"]["date"] == first["provenance"]["date"] and oos["rows"] == 2
+    assert oos["constants"] == first["cost_rule"]["fitted"]
+    assert "**Out of sample**" in sparse_ops.markdown(second)
+
+
+def test_sparse_ops_table_uses_one_statistic_throughout(sparse_ops):
+    """Every ratio in the table is the ratio of the median times (the target rows included)."""
+    results = json.loads((RESULTS / "sparse_ops.json").read_text())
+    text = sparse_ops.markdown(results)
+    for r in results["rows"]:
+        if r["density"] not in sparse_ops.README_DENSITIES:
+            continue
+        t = r["seconds"]
+        cell = f"{t['spmm_strategy_extra'] / t['gemm']:.2f}x ({sparse_ops._range(r['round_ratios']['spmm_strategy_extra_over_gemm'])})"
+        assert cell in text
+
+
+# --- verdicts and hand-edited keys ------------------------------------------------------------------------
+
+
+def test_qrosa_verdicts_come_from_the_values_and_hand_edits_are_flagged():
+    qrosa = _load("qrosa")
+    results = json.loads((RESULTS / "qrosa.json").read_text())
+    results.pop("before_fix", None)
+    results.pop("notes", None)
+    results["summary"]["qrosa_joint"].update(time_ratio=1.3, cpu_time_ratio=1.1, memory_ratio=1.06)
+    text = qrosa.markdown(results)
+    assert "1.060 (**not met**)" in text
+    assert "1.30 / 1.10 (**not met** on wall time, met on CPU time)" in text
+    assert "edited by hand" not in text
+    results["notes"] = ["typed by hand"]
+    assert "keys the script never writes (`notes`)" in qrosa.markdown(results)
+
+
+def test_adapter_target_verdict_is_computed():
+    adapter_size = _load("adapter_size")
+    results = json.loads((RESULTS / "adapter_size.json").read_text())
+    results["rows"][0]["ratio_per_param_to_lora_matched"] = 1.6
+    assert "target <= 1.5x: **not met**" in adapter_size.markdown(results)
+
+
+# --- gpu.py: importable without a GPU, and timing the layer's own path --------------------------------------
+
+
+def test_gpu_benchmark_imports_without_side_effects():
+    gpu = _load("gpu")  # no argument parsing, no CUDA check, no exit at import
+    assert gpu.ARGS is None and callable(gpu.markdown)
+    source = (BENCHMARKS / "gpu.py").read_text()
+    assert "row_order=" not in source and "row_idx=" not in source  # nothing the layer does not pass
+
+
+@pytest.mark.triton
+def test_gpu_benchmark_runs_the_layer_path_under_the_interpreter(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ROSA_SPARSE_BACKEND", "triton")
+    gpu = _load("gpu")
+    out = tmp_path / "gpu.json"
+    args = ["--smoke-cpu", "--out", str(out), "--shapes", "24x20", "--densities", "0.3", "--reps", "1"]
+    assert gpu.main(args) == 0
+    results = json.loads(out.read_text())
+    assert all(c["ok"] for c in results["checks"])
+    impls = {(r["op"], r["impl"]) for r in results["results"] if "impl" in r}
+    for op in ("spmm", "spmm_t", "sddmm", "fold", "sparse_linear_fwd_bwd", "folded_linear_fwd_bwd"):
+        assert (op, "layer") in impls
+    layer = results["layer"]["results"][0]
+    assert {"lora_ms", "rosa_spmm_ms", "rosa_fold_ms", "rosa_auto_ms"} <= set(layer)
+    assert results["provenance"]["command"].endswith("--reps 1")
+    text = gpu.markdown(results)
+    assert "| 24x20, 30% |" in text and "checks against float64 passed" in text

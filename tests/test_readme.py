@@ -1,0 +1,115 @@
+"""README.md's benchmark sections are exactly what benchmarks/report.py renders from docs/benchmarks/*.json.
+
+When this fails after a benchmark rewrote its JSON, run ``python benchmarks/report.py`` and commit the README
+with the JSON; never edit a generated section by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _load("report")
+
+
+def test_every_marker_pair_is_present_and_well_formed(report):
+    found = report.sections_in((ROOT / "README.md").read_text())
+    assert sorted(name for name, _, _ in found) == sorted(s.name for s in report.SECTIONS)
+    for _, start, end in found:
+        assert start <= end
+
+
+def test_readme_is_what_the_jsons_give(report):
+    current = (ROOT / "README.md").read_text()
+    expected = report.regenerate(current)
+    assert current == expected, (
+        "README.md differs from what docs/benchmarks/*.json give: run `python benchmarks/report.py`.\n"
+        + report.diff(current, expected)
+    )
+
+
+def _readme(report, body: dict[str, str] | None = None, skip: str = "") -> str:
+    body = body or {}
+    return "intro\n" + "".join(
+        f"<!-- generated: {s.name} -->\n{body.get(s.name, 'old')}\n<!-- /generated: {s.name} -->\nprose\n"
+        for s in report.SECTIONS
+        if s.name != skip
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.replace("<!-- /generated: masks -->", ""), "inside 'masks'"),
+        (lambda t: t.replace("<!-- generated: masks -->", ""), "without its opening"),
+        (lambda t: t + "<!-- generated: masks -->\n<!-- /generated: masks -->\n", "appears twice"),
+        (lambda t: t + "<!-- generated: nonsense -->\n<!-- /generated: nonsense -->\n", "unknown"),
+        (lambda t: t + "<!-- generated: masks -->", "appears twice"),
+    ],
+)
+def test_malformed_markers_are_refused(report, mutate, message):
+    with pytest.raises(report.MarkerError, match=message):
+        report.sections_in(mutate(_readme(report)))
+
+
+def test_a_missing_section_is_refused(report):
+    with pytest.raises(report.MarkerError, match="lacks the generated sections gpu"):
+        report.sections_in(_readme(report, skip="gpu"))
+
+
+def test_a_missing_json_renders_a_not_run_line_and_nothing_else(report, tmp_path):
+    """With no JSON at all, every section says its benchmark has not been run, and only the generated text
+    changes: the prose around the markers is kept byte for byte."""
+    text = report.regenerate(_readme(report), results_dir=tmp_path)
+    assert text == _readme(report, {s.name: report.wrap(s.not_run) for s in report.SECTIONS})
+    assert report.regenerate(text, results_dir=tmp_path) == text  # idempotent
+
+
+def test_check_exits_1_with_a_diff_and_rewriting_fixes_it(report, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(ROOT / "docs" / "benchmarks" / "adapter_size.json", results)
+    readme = tmp_path / "README.md"
+    readme.write_text(_readme(report))
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert report.main(["--check", *args]) == 1
+    out = capsys.readouterr().out
+    assert "-old" in out and "+**Adapter files**" in out
+    assert readme.read_text() == _readme(report)  # --check changes nothing
+    assert report.main(args) == 0
+    assert report.main(["--check", *args]) == 0
+    assert "| PEFT LoRA r 18 (matched count) | 5,495,040 | 22.0 MB |" in readme.read_text()
+
+
+def test_wrapping_keeps_tables_and_code_spans_whole(report):
+    table = "| " + " | ".join(["a long cell"] * 20) + " |"
+    para = (
+        "word " * 30
+        + "`python benchmarks/sparse_ops.py --previous some/earlier/run.json` and more words " * 2
+    )
+    out = report.wrap(f"{table}\n{para.strip()}\n- " + "item " * 40)
+    lines = out.split("\n")
+    assert lines[0] == table
+    assert all(len(line) <= report.WIDTH for line in lines[1:])
+    assert "`python benchmarks/sparse_ops.py --previous some/earlier/run.json`" in out
+    assert lines[-1].startswith("  item")
