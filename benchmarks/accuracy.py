@@ -622,6 +622,8 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
     """The README's accuracy tables (markdown) from the JSON; also prints them, and draws the plot."""
     runs = ordered_runs(results)
     lines = [
+        _protocol(results, runs),
+        _verdict(results, runs),
         _comparison_table(runs),
         _candidate_table(results, runs),
         _runs_table(runs),
@@ -634,6 +636,69 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
     if plot is not None and runs:
         _plot(runs, plot)
     return text
+
+
+def _protocol(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """The setting in words, every number from the JSON."""
+    st = results["settings"]
+    budget = next(
+        (r["params"] for r in runs if r["spec"]["method"] == "lora" and r["spec"].get("budget") == "low"),
+        None,
+    )
+    text = (
+        f"{st['model']}; {st['test_rows']} test rows and {st['val_rows']} validation rows carved from each "
+        f"training file (split seed {st['split_seed']}); batches of {st['batch']} rows (length-grouped), "
+        f"{STEPS} steps, linear LR warm-up over {round(100 * st['warmup_fraction'])}% then cosine, AdamW without "
+        "weight decay, clipping at 1.0, the same batches for every method of a seed."
+    )
+    if budget is not None:
+        text += (
+            f' Budget "low": {budget["budget"]:,} trainable weights = {100 * budget["budget"] / budget["linear_weights"]:.2f}% '
+            f"of the {budget['linear_weights'] / 1e6:.1f}M linear weights (LoRA r {budget['r']} on every linear layer); "
+            f"RoSA spends it on r {budget['r'] // 2} + the density that fills the rest, SpA on density alone."
+        )
+    grids = ", ".join(f"{k} {v[0]:g}..{v[-1]:g}" for k, v in st["lr_grids"].items())
+    text += (
+        f" Learning rate, the same policy for every method: a 3-point grid ({grids}), {st['probe_steps']}-step "
+        "probes, lowest validation loss wins, the grid extended by x3 past an edge while the winner sits on it "
+        f"(at most {st['lr_grid_extensions']} times); other seeds reuse seed 0's rate."
+    )
+    return text
+
+
+def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """RoSA against LoRA per task and budget, as computed from the comparison rows: means over seeds, the
+    difference in binomial standard errors of one run on the test rows, and the seed spread."""
+    chosen = choose_schedule(results)
+    lines = []
+    if chosen is not None:
+        lines.append(
+            "Default RoSA schedule, chosen on validation loss among the candidates: "
+            f"{schedule_label({'method': 'rosa', **chosen})}."
+        )
+    groups: dict[tuple, list[float]] = {}
+    for run in runs:
+        if kind(run["spec"]) == "comparison" and run["spec"]["method"] in ("lora", "rosa"):
+            spec = run["spec"]
+            groups.setdefault((spec["task"], spec["budget"], spec["method"]), []).append(run["exact_match"])
+    for (task, budget, method), em in sorted(groups.items()):
+        if method != "rosa" or (task, budget, "lora") not in groups:
+            continue
+        lora = groups[(task, budget, "lora")]
+        (r, r_sd), (lo, lo_sd) = _mean_sd(em), _mean_sd(lora)
+        se = math.sqrt(max(lo * (1 - lo), 1e-9) / results["settings"]["test_rows"])
+        verdict = "RoSA >= LoRA" if r >= lo else "RoSA < LoRA"
+        spread = (
+            f"; seed sd RoSA {100 * r_sd:.1f}, LoRA {100 * lo_sd:.1f}"
+            if len(em) > 1 and len(lora) > 1
+            else ""
+        )
+        lines.append(
+            f"- {task}, budget {budget}: RoSA {100 * r:.1f}% ({len(em)} seed{'s' * (len(em) > 1)}) vs LoRA "
+            f"{100 * lo:.1f}% ({len(lora)} seed{'s' * (len(lora) > 1)}): {verdict}, difference "
+            f"{100 * (r - lo):+.1f} points = {(r - lo) / se:+.1f} standard errors of one run{spread}."
+        )
+    return "\n".join(lines)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
