@@ -200,7 +200,7 @@ def test_spmm_low_precision_values(values_dtype):
 
 
 def test_spmm_blocks_row_order_and_token_tiles():
-    """Several token tiles and row blocks, an explicit balanced order and a non-balanced one: one answer."""
+    """Several token tiles and row blocks over a skewed support, rows visited heaviest first: one answer."""
     c = build_case(skewed_mask(23, 17, seed=5))
     values = rand((c.nnz,), torch.float32, seed=17)
     x = rand((37, 17), torch.float32, seed=18)
@@ -209,17 +209,11 @@ def test_spmm_blocks_row_order_and_token_tiles():
     assert order.dtype == torch.int32
     lengths = (c.row_offsets[1:] - c.row_offsets[:-1])[order.long()]
     assert bool((lengths[:-1] >= lengths[1:]).all())
-    for blocks in ({"BR": 4, "BT": 16}, {"BR": 1, "BT": 8}, {"BR": 32, "BT": 64}):
-        y = ops.spmm(x, values, c.row_offsets, c.col_idx, 23, row_order=order, blocks=blocks)
+    for blocks in ({"BR": 4, "BT": 16}, {"BR": 1, "BT": 8}, {"BR": 32, "BT": 64}, {"BR": 8, "BT": 16}):
+        y = ops.spmm(x, values, c.row_offsets, c.col_idx, 23, blocks=blocks)
         check(y, expected, **TOL[torch.float32])
-    natural = torch.arange(23, dtype=torch.int32, device=DEVICE)
-    y = ops.spmm(x, values, c.row_offsets, c.col_idx, 23, row_order=natural, blocks={"BR": 8, "BT": 16})
-    check(y, expected, **TOL[torch.float32])
-    t_order = ops.balanced_row_order(c.t_row_offsets)
     dy = rand((37, 23), torch.bfloat16, seed=19)
-    dx = ops.spmm_t(
-        dy, values, c.t_row_offsets, c.t_col_idx, c.t_perm, 17, row_order=t_order, blocks={"BT": 16}
-    )
+    dx = ops.spmm_t(dy, values, c.t_row_offsets, c.t_col_idx, c.t_perm, 17, blocks={"BT": 16})
     check(dx, dy.double().cpu() @ c.dense(values), **TOL[torch.bfloat16])
 
 
@@ -253,11 +247,7 @@ def test_sddmm_token_splits_and_blocks():
         {"BK": 64, "BT": 64, "splits": 1},
     ):
         check(ops.sddmm(dy, x, c.row_offsets, c.col_idx, blocks=blocks), expected, **SDDMM_TOL)
-    for rows in (c.rows, c.rows.to(torch.int32)):  # precomputed COO rows instead of the binary search
-        ds = ops.sddmm(
-            dy, x, c.row_offsets, c.col_idx, row_idx=rows.to(DEVICE), blocks={"BT": 16, "splits": 2}
-        )
-        check(ds, expected, **SDDMM_TOL)
+    check(ops.sddmm(dy, x, c.row_offsets, c.col_idx, blocks={"BT": 16, "splits": 2}), expected, **SDDMM_TOL)
 
 
 # --- fold ---------------------------------------------------------------------------------------------------
@@ -268,7 +258,7 @@ def test_fold(case, dtype):
     _, c = case
     values = rand((c.nnz,), torch.float32, seed=24)
     weight = rand(c.shape, dtype, seed=25)
-    folded = ops.fold(weight, values, c.row_offsets, c.col_idx)
+    folded = ops.fold(weight, values, (c.rows * c.shape[1] + c.cols).to(DEVICE))
     assert folded.dtype == dtype and folded.is_contiguous() and folded.data_ptr() != weight.data_ptr()
     expected = weight.double().cpu() + c.dense(values)
     check(folded, expected, **TOL[dtype])
@@ -279,12 +269,11 @@ def test_fold(case, dtype):
     assert torch.equal(folded.cpu()[untouched], weight.cpu()[untouched])
 
 
-def test_fold_flat_index_and_noncontiguous_weight():
+def test_fold_noncontiguous_weight():
     c = build_case(random_mask(7, 10, 0.3, seed=7, empty_rows=(2,)))
     values = rand((c.nnz,), torch.bfloat16, seed=26)
     weight = rand((10, 7), torch.float32, seed=27).t()  # (7, 10) non-contiguous
     expected = (weight.cpu() + c.dense(values).float()).double()
-    check(ops.fold(weight, values, c.row_offsets, c.col_idx), expected, **TOL[torch.float32])
     flat = (c.rows * 10 + c.cols).to(DEVICE)
     check(ops.fold(weight, values, flat), expected, **TOL[torch.float32])
 
@@ -378,29 +367,23 @@ def compile_(fn, sig, consts, num_warps=4, vectorised=True):
 spmm_sig = {
     "x_ptr": "*bf16", "stride_xc": "i32", "stride_xt": C, "val_ptr": "*fp32", "ro_ptr": "*i32",
     "ci_ptr": "*i32", "order_ptr": "*i32", "y_ptr": "*bf16", "stride_yr": "i32", "stride_yt": C,
-    "n_rows": "i32", "n_tokens": "i32", "RNE_BF16": C, "NO_STDLIB": C, "BR": C, "BT": C,
+    "n_rows": "i32", "n_tokens": "i32", "NO_STDLIB": C, "BR": C, "BT": C,
 }
-for rne, no_stdlib in ((False, False), (True, True)):
-    consts = {"stride_xt": 1, "stride_yt": 1, "RNE_BF16": rne, "NO_STDLIB": no_stdlib, "BR": 16, "BT": 128}
+for no_stdlib in (False, True):
+    consts = {"stride_xt": 1, "stride_yt": 1, "NO_STDLIB": no_stdlib, "BR": 16, "BT": 128}
     compile_(ops._csr_spmm_kernel, spmm_sig, consts)
-for has_rows, dt in ((False, "bf16"), (True, "fp32")):
+for no_stdlib, dt in ((False, "bf16"), (True, "fp32")):
     sddmm_sig = {
         "dy_ptr": f"*{dt}", "stride_dr": "i32", "stride_dt": C, "x_ptr": f"*{dt}", "stride_xc": "i32",
-        "stride_xt": C, "ro_ptr": "*i32", "ci_ptr": "*i32", "rows_ptr": "*i64", "out_ptr": "*fp32",
+        "stride_xt": C, "ro_ptr": "*i32", "ci_ptr": "*i32", "out_ptr": "*fp32",
         "stride_os": "i32", "nnz": "i32", "n_rows": "i32", "n_tokens": "i32", "tokens_per_split": "i32",
-        "HAS_ROWS": C, "NO_STDLIB": C, "LOG": C, "BK": C, "BT": C, "LOG_BT": C,
+        "NO_STDLIB": C, "LOG": C, "BK": C, "BT": C, "LOG_BT": C,
     }
-    consts = {"stride_dt": 1, "stride_xt": 1, "HAS_ROWS": has_rows, "NO_STDLIB": has_rows, "LOG": 14,
-              "BK": 32, "BT": 128, "LOG_BT": 7}
+    consts = {"stride_dt": 1, "stride_xt": 1, "NO_STDLIB": no_stdlib, "LOG": 14, "BK": 32, "BT": 128, "LOG_BT": 7}
     compile_(ops._sddmm_kernel, sddmm_sig, consts, num_warps=8)
-for flat, rne in ((False, True), (True, False)):
-    fold_sig = {
-        "w_ptr": "*bf16", "n_cols": "i32", "val_ptr": "*fp32", "ro_ptr": "*i32",
-        "idx_ptr": "*i64" if flat else "*i32", "nnz": "i32", "n_rows": "i32",
-        "FLAT": C, "RNE_BF16": C, "LOG": C, "BK": C,
-    }
-    consts = {"FLAT": flat, "RNE_BF16": rne, "LOG": 14, "BK": 256}
-    compile_(ops._fold_kernel, fold_sig, consts, vectorised=False)
+for w in ("bf16", "fp32"):
+    fold_sig = {"w_ptr": f"*{w}", "val_ptr": "*fp32", "flat_ptr": "*i64", "nnz": "i32", "BK": C}
+    compile_(ops._fold_kernel, fold_sig, {"BK": 256}, vectorised=False)
 print("ok")
 """
 

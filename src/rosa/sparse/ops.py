@@ -191,7 +191,7 @@ def spmm(x: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, out_fe
 @spmm.register_fake
 def _(x, values, row_offsets, col_idx, out_features):
     _check_spmm(x, values, row_offsets, col_idx, out_features)
-    return _token_major_like(x, out_features)
+    return _row_major_like(x, out_features)
 
 
 @torch.library.custom_op("rosa::spmm_t", mutates_args=())
@@ -206,7 +206,7 @@ def spmm_t(
 @spmm_t.register_fake
 def _(dy, values, t_row_offsets, t_col_idx, t_perm, in_features):
     _check_spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features)
-    return _token_major_like(dy, in_features)
+    return _row_major_like(dy, in_features)
 
 
 @torch.library.custom_op("rosa::sddmm", mutates_args=())
@@ -235,7 +235,7 @@ def _(weight, values, flat_index):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def _token_major_like(x: Tensor, features: int) -> Tensor:
+def _row_major_like(x: Tensor, features: int) -> Tensor:
     """Fake output with the layout every backend produces: a contiguous (tokens, features) tensor."""
     return x.new_empty(x.shape[0], features)
 
@@ -261,7 +261,7 @@ def sparse_linear(
 @sparse_linear.register_fake
 def _(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm):
     _check_sparse_linear(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm)
-    return _token_major_like(x, row_offsets.shape[0] - 1)
+    return _row_major_like(x, row_offsets.shape[0] - 1)
 
 
 def _sparse_linear_setup(ctx, inputs, output) -> None:

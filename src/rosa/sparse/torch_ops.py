@@ -47,17 +47,15 @@ def spmm(
     acc = acc_dtype(x.dtype)
     s = _csr(values.to(acc), row_offsets, col_idx, (out_features, in_features))
     if x.device.type == "cpu" and out_features >= in_features and values.numel() <= 16 * out_features:
-        # S @ X^T written straight into the transpose of a token-major result (X^T and the result both
-        # column-major; beta=0: the empty result is never read), which skips the transposing copy of the path
-        # below: 2.3 against 4.1 ms for a 1536 x 576 S and 1024 tokens. For a wide S (fewer rows than columns)
-        # MKL's column-major product is the slower one (5.7 against 2.9 ms for 576 x 1536), and so it is once
-        # rows hold more than ~16 nonzeros (4096 x 4096 at 1%, 512 tokens: 41 against 21 ms; at 0.1%: 7.5
-        # against 15 ms).
+        # S @ X^T written straight into the transpose of a row-major result (X^T and the result both
+        # column-major; beta=0: the empty result is never read) skips the transposing copy of the path below.
+        # MKL's column-major product is the slower one for a wide S (fewer rows than columns) and once rows hold
+        # more than ~16 nonzeros, hence the condition (benchmarks/sparse_ops.py measures both).
         out = torch.empty(tokens, out_features, dtype=acc, device=x.device)
         torch.addmm(out.t(), s, x.to(acc).t(), beta=0.0, out=out.t())
         return out.to(x.dtype)
-    # S @ X^T reads X^T through strides and yields (out, tokens); hand back its transpose, token-major.
-    return _token_major(torch.sparse.mm(s, x.to(acc).t()), x.dtype)
+    # S @ X^T reads X^T through strides and yields (out, tokens); hand back its transpose, row-major.
+    return _transpose_contiguous(torch.sparse.mm(s, x.to(acc).t()), x.dtype)
 
 
 def spmm_t(
@@ -74,18 +72,16 @@ def spmm_t(
         return dy.new_zeros(tokens, in_features)
     acc = acc_dtype(dy.dtype)
     s_t = _csr(values.to(acc)[t_perm], t_row_offsets, t_col_idx, (in_features, out_features))
-    return _token_major(torch.sparse.mm(s_t, dy.to(acc).t()), dy.dtype)
+    return _transpose_contiguous(torch.sparse.mm(s_t, dy.to(acc).t()), dy.dtype)
 
 
-def _token_major(features_by_tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (tokens, features) transpose of a kernel result, contiguous and in ``dtype`` (one copy for both).
-
-    Handing back the bare transposed view saves that copy but makes every later elementwise op on it (the
-    layer's residual add in the forward, autograd's gradient accumulation into dx in the backward) stride
-    across memory: on SmolLM2-135M with 1024 tokens that cost ~1.9 s of a 12 s training step, four times the
-    sparse products themselves."""
-    out = features_by_tokens.new_empty(features_by_tokens.shape[::-1], dtype=dtype)
-    return out.copy_(features_by_tokens.t())
+def _transpose_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The transpose of a (features, tokens) kernel result as a contiguous (tokens, features) tensor in ``dtype``
+    (one copy does both). The bare transposed view would save that copy, but every later elementwise op on it
+    (the layer's residual add, autograd's accumulation into dx) would then stride across memory, which costs
+    more than the sparse products themselves."""
+    out = t.new_empty(t.shape[::-1], dtype=dtype)
+    return out.copy_(t.t())
 
 
 def sddmm(

@@ -1,12 +1,12 @@
-"""Triton kernels for RoSA's three sparse operations (and the fold used by merging / the fold strategy).
+"""Triton kernels for RoSA's three sparse operations and the fold of the fold strategy.
 
 ``S`` is an ``out x in`` sparse matrix with a fixed CSR support (``row_offsets`` int32 [out+1], ``col_idx``
 int32 [nnz]) plus the CSR of its transpose (``t_row_offsets``, ``t_col_idx``, ``t_perm`` with
 ``values_T = values[t_perm]``). All ops take 2-D tensors, accumulate in fp32, launch a grid whose size depends
 only on shapes, and never synchronise with the host (no ``.item()``, no data-dependent output shape).
 
-Memory layout. Every kernel reads activations *token-major*: for a column ``c`` of ``x`` (tokens, features)
-it loads ``x[t0:t0+BT, c]`` as one contiguous run. A row-major ``x`` is therefore copied once into a
+Memory layout. Every kernel reads activations with token stride 1: for a column ``c`` of ``x`` (tokens,
+features) it loads ``x[t0:t0+BT, c]`` as one contiguous run. A row-major ``x`` is therefore copied once into a
 transposed buffer (one pass over the activations); a tensor that already has token stride 1 (for example
 ``xT.t()`` of a contiguous ``xT``) is used as is, so a caller that keeps ``x^T`` around pays nothing.
 
@@ -16,26 +16,27 @@ transposed buffer (one pass over the activations); a tensor that already has tok
   accumulator (no reduction, no ``tl.dot``). The result is written token-contiguous into an ``(out, T)``
   buffer and transposed once at the end.
 - Load balancing: the rows are visited in order of decreasing nonzero count (a stable device-side argsort of
-  the row lengths; support-invariant, so callers can compute it once with :func:`balanced_row_order` and pass
-  ``row_order=``). Rows of similar length share a program, so masked (idle) lanes are rare even for skewed
-  supports, and the heaviest programs are launched first (longest-processing-time-first scheduling).
+  the row lengths, :func:`balanced_row_order`). Rows of similar length share a program, so masked (idle) lanes
+  are rare even for skewed supports, and the heaviest programs are launched first (longest-processing-time-first
+  scheduling).
 - ``sddmm`` (value gradient): one program per block of ``BK`` consecutive nonzeros (so work is split exactly
   by nonzeros), looping over tokens in tiles of ``BT`` with fp32 ``[BK, BT]`` products of two token-contiguous
-  gathers. Each nonzero reads its row from ``row_idx=`` (COO rows, support-invariant) when given, otherwise
-  finds it by a branch-free binary search over ``row_offsets``. When there are too
+  gathers. Each nonzero finds its row by a branch-free binary search over ``row_offsets``. When there are too
   few nonzero blocks to fill the GPU, the token range is split over a second grid axis into a
   ``(splits, nnz)`` fp32 buffer that is summed afterwards (deterministic, no atomics).
-- ``fold``: one program per block of nonzeros adding ``S`` in fp32 into a contiguous copy of the weight.
+- ``fold``: one program per block of nonzeros adding ``S`` in fp32 into a contiguous copy of the weight, at
+  the row-major flat index of each nonzero.
 
 This module imports on machines without Triton (``HAS_TRITON`` is then False) and without CUDA. With
 ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter (how the tests run them); they
-are JIT-wrapped at first use, so the variable only has to be set before the first call. bf16 outputs are then
-rounded by hand, because the interpreter truncates where GPUs round to nearest even, so CPU results match the
-GPU's bit for bit.
+are JIT-wrapped at first use, so the variable only has to be set before the first call. The interpreter
+truncates fp32 to bf16 where GPUs round to nearest even, so under it a bf16 result is written in fp32 and
+rounded once by torch (:func:`_store_dtype`): CPU results then match the GPU's bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from functools import cache
@@ -86,7 +87,6 @@ if HAS_TRITON:
         stride_yt,
         n_rows,
         n_tokens,
-        RNE_BF16: tl.constexpr,  # round to bf16 by hand (the interpreter truncates, GPUs round to nearest)
         NO_STDLIB: tl.constexpr,  # interpreter: avoid tl.max / tl.sum (see _kernels_for)
         BR: tl.constexpr,
         BT: tl.constexpr,
@@ -133,14 +133,8 @@ if HAS_TRITON:
             acc += v.to(tl.float32)[:, None] * xg.to(tl.float32)
             c, v, k_ok = c_nxt, v_nxt, nxt_ok
 
-        if RNE_BF16:
-            u = acc.to(tl.uint32, bitcast=True)
-            u = tl.where(acc != acc, 0x7FC00000, u + 0x7FFF + ((u >> 16) & 1))
-            out = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = acc.to(y_ptr.dtype.element_ty)
         y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yr + (t * stride_yt)[None, :]
-        tl.store(y_ptrs, out, mask=lane_ok[:, None] & t_ok[None, :])
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=lane_ok[:, None] & t_ok[None, :])
 
     def _sddmm_kernel(
         dy_ptr,  # element (t, r) at dy_ptr + r * stride_dr + t * stride_dt
@@ -151,14 +145,12 @@ if HAS_TRITON:
         stride_xt,
         ro_ptr,
         ci_ptr,
-        rows_ptr,  # COO row of every nonzero (read only when HAS_ROWS)
         out_ptr,  # fp32 [splits, nnz]
         stride_os,
         nnz,
         n_rows,
         n_tokens,
         tokens_per_split,
-        HAS_ROWS: tl.constexpr,
         NO_STDLIB: tl.constexpr,
         LOG: tl.constexpr,  # binary-search steps: >= ceil(log2(n_rows))
         BK: tl.constexpr,
@@ -171,19 +163,16 @@ if HAS_TRITON:
         k_ok = k < nnz
         c = tl.load(ci_ptr + k, mask=k_ok, other=0)
 
-        if HAS_ROWS:
-            r = tl.load(rows_ptr + k, mask=k_ok, other=0)
-        else:
-            # Row of each nonzero: the largest r in [0, n_rows) with row_offsets[r] <= k. Invariant
-            # row_offsets[lo] <= k < row_offsets[hi]; every probe is in bounds (lo <= mid < hi <= n_rows).
-            lo = tl.full([BK], 0, tl.int32)
-            hi = tl.full([BK], 0, tl.int32) + n_rows
-            for _ in tl.static_range(LOG):
-                mid = (lo + hi) // 2
-                go_right = tl.load(ro_ptr + mid) <= k
-                lo = tl.where(go_right, mid, lo)
-                hi = tl.where(go_right, hi, mid)
-            r = lo
+        # Row of each nonzero: the largest r in [0, n_rows) with row_offsets[r] <= k. Invariant
+        # row_offsets[lo] <= k < row_offsets[hi]; every probe is in bounds (lo <= mid < hi <= n_rows).
+        lo = tl.full([BK], 0, tl.int32)
+        hi = tl.full([BK], 0, tl.int32) + n_rows
+        for _ in tl.static_range(LOG):
+            mid = (lo + hi) // 2
+            go_right = tl.load(ro_ptr + mid) <= k
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        r = lo
 
         dy_base = r.to(tl.int64) * stride_dr
         x_base = c.to(tl.int64) * stride_xc
@@ -210,40 +199,17 @@ if HAS_TRITON:
 
     def _fold_kernel(
         w_ptr,  # contiguous (out, in) copy of the weight, updated in place
-        n_cols,
         val_ptr,
-        ro_ptr,  # int32 [n_rows + 1] (unused when FLAT)
-        idx_ptr,  # col_idx, or the row-major flat index row * in + col when FLAT
+        flat_ptr,  # int64 [nnz]: row-major flat index row * in + col of every nonzero
         nnz,
-        n_rows,
-        FLAT: tl.constexpr,
-        RNE_BF16: tl.constexpr,
-        LOG: tl.constexpr,
         BK: tl.constexpr,
     ):
         k = tl.program_id(0) * BK + tl.arange(0, BK)
         k_ok = k < nnz
-        idx = tl.load(idx_ptr + k, mask=k_ok, other=0).to(tl.int64)
-        if FLAT:
-            offs = idx
-        else:
-            lo = tl.full([BK], 0, tl.int32)
-            hi = tl.full([BK], 0, tl.int32) + n_rows
-            for _ in tl.static_range(LOG):
-                mid = (lo + hi) // 2
-                go_right = tl.load(ro_ptr + mid) <= k
-                lo = tl.where(go_right, mid, lo)
-                hi = tl.where(go_right, hi, mid)
-            offs = lo.to(tl.int64) * n_cols + idx
+        offs = tl.load(flat_ptr + k, mask=k_ok, other=0).to(tl.int64)
         v = tl.load(val_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=k_ok, other=0.0).to(tl.float32) + v
-        if RNE_BF16:
-            u = w.to(tl.uint32, bitcast=True)
-            u = tl.where(w != w, 0x7FC00000, u + 0x7FFF + ((u >> 16) & 1))
-            out = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            out = w.to(w_ptr.dtype.element_ty)
-        tl.store(w_ptr + offs, out, mask=k_ok)
+        tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=k_ok)
 
 
 def is_interpreting() -> bool:
@@ -373,31 +339,21 @@ def _index(name: str, t: Tensor, numel: int | None = None) -> Tensor:
     return t.contiguous()
 
 
-def _token_major(x: Tensor) -> Tensor:
-    """``x`` (tokens, features) with token stride 1, copying (one pass) only when needed."""
+def _token_contiguous(x: Tensor) -> Tensor:
+    """``x`` (tokens, features) as a view with token stride 1, copying (one pass) only when needed."""
     if x.shape[0] <= 1 or x.stride(0) == 1:
         return x
     return x.t().contiguous().t()
 
 
 def _device_ctx(t: Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return _NullCtx()
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _manual_bf16_rounding(dtype: torch.dtype) -> bool:
-    # Triton's interpreter converts fp32 -> bf16 by truncation, compiled kernels round to nearest even;
-    # rounding by hand under the interpreter makes CPU test results bit-identical to what the GPU produces.
-    return dtype == torch.bfloat16 and is_interpreting()
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes a ``dtype`` result in: the interpreter truncates fp32 to bf16 where compiled
+    kernels round to nearest even, so under it a bf16 result is written in fp32 and rounded once by torch."""
+    return torch.float32 if dtype == torch.bfloat16 and is_interpreting() else dtype
 
 
 def _search_steps(n_rows: int) -> int:
@@ -408,11 +364,7 @@ def _search_steps(n_rows: int) -> int:
 
 
 def balanced_row_order(row_offsets: Tensor) -> Tensor:
-    """Rows sorted by decreasing nonzero count (stable), int32, computed on device without a sync.
-
-    The support is fixed, so a caller can compute this once per support (for ``row_offsets`` and for
-    ``t_row_offsets``) and pass it as ``row_order=`` to :func:`spmm` / :func:`spmm_t`.
-    """
+    """Rows sorted by decreasing nonzero count (stable), int32, computed on device without a sync."""
     lengths = row_offsets[1:] - row_offsets[:-1]
     return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
 
@@ -423,17 +375,15 @@ def _rowwise(
     row_offsets: Tensor,
     col_idx: Tensor,
     n_rows: int,
-    row_order: Tensor | None,
     blocks: Mapping[str, int] | None,
 ) -> Tensor:
     tokens = x.shape[0]
     nnz = col_idx.numel()
     if tokens == 0 or n_rows == 0 or nnz == 0:
         return x.new_zeros(tokens, n_rows)
-    order = balanced_row_order(row_offsets) if row_order is None else _index("row_order", row_order, n_rows)
     cfg = _merge_blocks(choose_blocks("spmm", tokens=tokens, rows=n_rows, nnz=nnz), blocks)
-    xv = _token_major(x)
-    y_t = torch.empty(n_rows, tokens, dtype=x.dtype, device=x.device)  # token-contiguous stores
+    xv = _token_contiguous(x)
+    y_t = torch.empty(n_rows, tokens, dtype=_store_dtype(x.dtype), device=x.device)  # token-contiguous stores
     grid = (triton.cdiv(n_rows, cfg["BR"]), triton.cdiv(tokens, cfg["BT"]))
     with _device_ctx(x):
         _kernels().spmm[grid](
@@ -443,19 +393,18 @@ def _rowwise(
             values,
             row_offsets,
             col_idx,
-            order,
+            balanced_row_order(row_offsets),
             y_t,
             y_t.stride(0),
             y_t.stride(1),
             n_rows,
             tokens,
-            RNE_BF16=_manual_bf16_rounding(y_t.dtype),
             NO_STDLIB=is_interpreting(),
             BR=cfg["BR"],
             BT=cfg["BT"],
             **_launch_kwargs(cfg),
         )
-    return y_t.t().contiguous()
+    return x.new_empty(tokens, n_rows).copy_(y_t.t())
 
 
 def spmm(
@@ -465,14 +414,10 @@ def spmm(
     col_idx: Tensor,
     out_features: int,
     *,
-    row_order: Tensor | None = None,
     blocks: Mapping[str, int] | None = None,
 ) -> Tensor:
     """``x @ S^T``: x (tokens, in) -> (tokens, out), contiguous, in ``x.dtype``, accumulated in fp32.
 
-    ``row_order`` (optional, int32 [out]) is :func:`balanced_row_order` of ``row_offsets``, precomputed.
-    Any permutation of ``range(out)`` gives the same result (only its shape is checked); the balanced one is
-    the fastest.
     ``blocks`` overrides entries of :func:`choose_blocks` (``BR``, ``BT``, ``num_warps``).
     """
     _check_runnable(x, values, row_offsets, col_idx)
@@ -480,7 +425,7 @@ def spmm(
     _check_float("values", values, 1)
     row_offsets = _index("row_offsets", row_offsets, out_features + 1)
     col_idx = _index("col_idx", col_idx, values.numel())
-    return _rowwise(x, values.contiguous(), row_offsets, col_idx, out_features, row_order, blocks)
+    return _rowwise(x, values.contiguous(), row_offsets, col_idx, out_features, blocks)
 
 
 def spmm_t(
@@ -491,13 +436,11 @@ def spmm_t(
     t_perm: Tensor,
     in_features: int,
     *,
-    row_order: Tensor | None = None,
     blocks: Mapping[str, int] | None = None,
 ) -> Tensor:
     """``dy @ S``: dy (tokens, out) -> (tokens, in), contiguous, in ``dy.dtype``, accumulated in fp32.
 
     Runs the spmm kernel on the CSR of ``S^T`` with the values gathered as ``values[t_perm]``.
-    ``row_order`` (optional, int32 [in]) is :func:`balanced_row_order` of ``t_row_offsets``.
     """
     _check_runnable(dy, values, t_row_offsets, t_col_idx, t_perm)
     _check_float("dy", dy, 2)
@@ -508,7 +451,7 @@ def spmm_t(
     # values in S^T's CSR order: one gather over nnz (cheap next to the kernel), so the kernel reads them
     # sequentially instead of through a second level of indirection.
     values_t = values.detach().index_select(0, t_perm)
-    return _rowwise(dy, values_t, t_row_offsets, t_col_idx, in_features, row_order, blocks)
+    return _rowwise(dy, values_t, t_row_offsets, t_col_idx, in_features, blocks)
 
 
 def sddmm(
@@ -517,13 +460,10 @@ def sddmm(
     row_offsets: Tensor,
     col_idx: Tensor,
     *,
-    row_idx: Tensor | None = None,
     blocks: Mapping[str, int] | None = None,
 ) -> Tensor:
     """``(dy^T x)`` sampled at the support: ``out[k] = sum_t dy[t, row_k] * x[t, col_k]``, fp32, CSR order.
 
-    ``row_idx`` (optional, int32/int64 [nnz]) is the COO row of every nonzero, precomputed once per support;
-    without it each program finds its rows by binary search in ``row_offsets``.
     ``blocks`` overrides entries of :func:`choose_blocks` (``BK``, ``BT``, ``splits``, ``num_warps``).
     """
     _check_runnable(dy, x, row_offsets, col_idx)
@@ -535,8 +475,6 @@ def sddmm(
     row_offsets = _index("row_offsets", row_offsets, n_rows + 1)
     col_idx = _index("col_idx", col_idx)
     tokens, nnz = x.shape[0], col_idx.numel()
-    if row_idx is not None:
-        row_idx = _index("row_idx", row_idx, nnz)
     if nnz == 0 or tokens == 0:
         return torch.zeros(nnz, dtype=torch.float32, device=dy.device)
     cfg = _merge_blocks(
@@ -549,7 +487,7 @@ def sddmm(
     splits = max(1, min(cfg["splits"], n_tiles))
     tokens_per_split = triton.cdiv(n_tiles, splits) * cfg["BT"]
     splits = triton.cdiv(tokens, tokens_per_split)  # no empty split
-    dyv, xv = _token_major(dy), _token_major(x)
+    dyv, xv = _token_contiguous(dy), _token_contiguous(x)
     partial = torch.empty(splits, nnz, dtype=torch.float32, device=dy.device)
     grid = (triton.cdiv(nnz, cfg["BK"]), splits)
     with _device_ctx(dy):
@@ -562,14 +500,12 @@ def sddmm(
             xv.stride(0),
             row_offsets,
             col_idx,
-            row_idx if row_idx is not None else col_idx,  # dummy pointer when HAS_ROWS is False
             partial,
             partial.stride(0),
             nnz,
             n_rows,
             tokens,
             tokens_per_split,
-            HAS_ROWS=row_idx is not None,
             NO_STDLIB=is_interpreting(),
             LOG=_search_steps(n_rows),
             BK=cfg["BK"],
@@ -581,52 +517,23 @@ def sddmm(
 
 
 def fold(
-    weight: Tensor,
-    values: Tensor,
-    row_offsets: Tensor,
-    col_idx: Tensor | None = None,
-    *,
-    blocks: Mapping[str, int] | None = None,
+    weight: Tensor, values: Tensor, flat_index: Tensor, *, blocks: Mapping[str, int] | None = None
 ) -> Tensor:
     """A new contiguous dense ``weight + S`` (out, in) in ``weight.dtype``; the add is done in fp32.
 
-    Called as ``fold(weight, values, row_offsets, col_idx)``. For compatibility with callers that carry the
-    row-major flat index ``row * in + col`` (int64 [nnz]) instead, ``fold(weight, values, flat_index)`` (no
-    ``col_idx``) is accepted too.
+    ``flat_index`` (int64 [nnz]) is the row-major flat index ``row * in + col`` of every nonzero
+    (``Support.flat_index()``).
     """
-    if col_idx is None:
-        flat_index, row_offsets = row_offsets, None
-        _check_runnable(weight, values, flat_index)
-    else:
-        _check_runnable(weight, values, row_offsets, col_idx)
+    _check_runnable(weight, values, flat_index)
     _check_float("weight", weight, 2)
     _check_float("values", values, 1)
-    n_rows, n_cols = weight.shape
-    if col_idx is None:
-        idx = _index("flat_index", flat_index, values.numel())
-        ro = idx  # unused by the kernel
-    else:
-        ro = _index("row_offsets", row_offsets, n_rows + 1)
-        idx = _index("col_idx", col_idx, values.numel())
-    folded = weight.clone(memory_format=torch.contiguous_format)
-    nnz = idx.numel()
-    if nnz == 0:
-        return folded
-    cfg = _merge_blocks(choose_blocks("fold", tokens=0, rows=n_rows, nnz=nnz), blocks)
-    grid = (triton.cdiv(nnz, cfg["BK"]),)
-    with _device_ctx(weight):
-        _kernels().fold[grid](
-            folded,
-            n_cols,
-            values.contiguous(),
-            ro,
-            idx,
-            nnz,
-            n_rows,
-            FLAT=col_idx is None,
-            RNE_BF16=_manual_bf16_rounding(folded.dtype),
-            LOG=_search_steps(n_rows),
-            BK=cfg["BK"],
-            **_launch_kwargs(cfg),
-        )
-    return folded
+    flat_index = _index("flat_index", flat_index, values.numel())
+    folded = weight.to(_store_dtype(weight.dtype), memory_format=torch.contiguous_format, copy=True)
+    nnz = flat_index.numel()
+    if nnz:
+        cfg = _merge_blocks(choose_blocks("fold", tokens=0, rows=weight.shape[0], nnz=nnz), blocks)
+        with _device_ctx(weight):
+            _kernels().fold[(triton.cdiv(nnz, cfg["BK"]),)](
+                folded, values.contiguous(), flat_index, nnz, BK=cfg["BK"], **_launch_kwargs(cfg)
+            )
+    return folded.to(weight.dtype)
