@@ -65,7 +65,7 @@ def set_magnitude_masks(model) -> dict:
     nnz = {"layers": 0, "nonzeros": 0, "int16_columns": True}
     for layer in rosa.rosa_layers(model).values():
         capacity = layer.capacity["default"]
-        weight = layer._base_weight_out_in().detach().abs().float().reshape(-1)
+        weight = layer.base_weight().detach().abs().float().reshape(-1)
         flat = torch.topk(weight, capacity, sorted=False).indices
         layer.set_support("default", support_from_flat_index(flat, (layer.out_features, layer.in_features)))
         with torch.no_grad():

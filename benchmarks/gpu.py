@@ -9,7 +9,7 @@
    densities 0.15 / 0.6 / 1.8 %, exactly what a ``RosaLinear`` (bf16 base weight, adapter dtype
    ``--adapter-dtype``, RosaConfig's default float32) runs: the support buffers come from the layer
    (``layer.support()``), the sparse input is the one the layer passes (its fp32 LoRA-input copy when the
-   adapter is fp32), the forward is ``layer._sparse_term`` (``rosa::sparse_linear``), the backward pieces are
+   adapter is fp32), the forward is ``SparseDelta.forward`` (``rosa::sparse_linear``), the backward pieces are
    the custom ops with the arguments ``sparse_linear``'s backward passes, the fold is ``rosa::fold`` with the
    flat index the layer passes, and whole fwd+bwd of ``sparse_linear`` / ``folded_linear`` as the layer calls
    them. Nothing is precomputed that the layer does not precompute (no cached row order, no COO row index).
@@ -333,8 +333,8 @@ def bench_shape(out_f: int, in_f: int, density: float, tokens: int, kind: str) -
     layer = build_rosa_layer(base, ARGS.layer_rank, density, "spmm", flat=flat)
     sup = layer.support("default")  # the layer's own buffers
     nnz = layer.nnz("default")
-    values = layer._active_values("default").detach()
-    w = layer._base_weight_out_in()
+    values = layer.sparse("default").active_values().detach()
+    w = layer.base_weight()
     x = torch.randn(tokens, in_f, device=DEVICE, generator=gen).to(bf16)
     dy = torch.randn(tokens, out_f, device=DEVICE, generator=gen).to(bf16)
     # The sparse ops' input as the layer makes it: its fp32 LoRA-input copy when the adapter is fp32.
@@ -372,9 +372,9 @@ def bench_shape(out_f: int, in_f: int, density: float, tokens: int, kind: str) -
     # the layer's path, with the layer's arguments (rosa:: custom ops -> Triton)
     def forward():
         with torch.no_grad():
-            return layer._sparse_term(sx, "default")
+            return layer.sparse("default").forward(sx)
 
-    add("spmm", "layer", sx_dtype, time_ms(forward), "layer._sparse_term (rosa::sparse_linear forward)")
+    add("spmm", "layer", sx_dtype, time_ms(forward), "SparseDelta.forward (rosa::sparse_linear forward)")
     add(
         "spmm_t",
         "layer",
@@ -395,7 +395,7 @@ def bench_shape(out_f: int, in_f: int, density: float, tokens: int, kind: str) -
     def sparse_fwd_bwd():
         sxg.grad = None
         param.grad = None
-        layer._sparse_term(sxg, "default").backward(sdy)
+        layer.sparse("default").forward(sxg).backward(sdy)
 
     add("sparse_linear_fwd_bwd", "layer", sx_dtype, time_ms(sparse_fwd_bwd), "all three ops through autograd")
     add(

@@ -11,6 +11,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run tiny models on one thread (restored afterwards). On shared cores, two threads per op made them ten
+    times slower; one thread also makes the logits bitwise reproducible across processes. A module that wants it
+    lists it in its ``pytestmark``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved with the default model's tokenizer (converted once and cached)."""

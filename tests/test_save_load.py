@@ -15,8 +15,7 @@ from torch import nn
 
 import rosa
 from rosa import AdapterFileError, RosaConfig
-from rosa.layer import SUPPORT_BUFFERS
-from rosa.serialization import compact_support
+from rosa.sparse.delta import SUPPORT_BUFFERS, compact_state_dict
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
@@ -188,7 +187,7 @@ def test_compact_support_narrows_only_what_fits():
         "m.rosa_t_col_idx": torch.tensor([0, 0], dtype=torch.int32),
         "m.rosa_values": torch.ones(2),
     }
-    out = compact_support(state)
+    out = compact_state_dict(state)
     assert set(out) == {"m.rosa_col_idx", "n.rosa_col_idx", "m.rosa_row_offsets", "m.rosa_values"}
     assert out["m.rosa_col_idx"].dtype == torch.int16 and out["n.rosa_col_idx"].dtype == torch.int32
     assert out["m.rosa_col_idx"].tolist() == [0, 32_767]

@@ -59,8 +59,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """PEP 562: load a public name's module on first use (that import registers with PEFT, see below).
 
-    Submodules load on first use too (``rosa.masks.collect_mask`` after a bare ``import rosa``), as the ones
-    an eager ``import rosa`` used to load did.
+    Submodules load on first use too (``rosa.masks.collect_mask`` after a bare ``import rosa``).
     """
     module = _PUBLIC.get(name)
     if module is not None:

@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-PEFT_TYPE = "ROSA"
+from .serialization import CONFIG_NAME, PEFT_TYPE, AdapterFileError, check_adapter_dir
 
 MaskMethod = Literal["fisher", "grad", "magnitude", "random"]
+MaskAllocation = Literal["layer", "global"]
 SparseStrategy = Literal["auto", "spmm", "fold"]
+MASK_METHODS: tuple[str, ...] = get_args(MaskMethod)
+MASK_ALLOCATIONS: tuple[str, ...] = get_args(MaskAllocation)
+SPARSE_STRATEGIES: tuple[str, ...] = get_args(SparseStrategy)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RosaConfigError(ValueError):
@@ -86,7 +90,7 @@ class RosaConfig(PeftConfig):
     )
     # Mask selection and schedule (used by rosa.masks and rosa.scheduler).
     mask_method: MaskMethod = field(default="fisher", metadata={"help": "How the sparse support is scored."})
-    mask_allocation: Literal["layer", "global"] = field(
+    mask_allocation: MaskAllocation = field(
         default="layer",
         metadata={
             "help": "'layer': top-k per layer at its density; 'global': the same total budget spread by score."
@@ -132,10 +136,7 @@ class RosaConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .peft_registration import register
-
-        register()
-        self.peft_type = PeftType(PEFT_TYPE)
+        self.peft_type = _peft_type()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -156,22 +157,17 @@ class RosaConfig(PeftConfig):
                 raise RosaConfigError(f"pattern {pattern!r} is not a valid regex: {e}") from None
         if not 0.0 <= self.lora_dropout < 1.0:
             raise RosaConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.adapter_dtype not in _DTYPES:
+        if self.adapter_dtype not in DTYPES:
             raise RosaConfigError(
-                f"adapter_dtype must be one of {sorted(_DTYPES)}, got {self.adapter_dtype!r}"
+                f"adapter_dtype must be one of {sorted(DTYPES)}, got {self.adapter_dtype!r}"
             )
-        if self.sparse_strategy not in ("auto", "spmm", "fold"):
-            raise RosaConfigError(
-                f"sparse_strategy must be 'auto', 'spmm' or 'fold', got {self.sparse_strategy!r}"
-            )
-        if self.mask_method not in ("fisher", "grad", "magnitude", "random"):
-            raise RosaConfigError(
-                f"mask_method must be 'fisher', 'grad', 'magnitude' or 'random', got {self.mask_method!r}"
-            )
-        if self.mask_allocation not in ("layer", "global"):
-            raise RosaConfigError(
-                f"mask_allocation must be 'layer' or 'global', got {self.mask_allocation!r}"
-            )
+        for name, allowed in (
+            ("sparse_strategy", SPARSE_STRATEGIES),
+            ("mask_method", MASK_METHODS),
+            ("mask_allocation", MASK_ALLOCATIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise RosaConfigError(f"{name} must be {_one_of(allowed)}, got {getattr(self, name)!r}")
         if self.global_capacity_factor < 1.0:
             raise RosaConfigError(f"global_capacity_factor must be >= 1, got {self.global_capacity_factor}")
         for name in ("warmup_steps", "mask_steps", "rewarmup_steps"):
@@ -199,9 +195,6 @@ class RosaConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """PEFT's loader, after ``check_adapter_dir`` (no unpickling, a RoSA config, an intact safetensors file);
         a value RoSA cannot use is reported against the file it came from."""
-        from .model import CONFIG_NAME, check_adapter_dir
-        from .serialization import AdapterFileError
-
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         check_adapter_dir(path)
         try:
@@ -211,7 +204,7 @@ class RosaConfig(PeftConfig):
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype:
-        return _DTYPES[self.adapter_dtype]
+        return DTYPES[self.adapter_dtype]
 
     def rank_for(self, module_name: str) -> int:
         return _match_pattern(self.rank_pattern, module_name, self.r)
@@ -221,6 +214,22 @@ class RosaConfig(PeftConfig):
 
     def density_for(self, module_name: str) -> float:
         return _match_pattern(self.density_pattern, module_name, self.density)
+
+
+def _peft_type() -> PeftType:
+    """PeftType.ROSA, which ``import rosa`` adds to PEFT as soon as PEFT is imported (rosa.peft_registration)."""
+    try:
+        return PeftType(PEFT_TYPE)
+    except ValueError:
+        raise RuntimeError(
+            f"PeftType.{PEFT_TYPE} does not exist: rosa could not register with PEFT (see the warning given when "
+            "rosa was imported)"
+        ) from None
+
+
+def _one_of(allowed: tuple[str, ...]) -> str:
+    quoted = [repr(a) for a in allowed]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def _match_pattern(patterns: dict, module_name: str, default):

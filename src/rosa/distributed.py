@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .sparse.delta import SUPPORT_BUFFERS
+
 
 @dataclass(frozen=True)
 class ProcessContext:
@@ -82,8 +84,6 @@ def barrier(ctx: ProcessContext) -> None:
 
 def support_buffer_names(model: nn.Module) -> list[str]:
     """Names (as ``model.named_buffers()`` gives them) of every RoSA support buffer."""
-    from .layer import SUPPORT_BUFFERS
-
     return [name for name, _ in model.named_buffers() if any(f".{b}." in f".{name}" for b in SUPPORT_BUFFERS)]
 
 

@@ -2,76 +2,67 @@
 
     y = base(x) + s * B(A(dropout(x))) + x S^T
 
-A and B are ``nn.Linear`` modules exactly as in PEFT's LoRA, so the low-rank part is PEFT's. S is a trainable
-vector of values plus integer buffers holding its CSR support and the transpose; ``rosa.sparse`` computes the
-sparse term without ever forming S densely. Before a mask exists the support is empty: the values are allocated
-at their final size from the start (so optimizers and DDP see a fixed parameter set) but take no part in the
-forward, hence get no gradient and no optimizer update.
+A and B are ``nn.Linear`` modules exactly as in PEFT's LoRA, so the low-rank part is PEFT's. S is one
+:class:`~rosa.sparse.delta.SparseDelta` per adapter (values plus support), which computes the sparse term
+without ever forming S densely; before a mask exists its support is empty and it takes no part in the forward.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
-from .sparse import Support, empty_support, ops
-from .sparse.strategy import choose_strategy
+from .serialization import PREFIX, check_float_tensor
+from .sparse.delta import SUPPORT_BUFFERS, VALUES, SparseDelta, add_storage
+from .sparse.support import Support
 
 try:  # GPT-2 style layers store their weight as (in, out).
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
-SUPPORT_FIELDS = ("row_offsets", "col_idx", "t_row_offsets", "t_col_idx", "t_perm")
-SUPPORT_BUFFERS = tuple(f"rosa_{field}" for field in SUPPORT_FIELDS)
+
+LORA_A, LORA_B = f"{PREFIX}A", f"{PREFIX}B"  # attribute names: the file's tensor names derive from them
 
 
 class RosaLayer(BaseTunerLayer):
-    adapter_layer_names = ("rosa_A", "rosa_B", "rosa_values")
+    adapter_layer_names = (LORA_A, LORA_B, VALUES)
     other_param_names = (
         "r",
         "lora_alpha",
         "scaling",
         "rosa_dropout",
         "density",
-        "capacity",
         "sparse_strategy",
         *SUPPORT_BUFFERS,
     )
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.density: dict[str, float] = {}
-        self.capacity: dict[str, int] = {}
         self.sparse_strategy: dict[str, str] = {}
         self.rosa_dropout = nn.ModuleDict({})
         self.rosa_A = nn.ModuleDict({})
         self.rosa_B = nn.ModuleDict({})
-        self.rosa_values = nn.ParameterDict({})
-        for name in SUPPORT_BUFFERS:
-            setattr(self, name, BufferDict({}, persistent=True))
+        add_storage(self)
         self._disable_adapters = False
         self.merged_adapters = []
         self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
         _keep_bnb_training_layout(self.get_base_layer())
-        # Support buffers change size when a mask is set; a checkpoint's support must be validated and the
-        # buffers resized before torch copies it in.
-        self.register_load_state_dict_pre_hook(_load_support_pre_hook)
+        # A checkpoint's support must be validated, and the support buffers resized to it, before torch copies it in.
+        self.register_load_state_dict_pre_hook(_load_state_pre_hook)
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
         if self.in_features is None:
             raise TypeError(f"RoSA cannot adapt a {type(self.get_base_layer()).__name__}: only linear layers")
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D) if Conv1D else False
-        self.kwargs = kwargs
 
     # --- construction ---------------------------------------------------------------------------------
 
@@ -104,7 +95,6 @@ class RosaLayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.density[adapter_name] = density
-        self.capacity[adapter_name] = capacity
         self.sparse_strategy[adapter_name] = sparse_strategy
         self.scaling[adapter_name] = (
             (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r else 0.0
@@ -114,8 +104,9 @@ class RosaLayer(BaseTunerLayer):
             self.rosa_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=adapter_dtype)
             self.rosa_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=adapter_dtype)
             self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self.rosa_values[adapter_name] = nn.Parameter(torch.zeros(capacity, dtype=adapter_dtype))
-        self.set_support(adapter_name, empty_support((self.out_features, self.in_features)))
+        SparseDelta.allocate(
+            self, adapter_name, (self.out_features, self.in_features), capacity, adapter_dtype
+        )
         self._place_adapter(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -152,50 +143,56 @@ class RosaLayer(BaseTunerLayer):
                 continue  # created under PEFT's low_cpu_mem_usage (init_empty_weights): loading assigns real tensors
             container[adapter_name] = item.to(device)
 
-    # --- the sparse support ---------------------------------------------------------------------------
+    # --- the sparse part ------------------------------------------------------------------------------
+
+    def sparse(self, adapter_name: str) -> SparseDelta:
+        """S of one adapter."""
+        return SparseDelta(self, adapter_name)
+
+    @property
+    def capacity(self) -> dict[str, int]:
+        """Sparse values allocated per adapter (the most nonzeros a support may have)."""
+        return {name: values.numel() for name, values in self.rosa_values.items()}
+
+    def budget(self, adapter_name: str) -> int:
+        """Sparse values this adapter trains under per-layer allocation: round(density * out * in)."""
+        return nnz_budget(self.density[adapter_name], self.out_features, self.in_features)
 
     def support(self, adapter_name: str) -> Support:
-        return Support(*(getattr(self, name)[adapter_name] for name in SUPPORT_BUFFERS))
+        return self.sparse(adapter_name).support
 
     def nnz(self, adapter_name: str) -> int:
         """Active nonzeros of this adapter's sparse part (0 before its mask exists). No host sync."""
-        return self.rosa_col_idx[adapter_name].numel() if adapter_name in self.rosa_col_idx else 0
+        return self.sparse(adapter_name).nnz if adapter_name in self.rosa_values else 0
 
     def check_support(self, adapter_name: str, support: Support) -> None:
         """Raise ValueError unless ``support`` fits this layer and adapter (shape and capacity)."""
-        if support.shape != (self.out_features, self.in_features):
-            raise ValueError(
-                f"support shape {support.shape} does not match the layer's {(self.out_features, self.in_features)}"
-            )
-        if support.nnz > self.capacity[adapter_name]:
-            raise ValueError(
-                f"support has {support.nnz} nonzeros but adapter {adapter_name!r} holds at most "
-                f"{self.capacity[adapter_name]} sparse values"
-            )
+        self.sparse(adapter_name).check(support)
 
     def set_support(self, adapter_name: str, support: Support) -> None:
-        """Fix the sparse support. The values of the active entries are reset to zero, since a value belongs to
-        a position and the positions have changed."""
-        self.check_support(adapter_name, support)
-        device = self.rosa_values[adapter_name].device
-        if device.type == "meta":
-            device = (
-                support.col_idx.device
-            )  # PEFT's low_cpu_mem_usage: values come at load, buffers stay real
-        for name, field in zip(SUPPORT_BUFFERS, SUPPORT_FIELDS):
-            getattr(self, name)[adapter_name] = getattr(support, field).to(device)
-        with torch.no_grad():
-            self.rosa_values[adapter_name].zero_()
+        """Fix the sparse support; the adapter's sparse values restart at zero."""
+        self.sparse(adapter_name).set_support(support)
 
-    def _active_values(self, adapter_name: str) -> torch.Tensor:
-        values = self.rosa_values[adapter_name]
-        nnz = self.nnz(adapter_name)
-        return values if nnz == values.numel() else values[:nnz]
+    def check_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+        """Validate this layer's tensors in a state dict about to be loaded (A, B and S of every adapter; nothing
+        changes if one is malformed), then size the support buffers to the saved supports."""
+        supports = {}
+        for name in self.rosa_values:
+            for part in (LORA_A, LORA_B):
+                key = f"{prefix}{part}.{name}.weight"
+                if name in getattr(self, part) and key in state_dict:
+                    check_float_tensor(key, state_dict[key], getattr(self, part)[name].weight.shape)
+            supports[name] = self.sparse(name).support_from_state_dict(state_dict, prefix)
+        for name, support in supports.items():
+            if support is not None:
+                self.sparse(name).expand_state_dict(state_dict, prefix, support)
 
     # --- forward --------------------------------------------------------------------------------------
 
-    def _base_weight_out_in(self) -> torch.Tensor:
-        weight = self.get_base_layer().weight
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in (out, in) layout, dequantized when the base is quantized (PEFT's
+        ``get_base_weight``), else the stored tensor itself (a view for GPT-2's Conv1D), detached."""
+        weight = self.get_base_weight()
         return weight.t() if self.fan_in_fan_out else weight
 
     def _can_fold(self) -> bool:
@@ -214,28 +211,13 @@ class RosaLayer(BaseTunerLayer):
     def _fold_adapter(self, tokens: int, device: torch.device) -> str | None:
         """The adapter whose sparse part should be folded into the base weight for this call, if any."""
         for name in self.active_adapters:
-            nnz = self.nnz(name)
-            if name not in self.rosa_values or nnz == 0:
+            if name not in self.rosa_values:
                 continue
-            strategy = self.sparse_strategy[name]
-            if strategy == "auto":
-                strategy = choose_strategy(device.type, self.out_features, self.in_features, nnz, tokens)
-            if strategy == "fold" and self._can_fold():
+            delta = self.sparse(name)
+            fold = delta.nnz and delta.strategy(self.sparse_strategy[name], tokens, device) == "fold"
+            if fold and self._can_fold():
                 return name
         return None
-
-    def _sparse_term(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        s = self.support(adapter_name)
-        with _no_autocast(x2d):
-            return ops.sparse_linear(
-                x2d,
-                self._active_values(adapter_name),
-                s.row_offsets,
-                s.col_idx,
-                s.t_row_offsets,
-                s.t_col_idx,
-                s.t_perm,
-            )
 
     def _lora_input(self, x: torch.Tensor) -> torch.Tensor | None:
         """x cast to the (single active) LoRA dtype when that is fp32 and x is narrower; else None."""
@@ -246,12 +228,7 @@ class RosaLayer(BaseTunerLayer):
         return self._cast_input_dtype(x, dtype) if dtype == torch.float32 else None
 
     def _folded_base(self, x2d: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        weight = self._base_weight_out_in()
-        s = self.support(adapter_name)
-        with _no_autocast(x2d):
-            values = self._active_values(adapter_name)
-            x_in = x2d if x2d.dtype in (weight.dtype, torch.float32) else x2d.to(weight.dtype)
-            y = ops.folded_linear(x_in, weight, values, s.flat_index(), s.row_offsets, s.col_idx)
+        y = self.sparse(adapter_name).folded_forward(x2d, self.base_weight())
         bias = self.get_base_layer().bias
         return y if bias is None else y + bias
 
@@ -294,7 +271,7 @@ class RosaLinear(nn.Module, RosaLayer):
                     result_dtype
                 )
             if name != folded and self.nnz(name) > 0:
-                sparse = self._sparse_term(sparse_x, name).reshape(*x.shape[:-1], self.out_features)
+                sparse = self.sparse(name).forward(sparse_x).reshape(*x.shape[:-1], self.out_features)
                 result = result + sparse.to(result_dtype)
         return result.to(result_dtype)
 
@@ -302,16 +279,15 @@ class RosaLinear(nn.Module, RosaLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense fp32 ``s * B @ A + S`` in (out, in) layout. Only for merging: builds an out x in tensor."""
-        device = self.rosa_values[adapter_name].device
-        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=device)
+        delta = self.sparse(adapter_name)
+        dense = torch.zeros(
+            self.out_features, self.in_features, dtype=torch.float32, device=delta.values.device
+        )
         if self.r[adapter_name] > 0:
             a = self.rosa_A[adapter_name].weight.float()
             b = self.rosa_B[adapter_name].weight.float()
-            delta += (b @ a) * self.scaling[adapter_name]
-        if self.nnz(adapter_name) > 0:
-            flat = self.support(adapter_name).flat_index()
-            delta.view(-1).index_add_(0, flat, self._active_values(adapter_name).float())
-        return delta
+            dense += (b @ a) * self.scaling[adapter_name]
+        return delta.add_to(dense)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -359,10 +335,8 @@ class RosaLinear(nn.Module, RosaLayer):
         return "rosa." + super().__repr__()
 
 
-def _load_support_pre_hook(module: RosaLayer, state_dict, prefix, *args) -> None:
-    from .serialization import expand_layer_support
-
-    expand_layer_support(module, state_dict, prefix, list(module.rosa_values.keys()))
+def _load_state_pre_hook(module: RosaLayer, state_dict, prefix, *args) -> None:
+    module.check_state_dict(state_dict, prefix)
 
 
 def _keep_bnb_training_layout(base: nn.Module) -> None:
@@ -382,18 +356,6 @@ def _keep_bnb_training_layout(base: nn.Module) -> None:
         base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
             base.weight.data, state
         )
-
-
-def _no_autocast(x: torch.Tensor):
-    """The sparse ops pick their own dtypes (fp32 accumulation). Left on, autocast (Trainer/SFTTrainer bf16=True)
-    recasts the matmuls inside them: CPU has no bf16 sparse CSR matmul, and the fold op's forward returned bf16
-    while its backward multiplied a bf16 gradient by the fp32 weight. A no-op where autocast is off (or unknown
-    to the device type, e.g. meta)."""
-    try:
-        enabled = torch.is_autocast_enabled(x.device.type)
-    except RuntimeError:
-        enabled = False
-    return torch.autocast(x.device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def nnz_budget(density: float, out_features: int, in_features: int) -> int:

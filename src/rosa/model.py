@@ -1,41 +1,35 @@
-"""RosaModel: injects RoSA layers into a transformers model as a PEFT tuner, and saves/loads them.
+"""RosaModel: injects RoSA layers into a transformers model as a PEFT tuner.
 
 Everything user-facing is PEFT's own: ``get_peft_model`` returns a ``PeftModel``, ``save_pretrained`` writes
 ``adapter_config.json`` + ``adapter_model.safetensors``, ``PeftModel.from_pretrained`` reads them back, and
 merge/unload, multiple adapters and disabling come from ``BaseTuner``. This module adds what is RoSA-specific:
-how a layer is built from the config, the compact on-disk support, and the checks on an untrusted file.
+how a layer is built from the config, and the compact on-disk sparse support.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .config import PEFT_TYPE, RosaConfig
-from .layer import RosaLayer, RosaLinear, nnz_budget
-from .serialization import AdapterFileError, compact_support
-
-SAFETENSORS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+from .config import RosaConfig
+from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget
+from .serialization import PREFIX, AdapterFileError, check_adapter_folder
+from .sparse.delta import compact_state_dict
 
 
 class RosaModel(BaseTuner):
     """The PEFT tuner for RoSA (``peft_type == "ROSA"``)."""
 
-    prefix: str = "rosa_"
+    prefix: str = PREFIX
     tuner_layer_cls = RosaLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -77,7 +71,7 @@ class RosaModel(BaseTuner):
         full = super()._get_adapter_state_dict(
             model, config, adapter_name, state_dict, unwanted_adapter_names
         )
-        return compact_support(full)
+        return compact_state_dict(full)
 
 
 def _refuse_transformers_load_adapter() -> None:
@@ -148,8 +142,6 @@ def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dic
 def _check_fan_in_fan_out(config: RosaConfig, base: nn.Module, module_name: str) -> None:
     """The weight layout comes from the layer type; a config that says otherwise is corrected, loudly (PEFT's
     LoRA does the same)."""
-    from transformers.pytorch_utils import Conv1D
-
     stored_in_out = isinstance(base, Conv1D)
     if config.fan_in_fan_out != stored_in_out:
         warnings.warn(
@@ -161,8 +153,6 @@ def _check_fan_in_fan_out(config: RosaConfig, base: nn.Module, module_name: str)
 
 
 def _out_in(base: nn.Module) -> tuple[int, int]:
-    from peft.tuners.tuners_utils import _get_in_out_features
-
     in_features, out_features = _get_in_out_features(base)
     if in_features is None:
         raise TypeError(f"RoSA adapts linear layers only, not {type(base).__name__}")
@@ -185,91 +175,12 @@ def get_rosa_model(
 def _nb_trainable_at_budget(self: PeftModel) -> tuple[int, int]:
     trainable, total = PeftModel.get_nb_trainable_parameters(self)
     spare = sum(
-        layer.capacity[name] - nnz_budget(layer.density[name], layer.out_features, layer.in_features)
+        layer.capacity[name] - layer.budget(name)
         for layer in rosa_layers(self).values()
         for name in layer.rosa_values
         if layer.rosa_values[name].requires_grad
     )
     return trainable - spare, total - spare
-
-
-def check_adapter_dir(path: str | os.PathLike) -> None:
-    """Refuse a local adapter folder PEFT would load unsafely or with a traceback, naming the file at fault:
-    pickle-only weights (loading must never unpickle), an adapter_config.json that is not a RoSA config, a
-    truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``)."""
-    path = Path(path)
-    if not path.is_dir():
-        return  # a hub id: PEFT resolves it (and prefers safetensors); nothing local to check
-    if (path / CONFIG_NAME).is_file():
-        check_adapter_config(path / CONFIG_NAME)
-    if (path / SAFETENSORS_NAME).is_file():
-        _check_safetensors_file(path / SAFETENSORS_NAME)
-        return
-    pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
-    if pickles:
-        raise AdapterFileError(
-            f"{path / pickles[0]}: RoSA adapters are loaded from safetensors only, and this folder has no "
-            f"{SAFETENSORS_NAME}; refusing to unpickle {pickles[0]}"
-        )
-
-
-def check_adapter_config(file: Path) -> None:
-    """The config must be a JSON object of a RoSA adapter; PEFT indexes it blindly (TypeError, KeyError)."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise AdapterFileError(f"{file}: not UTF-8 text, so not an adapter config") from None
-    except json.JSONDecodeError as e:
-        raise AdapterFileError(
-            f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
-        ) from None
-    if not isinstance(config, dict):
-        raise AdapterFileError(f"{file}: expected a JSON object, got {_json_kind(config)}")
-    if "peft_type" not in config:
-        raise AdapterFileError(f"{file}: no 'peft_type' key, so not an adapter config written by PEFT")
-    if config["peft_type"] != PEFT_TYPE:
-        raise AdapterFileError(
-            f"{file}: peft_type is {config['peft_type']!r}, not {PEFT_TYPE!r}: not a RoSA adapter"
-        )
-
-
-def _json_kind(value) -> str:
-    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return kinds.get(type(value), "null")
-
-
-def _check_safetensors_file(file: Path) -> None:
-    """Parse the header (safetensors validates every tensor's dtype, shape and byte range against the file)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(file, framework="pt") as f:
-            f.keys()
-    except SafetensorError as e:
-        raise AdapterFileError(
-            f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
-        ) from None
-
-
-def check_adapter_folder(path: str | os.PathLike) -> None:
-    """Everything ``load_rosa_model`` checks before loading, for callers that fail fast (before the base model
-    loads): ``check_adapter_dir``, and a local folder that exists and holds both files. A missing path that could
-    be a hub id ('owner/name') is left to PEFT."""
-    local = Path(path)
-    if not local.exists():
-        if isinstance(path, str) and re.fullmatch(r"[\w][\w.-]*/[\w.-]+", path):
-            return
-        raise AdapterFileError(f"{path}: adapter folder not found")
-    if not local.is_dir():
-        raise AdapterFileError(
-            f"{path}: not a folder; pass the adapter folder (holding {CONFIG_NAME} and {SAFETENSORS_NAME})"
-        )
-    check_adapter_dir(local)
-    for name in (CONFIG_NAME, SAFETENSORS_NAME):
-        if not (local / name).is_file():
-            raise AdapterFileError(
-                f"{local / name}: missing, so {path} is not an adapter folder written by save_pretrained"
-            )
 
 
 def load_rosa_model(

@@ -13,14 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import LORA_A, LORA_B
+from .sparse.delta import VALUES
+
 LORA_GROUP, SPARSE_GROUP, OTHER_GROUP = "rosa_lora", "rosa_sparse", "other"
 
 
 def param_role(name: str) -> str:
     """Which group a trainable parameter belongs to, from its name in the model."""
-    if ".rosa_values." in f".{name}.":
+    parts = name.split(".")
+    if VALUES in parts:
         return SPARSE_GROUP
-    if ".rosa_A." in name or ".rosa_B." in name:
+    if LORA_A in parts or LORA_B in parts:
         return LORA_GROUP
     return OTHER_GROUP
 

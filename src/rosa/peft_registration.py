@@ -13,8 +13,9 @@ import enum
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-PEFT_NAME = "ROSA"
-PREFIX = "rosa_"
+from .config import RosaConfig
+from .model import RosaModel
+from .serialization import PEFT_TYPE, PREFIX
 
 
 def _add_str_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
@@ -41,15 +42,16 @@ def _add_str_enum_member(enum_cls: type[enum.Enum], name: str) -> enum.Enum:
 
 def register() -> None:
     """Idempotent: add PeftType.ROSA and register RosaConfig / RosaModel with PEFT."""
-    from .config import RosaConfig
-    from .model import RosaModel
-
-    member = _add_str_enum_member(PeftType, PEFT_NAME)
+    member = _add_str_enum_member(PeftType, PEFT_TYPE)
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(member)
     if registered is not None:
         if registered is not RosaModel:
-            raise RuntimeError(f"PEFT type {PEFT_NAME} is already registered by {registered!r}")
+            raise RuntimeError(f"PEFT type {PEFT_TYPE} is already registered by {registered!r}")
         return
     register_peft_method(
-        name="rosa", config_cls=RosaConfig, model_cls=RosaModel, prefix=PREFIX, is_mixed_compatible=False
+        name=PEFT_TYPE.lower(),
+        config_cls=RosaConfig,
+        model_cls=RosaModel,
+        prefix=PREFIX,
+        is_mixed_compatible=False,
     )

@@ -1,120 +1,119 @@
-"""The adapter file's compact sparse support, and the checks an untrusted file must pass before use.
+"""What a RoSA adapter folder holds, and the checks an untrusted folder must pass before PEFT reads it.
 
-In memory a layer keeps five support buffers (CSR and transposed CSR, see ``rosa.sparse.support``). On disk it
-keeps only the CSR: row offsets (int32) and column indices (int16 when the input dimension allows, else int32).
-The transpose is rebuilt at load time, so a file cannot smuggle in an inconsistent transpose, and the file is
-about as small as a LoRA file with the same number of trainable parameters.
+A folder written by ``save_pretrained`` holds ``adapter_config.json`` (``"peft_type": "ROSA"``) and
+``adapter_model.safetensors``, whose tensors are named after the layer attributes that hold them, all of which
+start with ``PREFIX`` (``...q_proj.rosa_A.weight``, ``...q_proj.rosa_values``, ``...q_proj.rosa_col_idx``). The
+sparse part's own layout on disk is :mod:`rosa.sparse.delta`'s. Loading never unpickles: a folder holding only
+a pickle is refused.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+from pathlib import Path
+
 import torch
 
-from .sparse.support import SupportError, support_from_csr
-
-SAVED_SUPPORT = ("rosa_row_offsets", "rosa_col_idx")
-DERIVED_SUPPORT = ("rosa_t_row_offsets", "rosa_t_col_idx", "rosa_t_perm")
-INT16_MAX = torch.iinfo(torch.int16).max
+PEFT_TYPE = "ROSA"  # the member rosa adds to PEFT's PeftType, written as "peft_type" in adapter_config.json
+PREFIX = "rosa_"  # every adapter attribute of a RoSA layer, hence every tensor name in the file, has it
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
 class AdapterFileError(ValueError):
     """An adapter file (or state dict) cannot be loaded into this model."""
 
 
-def compact_support(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the derived transposed support and narrow column indices to int16 where they fit."""
-    out = {}
-    for key, tensor in state_dict.items():
-        if _attr_of(key) in DERIVED_SUPPORT:
-            continue
-        if _attr_of(key) == "rosa_col_idx" and (tensor.numel() == 0 or int(tensor.max()) <= INT16_MAX):
-            tensor = tensor.to(torch.int16)
-        out[key] = tensor
-    return out
+def check_float_tensor(key: str, tensor: torch.Tensor, shape: torch.Size) -> None:
+    """A trainable tensor read from a file: finite floats of exactly the shape the layer was built with."""
+    if not tensor.is_floating_point():
+        raise AdapterFileError(f"{key}: expected a floating-point tensor, got {tensor.dtype}")
+    if tensor.shape != shape:
+        raise AdapterFileError(
+            f"{key}: shape {tuple(tensor.shape)} does not match the model's {tuple(shape)} "
+            "(different rank, density or base model?)"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterFileError(f"{key}: contains NaN or infinite values")
 
 
-def expand_layer_support(
-    layer, state_dict: dict[str, torch.Tensor], prefix: str, adapter_names: list[str]
-) -> None:
-    """Load-time pre-hook body for one RosaLayer: validate the saved CSR of each adapter in ``state_dict``, add the
-    derived transpose, and resize the layer's support buffers to the checkpoint's sizes. Raises before anything
-    is changed if any tensor of this layer is malformed."""
-    staged: dict[str, dict[str, torch.Tensor]] = {}
-    for name in adapter_names:
-        _check_float_tensors(layer, state_dict, prefix, name)
-        offsets_key = f"{prefix}rosa_row_offsets.{name}"
-        cols_key = f"{prefix}rosa_col_idx.{name}"
-        values_key = f"{prefix}rosa_values.{name}"
-        if offsets_key not in state_dict and cols_key not in state_dict:
-            derived = [f"{prefix}{attr}.{name}" for attr in DERIVED_SUPPORT]
-            smuggled = [key for key in derived if key in state_dict]
-            if smuggled:  # the transpose is derived from the CSR, never taken from a file on its own
-                raise AdapterFileError(
-                    f"{smuggled[0]}: a transposed support without the CSR it derives from "
-                    f"({offsets_key}, {cols_key}); rosa never saves it: the file was not written by rosa"
-                )
-            if values_key in state_dict:  # a value belongs to a position: never one without the other
-                raise AdapterFileError(f"{values_key}: sparse values without their support ({cols_key})")
-            continue
-        if values_key not in state_dict:
-            raise AdapterFileError(f"{cols_key}: a sparse support without its values ({values_key})")
-        if offsets_key not in state_dict or cols_key not in state_dict:
-            missing = offsets_key if offsets_key not in state_dict else cols_key
+def check_adapter_dir(path: str | os.PathLike) -> None:
+    """Refuse a local adapter folder PEFT would load unsafely or with a traceback, naming the file at fault:
+    pickle-only weights (loading must never unpickle), an adapter_config.json that is not a RoSA config, a
+    truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return  # a hub id: PEFT resolves it (and prefers safetensors); nothing local to check
+    if (path / CONFIG_NAME).is_file():
+        check_adapter_config(path / CONFIG_NAME)
+    if (path / SAFETENSORS_NAME).is_file():
+        _check_safetensors_file(path / SAFETENSORS_NAME)
+        return
+    pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
+    if pickles:
+        raise AdapterFileError(
+            f"{path / pickles[0]}: RoSA adapters are loaded from safetensors only, and this folder has no "
+            f"{SAFETENSORS_NAME}; refusing to unpickle {pickles[0]}"
+        )
+
+
+def check_adapter_config(file: Path) -> None:
+    """The config must be a JSON object of a RoSA adapter; PEFT indexes it blindly (TypeError, KeyError)."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise AdapterFileError(f"{file}: not UTF-8 text, so not an adapter config") from None
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(
+            f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file}: expected a JSON object, got {_json_kind(config)}")
+    if "peft_type" not in config:
+        raise AdapterFileError(f"{file}: no 'peft_type' key, so not an adapter config written by PEFT")
+    if config["peft_type"] != PEFT_TYPE:
+        raise AdapterFileError(
+            f"{file}: peft_type is {config['peft_type']!r}, not {PEFT_TYPE!r}: not a RoSA adapter"
+        )
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), "null")
+
+
+def _check_safetensors_file(file: Path) -> None:
+    """Parse the header (safetensors validates every tensor's dtype, shape and byte range against the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except SafetensorError as e:
+        raise AdapterFileError(
+            f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+
+
+def check_adapter_folder(path: str | os.PathLike) -> None:
+    """Everything ``load_rosa_model`` checks before loading, for callers that fail fast (before the base model
+    loads): ``check_adapter_dir``, and a local folder that exists and holds both files. A missing path that could
+    be a hub id ('owner/name') is left to PEFT."""
+    local = Path(path)
+    if not local.exists():
+        if isinstance(path, str) and re.fullmatch(r"[\w][\w.-]*/[\w.-]+", path):
+            return
+        raise AdapterFileError(f"{path}: adapter folder not found")
+    if not local.is_dir():
+        raise AdapterFileError(
+            f"{path}: not a folder; pass the adapter folder (holding {CONFIG_NAME} and {SAFETENSORS_NAME})"
+        )
+    check_adapter_dir(local)
+    for name in (CONFIG_NAME, SAFETENSORS_NAME):
+        if not (local / name).is_file():
             raise AdapterFileError(
-                f"{missing}: missing (the sparse support needs both row offsets and columns; note that loading with "
-                "ignore_mismatched_sizes=True drops the column indices, whose size changes once a mask is set)"
+                f"{local / name}: missing, so {path} is not an adapter folder written by save_pretrained"
             )
-        offsets, cols = state_dict[offsets_key], state_dict[cols_key]
-        if offsets.numel() != layer.out_features + 1:
-            raise AdapterFileError(
-                f"{offsets_key}: has {offsets.numel()} row offsets, the layer needs {layer.out_features + 1} "
-                f"(out_features + 1): the file was saved for a different model"
-            )
-        try:
-            support = support_from_csr(offsets.cpu(), cols.cpu(), layer.in_features)
-        except SupportError as e:
-            # name the tensor at fault: validate_csr's messages about the offsets all say "row offset"
-            raise AdapterFileError(f"{offsets_key if 'row offset' in str(e) else cols_key}: {e}") from None
-        if support.nnz > layer.capacity[name]:
-            raise AdapterFileError(
-                f"{cols_key}: {support.nnz} nonzeros but the layer holds at most {layer.capacity[name]} sparse values "
-                "(was it saved with a larger density?)"
-            )
-        staged[name] = {
-            f"rosa_{field}": getattr(support, field)
-            for field in ("row_offsets", "col_idx", "t_row_offsets", "t_col_idx", "t_perm")
-        }
-    for name, tensors in staged.items():
-        for attr, tensor in tensors.items():
-            state_dict[f"{prefix}{attr}.{name}"] = tensor
-            device = getattr(layer, attr)[name].device  # the buffer's own: the values may still be on meta
-            getattr(layer, attr)[name] = torch.empty_like(tensor, device=device)
-
-
-def _check_float_tensors(layer, state_dict, prefix: str, name: str) -> None:
-    """A, B and the values must be finite floats of exactly the shapes this layer was built with."""
-    expected = {f"{prefix}rosa_values.{name}": layer.rosa_values[name]}
-    if name in layer.rosa_A:
-        expected[f"{prefix}rosa_A.{name}.weight"] = layer.rosa_A[name].weight
-        expected[f"{prefix}rosa_B.{name}.weight"] = layer.rosa_B[name].weight
-    for key, current in expected.items():
-        tensor = state_dict.get(key)
-        if tensor is None:
-            continue
-        if not tensor.is_floating_point():
-            raise AdapterFileError(f"{key}: expected a floating-point tensor, got {tensor.dtype}")
-        if tensor.shape != current.shape:
-            raise AdapterFileError(
-                f"{key}: shape {tuple(tensor.shape)} does not match the model's {tuple(current.shape)} "
-                "(different rank, density or base model?)"
-            )
-        if not bool(torch.isfinite(tensor).all()):
-            raise AdapterFileError(f"{key}: contains NaN or infinite values")
-
-
-def _attr_of(key: str) -> str | None:
-    """The rosa_* attribute a state-dict key belongs to, e.g. 'a.q_proj.rosa_col_idx.default' -> 'rosa_col_idx'."""
-    for part in reversed(key.split(".")):
-        if part.startswith("rosa_"):
-            return part
-    return None

@@ -8,11 +8,12 @@ saved in safetensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 INDEX_DTYPE = torch.int32
+MAX_NNZ = torch.iinfo(INDEX_DTYPE).max  # row offsets are int32: they count at most this many nonzeros
 
 
 class SupportError(ValueError):
@@ -60,6 +61,17 @@ class Support:
         return mask.view(out_features, in_features)
 
 
+SUPPORT_FIELDS = tuple(f.name for f in fields(Support))
+
+
+def check_nnz(nnz: int) -> None:
+    """Refuse a support the int32 row offsets cannot count (they would wrap around, not fail)."""
+    if nnz > MAX_NNZ:
+        raise SupportError(
+            f"a support of {nnz} nonzeros does not fit int32 indices (at most {MAX_NNZ}); lower the density"
+        )
+
+
 def support_from_flat_index(flat_index: torch.Tensor, shape: tuple[int, int]) -> Support:
     """Build a support from row-major flat indices (any order, no duplicates)."""
     out_features, in_features = shape
@@ -87,6 +99,7 @@ def support_from_coo(
     """Build CSR and transposed CSR from COO coordinates (checked, unless ``assume_sorted``: internal callers
     that pass valid, row-major sorted, duplicate-free coordinates)."""
     out_features, in_features = shape
+    check_nnz(rows.numel())
     rows, cols = rows.long(), cols.long()
     if not assume_sorted:
         # Check each coordinate on its own: a column past the end would otherwise alias the next row's entry.
@@ -147,6 +160,7 @@ def validate_csr(
         raise SupportError(f"{name}: column indices must be 1-D, got shape {tuple(col_idx.shape)}")
     offsets = row_offsets.long()
     nnz = col_idx.numel()
+    check_nnz(nnz)
     if int(offsets[0]) != 0:
         raise SupportError(f"{name}: row offsets must start at 0, got {int(offsets[0])}")
     if int(offsets[-1]) != nnz:
