@@ -126,7 +126,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rosa.masks import accumulator_bytes, collect_mask, plan_layer_groups, rosa_layers
+    from rosa.mask import accumulator_bytes, collect_mask, mask_layers, plan_layer_groups
 
     model = load_model(args.rank, args.density)
     g = torch.Generator().manual_seed(0)
@@ -135,7 +135,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     for _ in range(max(args.micro_batches, 1)):
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
         batches.append({"input_ids": ids, "labels": ids})
-    layers = rosa_layers(model)
+    layers = mask_layers(model)
     result: dict = {
         "variant": args.variant,
         "adapted_layers": len(layers),
