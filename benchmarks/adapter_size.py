@@ -4,7 +4,7 @@ The target (issue 4): a RoSA ``adapter_model.safetensors`` is at most 1.5x the s
 same number of trainable parameters.
 
 Setup: every linear layer of the 30 decoder blocks (q, k, v, o, gate, up, down; ``target_modules="all-linear"``,
-the tied output head excluded) of the default offline model, SmolLM2-135M-Instruct (``rosa.default_model``).
+the tied output head excluded) of the default offline model, SmolLM2-135M-Instruct (``rosa.app.default_model``).
 
 - ``rosa``: RoSA r=16, density 0.6%, fp32 adapter, with a full mask set (magnitude top-k of each base weight:
   every layer's support holds its whole budget of nonzeros, the largest file a mask can give). The file holds
@@ -44,7 +44,7 @@ def load_base():
     """SmolLM2-135M as a plain fp32 LlamaForCausalLM, offline."""
     from transformers import AutoModelForCausalLM
 
-    from rosa.default_model import default_model_path
+    from rosa.app.default_model import default_model_path
 
     return AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
 

@@ -97,7 +97,7 @@ def load_model(rank: int, density: float):
     from rosa.layer import RosaLinear
 
     try:
-        from rosa.default_model import default_model_path
+        from rosa.app.default_model import default_model_path
 
         path = default_model_path()
     except ImportError:  # pragma: no cover - before default_model existed

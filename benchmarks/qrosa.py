@@ -1,6 +1,6 @@
 """QRoSA against PEFT QLoRA on SmolLM2-135M in 4-bit: peak memory and step time of one training step.
 
-Both variants load the built-in fp32 SmolLM2-135M checkpoint (``rosa.default_model.default_model_path()``) with
+Both variants load the built-in fp32 SmolLM2-135M checkpoint (``rosa.app.default_model.default_model_path()``) with
 ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
 bnb_4bit_compute_dtype=torch.bfloat16)``, run ``peft.prepare_model_for_kbit_training`` (fp32 norms and embeddings,
 input gradients, non-reentrant gradient checkpointing unless ``--no-checkpointing``), adapt every linear layer
@@ -123,7 +123,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     import rosa
-    from rosa.default_model import default_model_path
+    from rosa.app.default_model import default_model_path
     from rosa.masks import collect_mask
     from rosa.merge import nf4_config
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_variant(args)))
         return 0
 
-    from rosa.default_model import default_model_path
+    from rosa.app.default_model import default_model_path
 
     shapes = adapted_shapes(str(default_model_path()))
     lora_r = matching_lora_rank(shapes)

@@ -118,7 +118,7 @@ def build_setting(setting: str, dtype, device, args):
     if setting == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from rosa.default_model import default_model_path
+        from rosa.app.default_model import default_model_path
 
         model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)

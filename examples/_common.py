@@ -11,8 +11,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rosa.data import synthetic_splits
-from rosa.default_model import resolve_model_path
+from rosa.app.data import synthetic_splits
+from rosa.app.default_model import resolve_model_path
 
 
 def parse_args(description: str) -> argparse.Namespace:

@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tiny_models import tiny_llama_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from rosa.default_model import DefaultModelUnavailable, default_model_path
+    from rosa.app.default_model import DefaultModelUnavailable, default_model_path
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(default_model_path())

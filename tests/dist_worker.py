@@ -115,7 +115,7 @@ def run_steps(ddp, sched, optimizer, batches, start, stop, rank, world, results,
         if sched.mask_ready and "mask_step" not in results:
             results["mask_step"] = step + 1
         if step + 1 == SAVE_AT and out is not None:
-            from rosa.checkpoint import save_checkpoint
+            from rosa.app.checkpoint import save_checkpoint
 
             inner = ddp.module if hasattr(ddp, "module") else ddp
             if rank == 0:  # only rank 0 writes files
@@ -130,7 +130,7 @@ def scenario_ddp(scenario: str, rank: int, world: int, out: Path) -> dict:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from rosa.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer
+    from rosa.app.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer
     from rosa.scheduler import RosaScheduler
 
     results: dict = {"warmup_values_grad_none": True}

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_cli import FAST
 
-from rosa import cli, run_config
+from rosa.app import cli, run_config
 
 HEAVY = ("torch", "peft", "transformers", "bitsandbytes")
 

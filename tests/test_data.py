@@ -1,4 +1,4 @@
-"""Tests for rosa.data: task formats on the real data files, tokenization, splits, collator, sampler."""
+"""Tests for rosa.app.data: task formats on the real data files, tokenization, splits, collator, sampler."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rosa.data import (
+from rosa.app.data import (
     IGNORE_INDEX,
     TASKS,
     CausalLMCollator,
@@ -39,7 +39,7 @@ def tokenizer():
     """The converted default model's tokenizer (converted once, then read from the cache)."""
     from transformers import AutoTokenizer
 
-    from rosa.default_model import DefaultModelUnavailable, default_model_path
+    from rosa.app.default_model import DefaultModelUnavailable, default_model_path
 
     try:
         path = default_model_path()

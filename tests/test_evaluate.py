@@ -1,4 +1,4 @@
-"""Tests for rosa.evaluate (metrics, generation, held-out loss) and rosa.default_model (the offline default)."""
+"""Tests for rosa.app.evaluate (metrics, generation, held-out loss) and rosa.app.default_model (the offline default)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from tiny_models import tiny_llama
 from torch.utils.data import DataLoader
 
-import rosa.default_model as dm
-from rosa.data import CausalLMCollator, Example, load_examples, synthetic_splits, tokenize_examples
-from rosa.evaluate import (
+import rosa.app.default_model as dm
+from rosa.app.data import CausalLMCollator, Example, load_examples, synthetic_splits, tokenize_examples
+from rosa.app.evaluate import (
     evaluate_task,
     exact_match,
     extract_gsm8k_answer,

@@ -1,6 +1,6 @@
 """QRoSA: RoSA on a bitsandbytes NF4 base (double quantization, bf16 compute), with the real bitsandbytes CPU
 backend. The tiny models are real transformers Llamas saved to disk and reloaded with a ``BitsAndBytesConfig``,
-exactly as ``rosa.train`` loads a 4-bit model. Widths are >= 64: bitsandbytes' CPU inference path fails on
+exactly as ``rosa.app.train`` loads a 4-bit model. Widths are >= 64: bitsandbytes' CPU inference path fails on
 narrower inputs.
 
 Tolerances (``max|err| / max|ref|``; measured values from the 2-core development machine):
@@ -39,13 +39,14 @@ from transformers import BitsAndBytesConfig, PreTrainedTokenizerFast  # noqa: E4
 
 import rosa  # noqa: E402
 from rosa import RosaConfig  # noqa: E402
+from rosa.app.merge import merge_adapter_to_disk  # noqa: E402
+from rosa.app.run_config import ModelSection  # noqa: E402
+from rosa.app.train import load_model_and_tokenizer  # noqa: E402
 from rosa.masks import collect_mask, layer_budget  # noqa: E402
 from rosa.masks import rosa_layers as mask_layers  # noqa: E402
-from rosa.merge import dequantized_weight, merge_adapter_to_disk, merge_to_dense  # noqa: E402
-from rosa.run_config import ModelSection  # noqa: E402
+from rosa.merge import dequantized_weight, merge_to_dense  # noqa: E402
 from rosa.scheduler import JOINT, RosaScheduler  # noqa: E402
 from rosa.sparse import ops, support_from_flat_index  # noqa: E402
-from rosa.train import load_model_and_tokenizer  # noqa: E402
 
 # vocab 320 keeps the embedding and head shapes (320, 128) apart from every adapted (out, in) shape.
 VOCAB, HIDDEN, FFN = 320, 128, 256

@@ -16,8 +16,8 @@ from test_model import one_thread, set_random_masks, tiny_llama
 
 import rosa
 from rosa import AdapterFileError, RosaConfig
+from rosa.app.run_config import RunConfigError, load_run_config
 from rosa.cli import main
-from rosa.run_config import RunConfigError, load_run_config
 
 # --- one line and exit 2 for every bad value, before any model loads ---------------------------------------
 

@@ -1,0 +1,262 @@
+"""The run configuration of the ``rosa`` command: a YAML file, then ``section.key=value`` overrides.
+
+Every key is declared here with its default, so a misspelt key is an error naming the key and the ones that
+exist, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import RosaConfig
+
+
+class RunConfigError(ValueError):
+    """The run configuration (file or override) is invalid."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m"  # the built-in offline default, or any causal LM id or local path
+    load_in_4bit: bool = False  # QRoSA: bitsandbytes NF4 with double quantization
+    dtype: str = "float32"  # compute dtype of the (non-quantized) base model: float32 or bfloat16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    task: str = "synthetic"  # synthetic | gsm8k | viggo | sql | jsonl | csv
+    path: str | None = None  # local file, or a Hugging Face dataset name when online
+    eval_path: str | None = None  # optional separate evaluation file
+    prompt_column: str | None = None  # generic jsonl/csv: column holding the prompt
+    response_column: str | None = None  # generic jsonl/csv: column holding the response
+    max_length: int = 256
+    train_size: int | None = None  # cap on training rows (None: all)
+    val_size: int = 64  # rows held out for evaluation when there is no eval_path
+    split_seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 120
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    sparse_lr_ratio: float = 1.0  # the sparse values train at lr / sparse_lr_ratio (A and B at lr)
+    mask_path: str | None = None  # start from a saved mask (`rosa mask --out`): no warm-up, no collection
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 5
+    save_every: int = 25
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class EvalSection:
+    before: bool = True  # score the base model before training
+    max_new_tokens: int | None = None  # None: the task's own default (16 for synthetic, 256 for gsm8k, ...)
+    batch_size: int = 16
+    limit: int | None = 100  # evaluate on at most this many held-out rows (None: all)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/rosa-default"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    rosa: dict[str, Any] = field(
+        default_factory=lambda: {
+            "r": 16,
+            "lora_alpha": 32,
+            "density": 0.01,
+            "warmup_steps": 10,
+            "mask_steps": 8,
+            "mask_method": "fisher",
+        }
+    )
+
+    def rosa_config(self) -> RosaConfig:
+        try:
+            return RosaConfig(task_type="CAUSAL_LM", **self.rosa)
+        except TypeError as e:
+            known = sorted(f.name for f in dataclasses.fields(RosaConfig))
+            raise RunConfigError(f"rosa: {e}; known keys: {', '.join(known)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class RunConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``2e-4`` is a float, not the string YAML 1.1 makes it."""
+
+
+# A dot or an exponent, so plain integers stay ints; PyYAML's own float rule still handles .inf and .nan.
+_FLOAT = re.compile(
+    r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[0-9][0-9_]*[eE][-+]?[0-9]+)$""",
+    re.X,
+)
+RunConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """One override value as users write it: ``2e-4`` and ``.5`` are floats, ``[q_proj, v_proj]`` a list."""
+    try:
+        return yaml.load(text, Loader=RunConfigLoader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RunConfigError(
+            f"cannot read the value {text!r}: {problem} (quote it to pass a string)"
+        ) from None
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RunConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.load(path.read_text(), Loader=RunConfigLoader) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise RunConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RunConfigError(f"override {item!r} must look like section.key=value")
+        _set_path(raw, key.strip().split("."), parse_value(value))
+    return _build(RunConfig, raw, "")
+
+
+def given_keys(path: str | Path | None = None, overrides: list[str] | None = None) -> list[str]:
+    """The settings a user gave explicitly, as ``section.key`` (the YAML file's leaves, then the overrides)."""
+    keys: list[str] = []
+
+    def walk(tree: Any, prefix: str) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix.rstrip("."))
+
+    if path is not None and Path(path).is_file():
+        walk(yaml.safe_load(Path(path).read_text()) or {}, "")  # keys only: value parsing does not matter
+    keys += [item.partition("=")[0].strip() for item in overrides or []]
+    return keys
+
+
+def _set_path(tree: dict, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise RunConfigError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+    tree[keys[-1]] = value
+
+
+def _build(cls, raw: dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        name = f"{where}{sorted(unknown)[0]}"
+        raise RunConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(fields))}")
+    config = cls()
+    for name, value in raw.items():
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise RunConfigError(f"{where}{name} must be a section (a mapping), got {value!r}")
+            value = _build(type(current), value, f"{where}{name}.")
+        elif name == "rosa":
+            if not isinstance(value, dict):
+                raise RunConfigError(f"rosa must be a mapping of RosaConfig fields, got {value!r}")
+            value = {**current, **value}
+        else:
+            value = _coerce(value, current, f"{where}{name}")
+        setattr(config, name, value)
+    if cls is RunConfig:
+        config.rosa_config()  # validate the adapter settings now, not after the model is loaded
+        validate(config)
+    return config
+
+
+TASKS = ("synthetic", "gsm8k", "viggo", "sql", "jsonl", "csv", "generic")
+MIN_MAX_LENGTH = 32  # shorter sequences cut most prompts before their response starts
+
+
+def validate(run: RunConfig) -> None:
+    """Every run setting checked in one place, before any model or data is loaded: a bad value is one line."""
+    t, d, e = run.train, run.data, run.eval
+    for name, value, low in (
+        ("train.steps", t.steps, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1),
+        ("train.lr_warmup_steps", t.lr_warmup_steps, 0),
+        ("train.log_every", t.log_every, 1),
+        ("train.save_every", t.save_every, 1),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ("data.max_length", d.max_length, MIN_MAX_LENGTH),
+        ("data.val_size", d.val_size, 1),
+        ("eval.batch_size", e.batch_size, 1),
+    ):
+        _check_int(name, value, low)
+    for name, value, low in (
+        ("data.train_size", d.train_size, 1),
+        ("eval.limit", e.limit, 1),
+        ("eval.max_new_tokens", e.max_new_tokens, 1),
+    ):
+        if value is not None:
+            _check_int(name, value, low)
+    for name, value in (
+        ("train.lr", t.lr),
+        ("train.weight_decay", t.weight_decay),
+        ("train.max_grad_norm", t.max_grad_norm),
+    ):
+        if not math.isfinite(value) or value < 0:
+            raise RunConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(t.sparse_lr_ratio) or t.sparse_lr_ratio <= 0:
+        raise RunConfigError(f"train.sparse_lr_ratio must be a positive number, got {t.sparse_lr_ratio!r}")
+    if run.model.dtype not in ("float32", "bfloat16"):
+        raise RunConfigError(f"model.dtype must be float32 or bfloat16, got {run.model.dtype!r}")
+    if d.task not in TASKS:
+        raise RunConfigError(f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
+    if d.task != "synthetic" and d.path is None:
+        raise RunConfigError(
+            f"data.task={d.task} reads a file: set data.path (a .jsonl/.csv file or a dataset name)"
+        )
+    if Path(run.output_dir).exists() and not Path(run.output_dir).is_dir():
+        raise RunConfigError(f"output_dir {run.output_dir} is an existing file, not a folder")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RunConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Check a scalar against the type of its default (ints accepted for floats; None where the default is None)."""
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise RunConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
+        raise RunConfigError(f"{name} must be a {type(current).__name__}, got {value!r}")
+    return value

@@ -1,0 +1,122 @@
+"""The package's layering, read from the source with ``ast`` (every import statement, function-level and
+``TYPE_CHECKING`` ones included): no import cycle, the library never imports the application (``rosa.app``),
+kernels know nothing of layers, the tuner nothing of how masks are chosen; and the modules' first names still
+give the same objects."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import rosa
+
+SRC = Path(rosa.__file__).resolve().parent
+# Entry points and aliases that stand for the application under the names it had before rosa.app existed.
+APP_ALIASES = {"rosa.cli", "rosa.data", "rosa.evaluate", "rosa.run_config", "rosa.train"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    relative = Path(*name.split("."))
+    return (SRC.parent / relative).with_suffix(".py").is_file() or (
+        SRC.parent / relative / "__init__.py"
+    ).is_file()
+
+
+def _imports(path: Path) -> set[str]:
+    """The rosa modules ``path`` imports, resolved (``from .sparse import ops`` -> ``rosa.sparse.ops``)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if _is_module(full) else base)
+    return {m for m in found if m == "rosa" or m.startswith("rosa.")}
+
+
+GRAPH = {_module_name(p): _imports(p) for p in sorted(SRC.rglob("*.py"))}
+
+
+def _reaches(start: str, allowed=lambda m: True) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in GRAPH.get(todo.pop(), ()):
+            if target not in seen and allowed(target):
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_graph_is_read():
+    assert "rosa.sparse.ops" in GRAPH["rosa.sparse.delta"]
+    assert "rosa.mask.layers" in GRAPH["rosa.mask.files"]
+    assert "rosa.peft_registration" in GRAPH["rosa"]  # a function-level import
+    assert len(GRAPH) > 30
+
+
+def test_no_import_cycle():
+    cycles = sorted(m for m in GRAPH if m in _reaches(m))
+    assert not cycles, f"modules that import themselves through others: {cycles}"
+
+
+def test_the_library_never_imports_the_application():
+    library = [m for m in GRAPH if not m.startswith("rosa.app") and m not in APP_ALIASES]
+    offenders = {m: sorted(t for t in GRAPH[m] if t.startswith("rosa.app")) for m in library}
+    assert not {m: t for m, t in offenders.items() if t}
+
+
+@pytest.mark.parametrize(
+    ("layer", "must_not_reach"),
+    [
+        ("rosa.sparse", ("rosa.layer", "rosa.model", "rosa.config", "rosa.mask")),  # kernels know no layers
+        ("rosa.layer", ("rosa.model", "rosa.mask")),  # layers know no models and no mask choosing
+        ("rosa.model", ("rosa.mask", "rosa.peft_registration")),  # the tuner knows nothing of masks
+        ("rosa.config", ("rosa.layer", "rosa.model", "rosa.mask", "rosa.peft_registration")),
+    ],
+)
+def test_imports_go_one_way(layer, must_not_reach):
+    modules = [m for m in GRAPH if m == layer or m.startswith(f"{layer}.")]
+    for module in modules:
+        reached = _reaches(module)
+        bad = sorted(
+            t for t in reached for banned in must_not_reach if t == banned or t.startswith(f"{banned}.")
+        )
+        assert not bad, f"{module} reaches {bad}"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "names"),
+    [
+        ("rosa.masks", "rosa.mask", ("collect_mask", "save_mask", "load_mask", "MaskError", "apply_mask")),
+        ("rosa.scheduler", "rosa.mask.schedule", ("RosaScheduler", "needs_mask_before_training", "JOINT")),
+        ("rosa.scheduler", "rosa.mask.callback", ("RosaTrainerCallback",)),
+        ("rosa.cli", "rosa.app.cli", ("main",)),
+    ],
+)
+def test_first_names_give_the_same_objects(old, new, names):
+    old_module, new_module = importlib.import_module(old), importlib.import_module(new)
+    for name in names:
+        assert getattr(old_module, name) is getattr(new_module, name), name
+    assert (
+        importlib.import_module("rosa.masks").rosa_layers is importlib.import_module("rosa.mask").mask_layers
+    )
+
+
+@pytest.mark.parametrize("alias", sorted(APP_ALIASES - {"rosa.cli"}))
+def test_application_aliases_are_the_moved_modules(alias):
+    assert importlib.import_module(alias) is importlib.import_module(alias.replace("rosa.", "rosa.app.", 1))
