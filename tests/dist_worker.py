@@ -69,10 +69,10 @@ def shard(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def adapter_tensors(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    from rosa.masks import rosa_layers
+    from rosa.masks import mask_layers
 
     out = {}
-    for name, layer in rosa_layers(model, "default").items():
+    for name, layer in mask_layers(model, "default").items():
         out[f"{prefix}{name}.A"] = layer.rosa_A["default"].weight.detach().clone()
         out[f"{prefix}{name}.B"] = layer.rosa_B["default"].weight.detach().clone()
         out[f"{prefix}{name}.values"] = layer.rosa_values["default"].detach().clone()
@@ -98,9 +98,9 @@ def wrap(model: nn.Module, scenario: str, world: int) -> nn.Module:
 
 
 def run_steps(ddp, sched, optimizer, batches, start, stop, rank, world, results, out, config) -> None:
-    from rosa.masks import rosa_layers
+    from rosa.masks import mask_layers
 
-    layers = rosa_layers(ddp, "default")
+    layers = mask_layers(ddp, "default")
     for step in range(start, stop):
         ids = shard(batches[step], rank, world)
         loss = ddp(input_ids=ids, labels=ids).loss
@@ -196,7 +196,7 @@ def scenario_ddp(scenario: str, rank: int, world: int, out: Path) -> dict:
 def scenario_fsdp(rank: int, world: int, out: Path) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    from rosa.masks import rosa_layers
+    from rosa.masks import mask_layers
     from rosa.scheduler import RosaScheduler
 
     results: dict = {"warmup_values_grad_none": True}
@@ -216,7 +216,7 @@ def scenario_fsdp(rank: int, world: int, out: Path) -> dict:
     batches = global_batches(STEPS)
     run_steps(model, sched, optimizer, batches, 0, STEPS, rank, world, results, None, config)
     tensors = {}
-    for name, layer in rosa_layers(model, "default").items():
+    for name, layer in mask_layers(model, "default").items():
         tensors[f"full.{name}.flat"] = layer.support("default").flat_index().clone()
         for key, p in (
             ("A", layer.rosa_A["default"].weight),
@@ -225,7 +225,7 @@ def scenario_fsdp(rank: int, world: int, out: Path) -> dict:
         ):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
             tensors[f"full.{name}.{key}"] = full.detach().clone()
-    values = rosa_layers(model, "default")["model.layers.0.self_attn.q_proj"].rosa_values["default"]
+    values = mask_layers(model, "default")["model.layers.0.self_attn.q_proj"].rosa_values["default"]
     results["values_placements"] = [str(p) for p in values.placements]
     results["values_local_numel"] = values.to_local().numel()
 

@@ -46,7 +46,7 @@ def _config():
 
 def _masked_model(seed: int):
     """The tiny LLaMA with a RoSA adapter whose support, values and B are random (seeded)."""
-    from test_model import set_random_masks
+    from helpers import set_random_masks
     from tiny_models import tiny_llama
 
     import rosa

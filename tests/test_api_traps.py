@@ -9,17 +9,16 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
+from helpers import TokenData, logits_of, sample_ids, set_random_masks, word_llama
 from peft import LoraConfig, get_peft_model
-from test_model import logits_of, one_thread, sample_ids, set_random_masks, tiny_llama
-from test_scheduler import TokenData
 from transformers import Trainer, TrainingArguments
 
 import rosa
 from rosa import AdapterFileError, RosaConfig, RosaConfigError
-from rosa.masks import MaskError, collect_mask, rosa_layers
+from rosa.masks import MaskError, collect_mask, mask_layers
 from rosa.scheduler import RosaScheduler, RosaTrainerCallback
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**kw) -> RosaConfig:
@@ -33,7 +32,7 @@ def test_sparse_only_with_a_lora_warmup_is_refused_at_once():
 
 
 def test_sparse_only_schedule_without_a_mask_says_how_to_get_one():
-    model = rosa.get_rosa_model(tiny_llama(0), _config(r=0))
+    model = rosa.get_rosa_model(word_llama(0), _config(r=0))
     with pytest.raises(MaskError, match="score the mask before training"):
         RosaScheduler(model)
 
@@ -42,10 +41,10 @@ def test_sparse_only_schedule_without_a_mask_says_how_to_get_one():
 def test_init_lora_weights_means_what_it_means_in_peft(init):
     """Same seed, same shapes: RoSA's A and B equal PEFT LoRA's for every initialisation both support."""
     torch.manual_seed(3)
-    ours = rosa.get_rosa_model(tiny_llama(0), _config(init_lora_weights=init))
+    ours = rosa.get_rosa_model(word_llama(0), _config(init_lora_weights=init))
     torch.manual_seed(3)
     theirs = get_peft_model(
-        tiny_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init)
+        word_llama(0), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init)
     )
     a = {
         n.replace("rosa_", "lora_"): p
@@ -69,23 +68,23 @@ def test_unsupported_initialisations_are_refused():
 def test_fan_in_fan_out_that_disagrees_with_the_layer_is_corrected_with_a_warning():
     ids = sample_ids()
     torch.manual_seed(0)
-    plain = rosa.get_rosa_model(tiny_llama(0), _config(init_lora_weights=False))
+    plain = rosa.get_rosa_model(word_llama(0), _config(init_lora_weights=False))
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"fan_in_fan_out=True but .* stores its weight as \(out, in\)"):
-        wrong = rosa.get_rosa_model(tiny_llama(0), _config(init_lora_weights=False, fan_in_fan_out=True))
+        wrong = rosa.get_rosa_model(word_llama(0), _config(init_lora_weights=False, fan_in_fan_out=True))
     assert torch.equal(logits_of(plain, ids), logits_of(wrong, ids))
 
 
 def test_printed_trainable_parameters_are_the_budget_not_the_allocation():
     """Global allocation allocates up to twice each layer's budget (the budget moves between layers): what
     trains is the budget, and that is what print_trainable_parameters reports."""
-    layer_model = rosa.get_rosa_model(tiny_llama(0), _config())
-    global_model = rosa.get_rosa_model(tiny_llama(0), _config(mask_allocation="global"))
+    layer_model = rosa.get_rosa_model(word_llama(0), _config())
+    global_model = rosa.get_rosa_model(word_llama(0), _config(mask_allocation="global"))
     counts = [m.get_nb_trainable_parameters() for m in (layer_model, global_model)]
     assert counts[0] == counts[1]
     lora = sum(p.numel() for n, p in layer_model.named_parameters() if ".rosa_A." in n or ".rosa_B." in n)
     budget = sum(
-        round(0.05 * layer.out_features * layer.in_features) for layer in rosa_layers(layer_model).values()
+        round(0.05 * layer.out_features * layer.in_features) for layer in mask_layers(layer_model).values()
     )
     assert counts[0][0] == lora + budget
     out = io.StringIO()
@@ -114,13 +113,13 @@ def _schedule_warnings(record) -> list:
 
 
 def test_trainer_without_the_callback_warns_once_with_the_fix(tmp_path):
-    model = rosa.get_rosa_model(tiny_llama(0), _config(warmup_steps=1, mask_steps=1))
+    model = rosa.get_rosa_model(word_llama(0), _config(warmup_steps=1, mask_steps=1))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _trainer(model, tmp_path, []).train()
     found = _schedule_warnings(record)
     assert len(found) == 1 and "callbacks=[rosa.scheduler.RosaTrainerCallback()]" in str(found[0].message)
-    model = rosa.get_rosa_model(tiny_llama(0), _config(warmup_steps=1, mask_steps=1))
+    model = rosa.get_rosa_model(word_llama(0), _config(warmup_steps=1, mask_steps=1))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _trainer(model, tmp_path, [RosaTrainerCallback()]).train()
@@ -128,7 +127,7 @@ def test_trainer_without_the_callback_warns_once_with_the_fix(tmp_path):
 
 
 def test_no_schedule_warning_for_a_mask_collected_before_training():
-    model = rosa.get_rosa_model(tiny_llama(0), _config())
+    model = rosa.get_rosa_model(word_llama(0), _config())
     ids = sample_ids()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -139,19 +138,19 @@ def test_no_schedule_warning_for_a_mask_collected_before_training():
 
 
 def test_trainer_callback_scores_a_sparse_only_mask_from_the_first_batches(tmp_path):
-    model = rosa.get_rosa_model(tiny_llama(0), _config(r=0, mask_steps=2))
-    values = [layer.rosa_values["default"] for layer in rosa_layers(model).values()]
+    model = rosa.get_rosa_model(word_llama(0), _config(r=0, mask_steps=2))
+    values = [layer.rosa_values["default"] for layer in mask_layers(model).values()]
     before = [v.detach().clone() for v in values]
     callback = RosaTrainerCallback()
     _trainer(model, tmp_path, [callback]).train()
     assert callback.scheduler.events[0]["event"] == "mask_present"
-    assert all(layer.nnz("default") > 0 for layer in rosa_layers(model).values())
+    assert all(layer.nnz("default") > 0 for layer in mask_layers(model).values())
     assert any(not torch.equal(v, b) for v, b in zip(values, before))
 
 
 def test_transformers_load_adapter_fails_with_what_to_call_instead(tmp_path):
-    model = rosa.get_rosa_model(tiny_llama(0), _config())
+    model = rosa.get_rosa_model(word_llama(0), _config())
     set_random_masks(model, seed=1)
     model.save_pretrained(tmp_path)
     with pytest.raises(AdapterFileError, match=r"PeftModel.from_pretrained\(model, path\)"):
-        tiny_llama(0).load_adapter(str(tmp_path))
+        word_llama(0).load_adapter(str(tmp_path))

@@ -7,22 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from helpers import assert_close, linear_names, logits_of, reference_model, sample_ids, set_random_masks
 from peft import PeftModel
-from test_model import (
-    assert_close,
-    linear_names,
-    logits_of,
-    one_thread,
-    reference_model,
-    sample_ids,
-    set_random_masks,
-)
 from transformers.pytorch_utils import Conv1D
 
 import rosa
 from rosa import RosaConfig
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HIDDEN, FFN, LAYERS, HEADS, VOCAB = 32, 64, 2, 4, 64
 

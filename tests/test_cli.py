@@ -3,44 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST, cli_process, cli_train
 from safetensors.torch import load_file
 
 from rosa.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FAST = [
-    "train.steps=4",
-    "train.batch_size=2",
-    "train.log_every=1",
-    "train.save_every=2",
-    "data.train_size=12",
-    "data.val_size=3",
-    "data.max_length=96",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=4",
-    "eval.limit=3",
-    "rosa.r=2",
-    "rosa.lora_alpha=4",
-    "rosa.density=0.05",
-    "rosa.warmup_steps=1",
-    "rosa.mask_steps=1",
-]
-
-
-def _train(tmp_path: Path, model_dir: Path, *overrides: str) -> tuple[int, Path]:
-    out = tmp_path / "run"
-    code = main(["train", "-q", f"model.name={model_dir}", f"output_dir={out}", *FAST, *overrides])
-    return code, out
 
 
 def test_help_lists_subcommands(capsys):
@@ -70,7 +45,9 @@ def test_help_lists_subcommands(capsys):
 def test_train_each_task_format(tmp_path, tiny_model_dir, task, files):
     if not DATA.is_dir():
         pytest.skip("../shared/data is not present")
-    code, out = _train(tmp_path, tiny_model_dir, f"data.task={task}", *(f.format(data=DATA) for f in files))
+    code, out = cli_train(
+        tmp_path, tiny_model_dir, f"data.task={task}", *(f.format(data=DATA) for f in files)
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4 and results["task"] == task
@@ -92,7 +69,7 @@ def test_generic_jsonl_and_csv_with_column_mapping(tmp_path, tiny_model_dir):
     for task, path in (("jsonl", jsonl), ("csv", csv)):
         run_dir = tmp_path / task
         run_dir.mkdir()
-        code, out = _train(
+        code, out = cli_train(
             run_dir,
             tiny_model_dir,
             f"data.task={task}",
@@ -115,7 +92,7 @@ def test_generic_jsonl_and_csv_with_column_mapping(tmp_path, tiny_model_dir):
     ],
 )
 def test_bad_input_one_clear_message_nothing_written(tmp_path, tiny_model_dir, capsys, overrides, message):
-    code, out = _train(tmp_path, tiny_model_dir, *overrides)
+    code, out = cli_train(tmp_path, tiny_model_dir, *overrides)
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("rosa: error:") and len(err.strip().splitlines()) == 1
@@ -126,7 +103,7 @@ def test_bad_input_one_clear_message_nothing_written(tmp_path, tiny_model_dir, c
 def test_dataset_missing_column_is_named(tmp_path, tiny_model_dir, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "context": "c"}) + "\n")
-    code, out = _train(tmp_path, tiny_model_dir, "data.task=sql", f"data.path={bad}")
+    code, out = cli_train(tmp_path, tiny_model_dir, "data.task=sql", f"data.path={bad}")
     assert code == 2
     assert "answer" in capsys.readouterr().err
     assert not out.exists()
@@ -144,13 +121,13 @@ def test_model_that_is_not_a_causal_lm(tmp_path, tiny_model_dir, capsys):
 
 
 def test_existing_run_needs_resume(tmp_path, tiny_model_dir, capsys):
-    assert _train(tmp_path, tiny_model_dir)[0] == 0
-    code, _ = _train(tmp_path, tiny_model_dir)
+    assert cli_train(tmp_path, tiny_model_dir)[0] == 0
+    code, _ = cli_train(tmp_path, tiny_model_dir)
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
 def test_eval_merge_and_mask_commands(tmp_path, tiny_model_dir):
-    code, out = _train(tmp_path, tiny_model_dir)
+    code, out = cli_train(tmp_path, tiny_model_dir)
     assert code == 0
     model = f"model.name={tiny_model_dir}"
     results = tmp_path / "eval.json"
@@ -167,17 +144,6 @@ def test_eval_merge_and_mask_commands(tmp_path, tiny_model_dir):
     assert mask.is_file()
 
 
-def _cli(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "rosa.cli", "train", "-q", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        **kwargs,
-    )
-
-
 def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, tiny_model_dir):
     common = [
         f"model.name={tiny_model_dir}",
@@ -188,8 +154,8 @@ def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, tiny_model_dir)
         "rosa.warmup_steps=4",
         "rosa.mask_steps=2",
     ]
-    reference = _cli([*common, f"output_dir={tmp_path / 'ref'}"])
-    interrupted = _cli([*common, f"output_dir={tmp_path / 'run'}"])
+    reference = cli_process([*common, f"output_dir={tmp_path / 'ref'}"])
+    interrupted = cli_process([*common, f"output_dir={tmp_path / 'run'}"])
     latest = tmp_path / "run" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
     while not latest.exists() and interrupted.poll() is None and time.monotonic() < deadline:
@@ -198,7 +164,7 @@ def test_resume_after_sigkill_reaches_the_same_adapter(tmp_path, tiny_model_dir)
     interrupted.wait()
     assert interrupted.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "run" / "adapter").exists()
-    resumed = _cli([*common, f"output_dir={tmp_path / 'run'}", "--resume"])
+    resumed = cli_process([*common, f"output_dir={tmp_path / 'run'}", "--resume"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out.decode()[-2000:]
     reference.communicate(timeout=600)
@@ -214,7 +180,7 @@ def test_resume_in_the_middle_of_the_rewarmup_reaches_the_same_adapter(tmp_path,
     """The mask is fixed after step 2 and the restarted parameters ramp over 6 steps: a run resumed from its
     step-4 checkpoint (in a copy of its folder) must continue the ramp where it was, not restart or skip it."""
     ramp = ["train.steps=10", "train.lr_warmup_steps=6", "train.keep_checkpoints=10", "eval.before=false"]
-    code, out = _train(tmp_path, tiny_model_dir, *ramp)
+    code, out = cli_train(tmp_path, tiny_model_dir, *ramp)
     assert code == 0
     events = json.loads((out / "results.json").read_text())["schedule_events"]
     fixed = next(e for e in events if e["event"] == "mask_fixed")
@@ -239,7 +205,7 @@ def test_two_run_recipe_from_the_command_line(tmp_path, tiny_model_dir):
     mask = tmp_path / "mask.safetensors"
     model = f"model.name={tiny_model_dir}"
     assert main(["mask", "-q", model, *FAST, "--out", str(mask)]) == 0
-    code, out = _train(tmp_path, tiny_model_dir, f"train.mask_path={mask}", "train.sparse_lr_ratio=4")
+    code, out = cli_train(tmp_path, tiny_model_dir, f"train.mask_path={mask}", "train.sparse_lr_ratio=4")
     assert code == 0
     events = json.loads((out / "results.json").read_text())["schedule_events"]
     assert [e["event"] for e in events] == ["mask_loaded"]
@@ -257,6 +223,6 @@ def test_two_run_recipe_from_the_command_line(tmp_path, tiny_model_dir):
 
 
 def test_a_missing_mask_file_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, capsys):
-    code, out = _train(tmp_path, tiny_model_dir, f"train.mask_path={tmp_path / 'nope.safetensors'}")
+    code, out = cli_train(tmp_path, tiny_model_dir, f"train.mask_path={tmp_path / 'nope.safetensors'}")
     assert code == 2 and "train.mask_path" in capsys.readouterr().err
     assert not out.exists()

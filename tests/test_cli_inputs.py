@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_model import set_random_masks
+from helpers import set_random_masks
 from transformers import LlamaForCausalLM
 
 import rosa

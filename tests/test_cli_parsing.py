@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_cli import FAST
+from helpers import FAST
 
 from rosa.app import cli, run_config
 

@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import rosa
-from rosa.masks import rosa_layers
+from rosa.masks import mask_layers
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
@@ -54,4 +54,4 @@ def test_example_runs_and_its_adapter_loads(script, tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out)
     assert isinstance(model.peft_config["default"], rosa.RosaConfig)
-    assert all(layer.nnz("default") > 0 for layer in rosa_layers(model).values())  # the mask was fixed
+    assert all(layer.nnz("default") > 0 for layer in mask_layers(model).values())  # the mask was fixed

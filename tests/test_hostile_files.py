@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import WORD_LLAMA, rosa_llama, set_random_masks, word_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from test_model import LLAMA_KWARGS, one_thread, rosa_llama, set_random_masks, tiny_llama
 
 import rosa
 from rosa import AdapterFileError
 from rosa.sparse import support_from_flat_index
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"  # 32 x 32, capacity 51 at density 0.05
 IN_FEATURES = 32
@@ -140,20 +140,20 @@ def test_malformed_tensor_is_refused_naming_it(genuine, tmp_path, case, loader):
     # the message names the layer and the tensor (as PEFT keys it in the model: adapter name appended)
     pattern = rf"{LAYER}\.{tensor}(\.default)?(\.weight)?: .*{message}"
     with pytest.raises(AdapterFileError, match=pattern):
-        LOADERS[loader](tiny_llama(), path)
+        LOADERS[loader](word_llama(), path)
 
 
 def test_the_genuine_file_loads(genuine):
     """The control: the unedited file loads through both entry points (so the refusals above are the edits')."""
     for loader in LOADERS.values():
-        model = loader(tiny_llama(), genuine)
+        model = loader(word_llama(), genuine)
         assert rosa.rosa_layers(model)[LAYER].nnz("default") == 51
 
 
 def test_refused_second_adapter_leaves_the_first_intact(genuine, tmp_path):
     """``load_adapter`` of a hostile file onto a model already holding a good adapter refuses it, and the good
     adapter keeps working."""
-    model = rosa.load_rosa_model(tiny_llama(), genuine)
+    model = rosa.load_rosa_model(word_llama(), genuine)
     ids = torch.randint(4, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -195,7 +195,7 @@ def pickle_only(genuine, tmp_path) -> tuple[Path, Path]:
 def test_pickle_only_folder_is_never_unpickled(pickle_only, loader):
     folder, marker = pickle_only
     with pytest.raises(AdapterFileError, match=r"adapter_model\.bin.*safetensors only.*refusing to unpickle"):
-        LOADERS[loader](tiny_llama(), folder)
+        LOADERS[loader](word_llama(), folder)
     assert not marker.exists()
 
 
@@ -205,15 +205,15 @@ def test_folder_with_nothing_but_the_pickle(pickle_only):
     (folder / "adapter_config.json").unlink()
     assert [p.name for p in folder.iterdir()] == ["adapter_model.bin"]
     with pytest.raises(AdapterFileError, match=r"adapter_model\.bin.*refusing to unpickle"):
-        rosa.load_rosa_model(tiny_llama(), folder)
+        rosa.load_rosa_model(word_llama(), folder)
     with pytest.raises(ValueError, match=r"adapter_config\.json"):
-        PeftModel.from_pretrained(tiny_llama(), folder)
+        PeftModel.from_pretrained(word_llama(), folder)
     assert not marker.exists()
 
 
 def test_pickle_only_folder_via_load_adapter(genuine, pickle_only):
     folder, marker = pickle_only
-    model = rosa.load_rosa_model(tiny_llama(), genuine)
+    model = rosa.load_rosa_model(word_llama(), genuine)
     with pytest.raises(AdapterFileError, match="refusing to unpickle"):
         model.load_adapter(folder, adapter_name="second")
     assert not marker.exists()
@@ -225,9 +225,9 @@ def test_pickle_only_folder_with_an_explicit_config(genuine, pickle_only):
     folder, marker = pickle_only
     config = rosa.RosaConfig.from_pretrained(genuine)
     with pytest.raises(AdapterFileError, match="refusing to unpickle"):
-        rosa.load_rosa_model(tiny_llama(), folder, config=config)
+        rosa.load_rosa_model(word_llama(), folder, config=config)
     with pytest.raises(Exception):  # noqa: B017 - PEFT's own error (UnpicklingError); the point is the marker
-        PeftModel.from_pretrained(tiny_llama(), folder, config=config)
+        PeftModel.from_pretrained(word_llama(), folder, config=config)
     assert not marker.exists()
 
 
@@ -249,7 +249,7 @@ _CHILD = textwrap.dedent(
 
     def load(path, loader):
         torch.manual_seed(0)
-        base = LlamaForCausalLM(LlamaConfig(**{LLAMA_KWARGS!r}))
+        base = LlamaForCausalLM(LlamaConfig(**{WORD_LLAMA!r}))
         (PeftModel.from_pretrained if loader == "peft" else rosa.load_rosa_model)(base, path)
         print("LOADED", path)
 

@@ -439,7 +439,7 @@ def test_bf16_layer_saves_no_second_copy_of_its_input(strategy):
     from peft import LoraConfig, get_peft_model
 
     from rosa import get_rosa_model
-    from rosa.masks import collect_mask, rosa_layers
+    from rosa.masks import collect_mask, mask_layers
 
     def saved_bytes(model, x) -> int:
         weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
@@ -463,7 +463,7 @@ def test_bf16_layer_saves_no_second_copy_of_its_input(strategy):
         RosaConfig(r=4, lora_alpha=8, density=0.05, target_modules=["0"], sparse_strategy=strategy),
     )
     collect_mask(rosa, [None], lambda m, _: m(x).float().pow(2).sum(), method="random")
-    nnz = sum(layer.nnz("default") for layer in rosa_layers(rosa).values())
+    nnz = sum(layer.nnz("default") for layer in mask_layers(rosa).values())
     index_bytes = nnz * 8 * 3 + (160 + 1) * 8 * 2  # at most: column, flat and transposed indices, two offsets
     assert saved_bytes(rosa, x) <= saved_bytes(lora, x) + index_bytes
     assert rosa(x).dtype == torch.bfloat16

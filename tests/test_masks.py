@@ -1,4 +1,4 @@
-"""Mask statistics and selection (rosa.masks) against brute-force dense gradients, on a tiny random LLaMA."""
+"""Mask statistics and selection (rosa.mask) against brute-force dense gradients, on a tiny random LLaMA."""
 
 from __future__ import annotations
 
@@ -6,85 +6,31 @@ import copy
 import json
 
 import pytest
-import tiny_models
 import torch
+from helpers import ADAPTER, make_batches, supports, wrap_rosa
 from safetensors.torch import load_file, save_file
+from tiny_models import tiny_llama
 from torch import nn
-from transformers import LlamaForCausalLM
 
-from rosa.layer import RosaLayer, RosaLinear, nnz_budget
-from rosa.masks import (
+from rosa.layer import RosaLayer, RosaLinear
+from rosa.mask import (
     MaskError,
     MaskFileError,
     collect_mask,
     layer_budget,
     load_mask,
+    mask_layers,
     plan_layer_groups,
     read_mask_file,
-    rosa_layers,
     save_mask,
     topk_flat_index,
 )
 from rosa.sparse import Support
 
-ADAPTER = "default"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- helpers --------------------------------------------------------------------------------------------
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    return tiny_models.tiny_llama(seed, **overrides).eval()
-
-
-def wrap_rosa(
-    model: nn.Module,
-    *,
-    r: int = 4,
-    lora_alpha: float = 8,
-    density: float = 0.05,
-    capacity_factor: float | None = None,
-    init_lora_weights: bool = True,
-    lora_dropout: float = 0.0,
-) -> nn.Module:
-    """Freeze the model and wrap every nn.Linear under model.model.layers in a RosaLinear (what model.py will
-    do). ``init_lora_weights=False`` gives a random B, so the adapter is not the identity."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for parent in list(model.model.layers.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear and not _is_bnb4(child):
-                continue
-            capacity = None
-            if capacity_factor is not None:
-                budget = nnz_budget(density, child.out_features, child.in_features)
-                capacity = min(round(budget * capacity_factor), child.out_features * child.in_features)
-            layer = RosaLinear(
-                child,
-                ADAPTER,
-                r=r,
-                lora_alpha=lora_alpha,
-                density=density,
-                capacity=capacity,
-                lora_dropout=lora_dropout,
-            )
-            if not init_lora_weights:  # a small random B (N(0, 0.02)): the adapter is not the identity
-                torch.nn.init.normal_(layer.rosa_B[ADAPTER].weight, std=0.02)
-            setattr(parent, child_name, layer)
-    return model
-
-
-def _is_bnb4(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
 
 
 def merged_dense_copy(rosa_model: nn.Module, plain: nn.Module) -> nn.Module:
@@ -93,7 +39,7 @@ def merged_dense_copy(rosa_model: nn.Module, plain: nn.Module) -> nn.Module:
     for p in plain.parameters():
         p.requires_grad_(False)
     plain_modules = dict(plain.named_modules())
-    for name, layer in rosa_layers(rosa_model).items():
+    for name, layer in mask_layers(rosa_model).items():
         lin = plain_modules[name]
         with torch.no_grad():
             w = layer.get_base_weight().detach().float()
@@ -125,21 +71,8 @@ def reference_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values
 
 
-def make_batches(n: int = 3, batch: int = 2, seq: int = 16, seed: int = 1) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 128, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
-
-
 def flat_indices(supports: dict[str, Support]) -> dict[str, list[int]]:
     return {n: s.flat_index().tolist() for n, s in supports.items()}
-
-
-def current_supports(model: nn.Module) -> dict[str, list[int]]:
-    return {n: layer.support(ADAPTER).flat_index().tolist() for n, layer in rosa_layers(model).items()}
 
 
 @pytest.fixture
@@ -158,7 +91,7 @@ def test_data_methods_match_brute_force(pair, method):
     rosa, plain = pair
     batches = make_batches()
     supports = collect_mask(rosa, batches, method=method)
-    layers = rosa_layers(rosa)
+    layers = mask_layers(rosa)
     assert len(layers) == 14
     grads = brute_force_grads(merged_dense_copy(rosa, plain), list(layers), batches)
     for name, layer in layers.items():
@@ -202,7 +135,7 @@ def test_magnitude_is_topk_of_base_weight(pair):
     rosa, plain = pair
     supports = collect_mask(rosa, method="magnitude")
     modules = dict(plain.named_modules())
-    for name, layer in rosa_layers(rosa).items():
+    for name, layer in mask_layers(rosa).items():
         expected = reference_topk(modules[name].weight.abs(), layer_budget(layer, ADAPTER))
         assert supports[name].flat_index().tolist() == expected.tolist()
 
@@ -234,7 +167,7 @@ def test_random_is_deterministic_per_seed():
     assert a == b  # the model's weights do not matter, only (seed, layer name)
     assert a != c
     assert len(set(map(tuple, a.values()))) == len(a)  # layers of equal shape get different masks
-    layers = rosa_layers(model)
+    layers = mask_layers(model)
     assert all(len(v) == layer_budget(layers[n], ADAPTER) for n, v in a.items())
 
 
@@ -249,7 +182,7 @@ def test_user_callable_is_honoured(pair):
         return -torch.arange(n, dtype=torch.float32).reshape(layer.out_features, layer.in_features)
 
     supports = collect_mask(rosa, make_batches(1), method=first_entries)
-    layers = rosa_layers(rosa)
+    layers = mask_layers(rosa)
     assert [c[0] for c in calls] == list(layers)
     assert all(c[1] == ["fisher", "micro_batches"] for c in calls)
     for name, layer in layers.items():
@@ -294,7 +227,7 @@ def test_nan_scores_are_refused():
 
 def test_global_allocation_spends_exact_budget_within_capacity():
     model = wrap_rosa(tiny_llama(), capacity_factor=2.0, init_lora_weights=False)
-    layers = rosa_layers(model)
+    layers = mask_layers(model)
     total = sum(layer_budget(layer, ADAPTER) for layer in layers.values())
     seen = {}
 
@@ -325,7 +258,7 @@ def test_global_allocation_spends_exact_budget_within_capacity():
 
 def test_global_allocation_caps_layers_and_breaks_ties_by_module_order():
     model = wrap_rosa(tiny_llama(), capacity_factor=2.0)
-    layers = rosa_layers(model)
+    layers = mask_layers(model)
     names = list(layers)
     hot = "model.layers.1.mlp.up_proj"
 
@@ -360,7 +293,7 @@ def test_global_allocation_with_capacity_equal_budget_is_per_layer():
 
 def test_global_allocation_is_budget_exact_for_data_free_methods():
     model = wrap_rosa(tiny_llama(), capacity_factor=3.0)
-    layers = rosa_layers(model)
+    layers = mask_layers(model)
     supports = collect_mask(model, method="magnitude", allocation="global")
     assert sum(s.nnz for s in supports.values()) == sum(layer_budget(x, ADAPTER) for x in layers.values())
     assert all(supports[n].nnz <= layers[n].capacity[ADAPTER] for n in layers)
@@ -376,7 +309,7 @@ def test_memory_capped_collection_gives_the_same_mask(allocation):
         return wrap_rosa(tiny_llama(), capacity_factor=2.0, init_lora_weights=False, lora_dropout=0.2).train()
 
     batches = make_batches(2)
-    layers = rosa_layers(build())
+    layers = mask_layers(build())
     budget_gib = (2 * 4 * 32 * 64 + 3 * 4 * 32 * 64) / 2**30  # reserve + about three of the largest layers
     groups = plan_layer_groups(layers, budget_gib)
     assert len(groups) > 2 and [n for g in groups for n in g] == list(layers)
@@ -388,7 +321,7 @@ def test_memory_capped_collection_gives_the_same_mask(allocation):
 
 
 def test_plan_layer_groups_respects_budget():
-    layers = rosa_layers(wrap_rosa(tiny_llama()))
+    layers = mask_layers(wrap_rosa(tiny_llama()))
     assert plan_layer_groups(layers, None) == [list(layers)]
     budget = 0.0005  # GiB
     for group in plan_layer_groups(layers, budget, n_stats=2):
@@ -484,7 +417,7 @@ def test_sparse_only_layers_without_trainable_params():
     batches = make_batches(2)
     supports = collect_mask(rosa, batches)
     grads = brute_force_grads(merged_dense_copy(rosa, plain), list(supports), batches)
-    for name, layer in rosa_layers(rosa).items():
+    for name, layer in mask_layers(rosa).items():
         expected = reference_topk(torch.stack(grads[name]).pow(2).mean(0), layer_budget(layer, ADAPTER))
         assert supports[name].flat_index().tolist() == expected.tolist()
 
@@ -514,7 +447,7 @@ def test_collection_with_bitsandbytes_4bit_base():
                 q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
                 setattr(parent, child_name, q.to("cpu"))
     rosa = wrap_rosa(quantized, init_lora_weights=False)
-    layers = rosa_layers(rosa)
+    layers = mask_layers(rosa)
     assert all(type(layer.get_base_layer()).__name__ == "Linear4bit" for layer in layers.values())
     batches = make_batches()
     seen = {}
@@ -555,15 +488,15 @@ def test_save_load_roundtrip(saved):
     model, path = saved
     fresh = wrap_rosa(tiny_llama(seed=9), capacity_factor=2.0)
     supports = load_mask(fresh, path)
-    for name, layer in rosa_layers(model).items():
-        a, b = layer.support(ADAPTER), rosa_layers(fresh)[name].support(ADAPTER)
+    for name, layer in mask_layers(model).items():
+        a, b = layer.support(ADAPTER), mask_layers(fresh)[name].support(ADAPTER)
         for field in ("row_offsets", "col_idx", "t_row_offsets", "t_col_idx", "t_perm"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (name, field)
         assert supports[name].nnz == a.nnz
     metadata, tensors = read_mask_file(path)
     assert metadata["format"] == "rosa-mask" and metadata["format_version"] == "1"
     assert metadata["method"] == "fisher"
-    assert json.loads(metadata["layers"]) == list(rosa_layers(model))
+    assert json.loads(metadata["layers"]) == list(mask_layers(model))
     assert json.loads(metadata["shapes"])["model.layers.0.mlp.up_proj"] == [64, 32]
     assert all(t.dtype == torch.int32 for t in tensors.values())
 
@@ -641,10 +574,10 @@ def test_load_refuses_bad_files_and_leaves_model_unchanged(saved, tmp_path, case
     bad = _tamper(path, tmp_path, edit, metadata_edit)
     model = wrap_rosa(tiny_llama(), capacity_factor=2.0)
     collect_mask(model, method="random")  # a prior mask that must survive
-    before = current_supports(model)
+    before = supports(model)
     with pytest.raises(MaskFileError, match=message):
         load_mask(model, bad)
-    assert current_supports(model) == before
+    assert supports(model) == before
 
 
 def test_load_refuses_more_nonzeros_than_capacity(saved):
@@ -652,12 +585,12 @@ def test_load_refuses_more_nonzeros_than_capacity(saved):
     small = wrap_rosa(tiny_llama())  # capacity == budget
     with pytest.raises(MaskFileError, match="holds at most"):
         load_mask(small, path)
-    assert all(layer.nnz(ADAPTER) == 0 for layer in rosa_layers(small).values())
+    assert all(layer.nnz(ADAPTER) == 0 for layer in mask_layers(small).values())
 
 
 def test_load_refuses_wrong_model_shape(saved):
     _, path = saved
-    other = wrap_rosa(tiny_models.tiny_llama(0, hidden_size=48), density=0.1)
+    other = wrap_rosa(tiny_llama(0, hidden_size=48), density=0.1)
     with pytest.raises(MaskFileError, match="in the model but the file says"):
         load_mask(other, path)
 
@@ -677,5 +610,5 @@ def test_names_ignore_peft_prefix():
             self.base_model.model = inner
 
     model = wrap_rosa(tiny_llama())
-    assert list(rosa_layers(Wrapper(model))) == list(rosa_layers(model))
-    assert all(isinstance(x, RosaLayer) for x in rosa_layers(model).values())
+    assert list(mask_layers(Wrapper(model))) == list(mask_layers(model))
+    assert all(isinstance(x, RosaLayer) for x in mask_layers(model).values())

@@ -1,8 +1,7 @@
 """RoSA as a PEFT model: wrapping, logits against an independent dense reference, merging, disabling, several
 adapters and gradient checkpointing, on a tiny random LLaMA.
 
-The helpers at the top (tiny models, random masks, the dense reference) are shared with the other model-level
-test files (test_save_load, test_hostile_files, test_architectures, test_trainers), which import them from here.
+The tiny models, random masks and the dense reference come from ``helpers``.
 """
 
 from __future__ import annotations
@@ -13,142 +12,25 @@ import re
 import peft
 import pytest
 import torch
-from peft import PeftModel, PeftModelForCausalLM
+from helpers import (
+    PEFT_PREFIX,
+    assert_close,
+    linear_names,
+    logits_of,
+    reference_model,
+    rosa_llama,
+    sample_ids,
+    set_random_masks,
+    word_llama,
+)
+from peft import PeftModelForCausalLM
 from peft.utils import PeftType
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.pytorch_utils import Conv1D
+from transformers import LlamaForCausalLM
 
 import rosa
 from rosa import RosaConfig, RosaLayer, RosaModel
-from rosa.sparse import support_from_mask
 
-VOCAB = 64
-LLAMA_KWARGS = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-PEFT_PREFIX = "base_model.model."
-
-
-# --- shared helpers -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run these tiny models on one thread (restored afterwards). On shared cores, two threads per op made them
-    ten times slower; one thread also makes the logits bitwise reproducible across processes. Every model-level
-    test module imports it and lists it in its ``pytestmark``."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer, hidden-32 LLaMA with fixed random weights: the same seed gives the same model in any process."""
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA_KWARGS)).eval()
-
-
-def sample_ids(seed: int = 123, shape: tuple[int, int] = (2, 10)) -> torch.Tensor:
-    return torch.randint(4, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def set_random_masks(
-    model: nn.Module, adapter_name: str = "default", seed: int = 0, fill: float = 1.0, scale: float = 0.1
-) -> dict[str, torch.Tensor]:
-    """Give every RoSA layer a random support with ``round(fill * capacity)`` nonzeros, then random sparse values
-    and a random B (so both the sparse and the low-rank part change the output). Returns the boolean masks."""
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    for name, layer in rosa.rosa_layers(model).items():
-        if adapter_name not in layer.rosa_values:
-            continue
-        total = layer.out_features * layer.in_features
-        nnz = round(fill * layer.capacity[adapter_name])
-        flat = torch.zeros(total, dtype=torch.bool)
-        flat[torch.randperm(total, generator=g)[:nnz]] = True
-        mask = flat.view(layer.out_features, layer.in_features)
-        layer.set_support(adapter_name, support_from_mask(mask))
-        with torch.no_grad():
-            values = layer.rosa_values[adapter_name]
-            values.copy_(torch.randn(values.shape, generator=g) * scale)
-            if adapter_name in layer.rosa_B:
-                b = layer.rosa_B[adapter_name].weight
-                b.copy_(torch.randn(b.shape, generator=g) * scale)
-        masks[name] = mask
-    return masks
-
-
-def dense_delta(layer: RosaLayer, adapter_name: str, mask: torch.Tensor | None) -> torch.Tensor:
-    """``s * B @ A + S`` in (out, in) layout, in float64, with S built from the boolean mask the test drew
-    (``S[mask] = values`` lists the nonzeros row-major, i.e. in CSR order): independent of rosa's own merge."""
-    delta = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
-    if adapter_name in layer.rosa_A:
-        a = layer.rosa_A[adapter_name].weight.detach().double()
-        b = layer.rosa_B[adapter_name].weight.detach().double()
-        delta += layer.scaling[adapter_name] * (b @ a)
-    if mask is not None:
-        values = layer.rosa_values[adapter_name].detach().double()
-        delta[mask] = delta[mask] + values[: int(mask.sum())]
-    return delta
-
-
-def reference_model(
-    peft_model: nn.Module, make_base, adapter_name: str | None, masks: dict[str, torch.Tensor] | None
-) -> nn.Module:
-    """A plain copy of the base model (``make_base()``) whose adapted weights are ``W0 + delta`` computed densely
-    from the PEFT model's adapter tensors. ``adapter_name=None`` gives the untouched base model."""
-    plain = make_base()
-    if adapter_name is None:
-        return plain
-    modules = dict(plain.named_modules())
-    with torch.no_grad():
-        for name, layer in rosa.rosa_layers(peft_model).items():
-            if adapter_name not in layer.rosa_values:
-                continue
-            target = modules[name.removeprefix(PEFT_PREFIX)]
-            delta = dense_delta(layer, adapter_name, None if masks is None else masks.get(name))
-            if isinstance(target, Conv1D):
-                delta = delta.t()
-            target.weight.copy_((target.weight.double() + delta).to(target.weight.dtype))
-    return plain
-
-
-@torch.no_grad()
-def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.detach().clone()
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", tol: float = 2e-5) -> None:
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(
-        actual, expected, rtol=tol, atol=tol * (scale + 1e-3), msg=lambda m: f"{what}: {m}"
-    )
-
-
-def rosa_llama(config: RosaConfig | None = None, seed: int = 0) -> PeftModel:
-    config = config or RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05)
-    return rosa.get_rosa_model(tiny_llama(seed), config)
-
-
-def linear_names(model: nn.Module) -> set[str]:
-    """Names of the linear layers 'all-linear' should adapt: every nn.Linear / Conv1D except the output head."""
-    head = model.get_output_embeddings()
-    return {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- wrapping -----------------------------------------------------------------------------------------------
@@ -157,7 +39,7 @@ def linear_names(model: nn.Module) -> set[str]:
 @pytest.mark.parametrize("wrap", ["rosa", "peft"])
 def test_wrapping_returns_a_peft_causal_lm(wrap, capsys):
     config = RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05)
-    base = tiny_llama()
+    base = word_llama()
     expected_names = {PEFT_PREFIX + n for n in linear_names(base)}
     model = rosa.get_rosa_model(base, config) if wrap == "rosa" else peft.get_peft_model(base, config)
 
@@ -185,7 +67,7 @@ def test_wrapping_returns_a_peft_causal_lm(wrap, capsys):
 
 def test_get_rosa_model_refuses_other_configs():
     with pytest.raises(TypeError, match="RosaConfig"):
-        rosa.get_rosa_model(tiny_llama(), peft.LoraConfig(r=2))
+        rosa.get_rosa_model(word_llama(), peft.LoraConfig(r=2))
 
 
 # --- forward against the dense reference, disabling ----------------------------------------------------------
@@ -195,11 +77,11 @@ def test_logits_match_dense_reference_and_disable_gives_base():
     model = rosa_llama()
     masks = set_random_masks(model, fill=0.8)
     ids = sample_ids()
-    base_logits = logits_of(tiny_llama(), ids)
+    base_logits = logits_of(word_llama(), ids)
 
     logits = logits_of(model, ids)
     assert_close(
-        logits, logits_of(reference_model(model, tiny_llama, "default", masks), ids), "RoSA vs dense"
+        logits, logits_of(reference_model(model, word_llama, "default", masks), ids), "RoSA vs dense"
     )
     assert (logits - base_logits).abs().max() > 1e-3  # the adapter really changes the output
 
@@ -220,7 +102,7 @@ def test_before_the_mask_the_adapter_is_lora_only():
     assert all(layer.nnz("default") == 0 for layer in rosa.rosa_layers(model).values())
     ids = sample_ids()
     assert_close(
-        logits_of(model, ids), logits_of(reference_model(model, tiny_llama, "default", None), ids), "LoRA"
+        logits_of(model, ids), logits_of(reference_model(model, word_llama, "default", None), ids), "LoRA"
     )
 
     model.train()
@@ -272,7 +154,7 @@ def test_unload_returns_the_untouched_base_model():
     ids = sample_ids()
     plain = model.unload()
     assert type(plain) is LlamaForCausalLM
-    assert torch.equal(logits_of(plain, ids), logits_of(tiny_llama(), ids))
+    assert torch.equal(logits_of(plain, ids), logits_of(word_llama(), ids))
 
 
 # --- several adapters ---------------------------------------------------------------------------------------
@@ -298,12 +180,12 @@ def test_two_adapters_switch_and_delete():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".second" in n for n in trainable)
     logits_b = logits_of(model, ids)
-    assert_close(logits_b, logits_of(reference_model(model, tiny_llama, "second", masks_b), ids), "second")
+    assert_close(logits_b, logits_of(reference_model(model, word_llama, "second", masks_b), ids), "second")
     assert (logits_b - logits_a).abs().max() > 1e-3
 
     model.set_adapter("default")
     assert torch.equal(logits_of(model, ids), logits_a)
-    assert_close(logits_a, logits_of(reference_model(model, tiny_llama, "default", masks_a), ids), "default")
+    assert_close(logits_a, logits_of(reference_model(model, word_llama, "default", masks_a), ids), "default")
 
     model.delete_adapter("second")
     assert list(model.peft_config) == ["default"]

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import one_thread, set_random_masks, tiny_llama
+from helpers import set_random_masks, word_llama
 from transformers import Trainer
 
 import rosa
 from rosa import RosaConfig
 from rosa.optim import LORA_GROUP, SPARSE_GROUP, create_rosa_optimizer, rosa_param_groups
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**kw):
     config = RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, **kw)
-    model = rosa.get_rosa_model(tiny_llama(0), config)
+    model = rosa.get_rosa_model(word_llama(0), config)
     set_random_masks(model, seed=1)
     return model
 

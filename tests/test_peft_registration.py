@@ -13,6 +13,7 @@ import pickle
 
 import peft
 import pytest
+from helpers import rosa_llama
 from packaging.version import Version
 from peft import PeftConfig
 from peft.mapping import (
@@ -22,13 +23,12 @@ from peft.mapping import (
     PEFT_TYPE_TO_TUNER_MAPPING,
 )
 from peft.utils import PeftType
-from test_model import one_thread, rosa_llama
 
 import rosa
 from rosa import RosaConfig, RosaModel
 from rosa.peft_registration import register
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _registry_snapshot() -> tuple:

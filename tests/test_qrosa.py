@@ -34,16 +34,16 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from peft import PeftModel, prepare_model_for_kbit_training  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import BitsAndBytesConfig, PreTrainedTokenizerFast  # noqa: E402
+from tiny_models import tiny_tokenizer  # noqa: E402
+from transformers import BitsAndBytesConfig  # noqa: E402
 
 import rosa  # noqa: E402
 from rosa import RosaConfig  # noqa: E402
 from rosa.app.merge import merge_adapter_to_disk  # noqa: E402
 from rosa.app.run_config import ModelSection  # noqa: E402
 from rosa.app.train import load_model_and_tokenizer  # noqa: E402
+from rosa.mask import mask_layers  # noqa: E402
 from rosa.masks import collect_mask, layer_budget  # noqa: E402
-from rosa.masks import rosa_layers as mask_layers  # noqa: E402
 from rosa.merge import dequantized_weight, merge_to_dense  # noqa: E402
 from rosa.scheduler import JOINT, RosaScheduler  # noqa: E402
 from rosa.sparse import ops, support_from_flat_index  # noqa: E402
@@ -55,22 +55,7 @@ TIGHT = 1e-5  # fp32 paths (see the module docstring)
 BF16 = 2e-2  # through bitsandbytes' bf16 compute
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": 4 + i for i in range(VOCAB - 4)})
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +73,7 @@ def base_dir(tmp_path_factory):
         tie_word_embeddings=False,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
+    tiny_tokenizer(VOCAB).save_pretrained(path)
     return path
 
 

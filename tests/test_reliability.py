@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
+from helpers import FAST, cli_process, cli_train, set_random_masks, word_llama
 from safetensors.torch import load_file, save_file
-from test_cli import FAST, _cli, _train
-from test_model import one_thread, set_random_masks, tiny_llama
 
 import rosa
 from rosa import AdapterFileError, RosaConfig
@@ -61,19 +60,19 @@ def test_output_dir_naming_a_file_is_refused(tmp_path, capsys):
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_lives(tmp_path, tiny_model_dir):
     args = [f"model.name={tiny_model_dir}", *FAST, "train.steps=400", f"output_dir={tmp_path / 'run'}"]
-    first = _cli(args)
+    first = cli_process(args)
     lock = tmp_path / "run" / ".rosa-run.lock"
     deadline = time.monotonic() + 300
     while not (tmp_path / "run" / "log.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lock.exists() and first.poll() is None
-    second = _cli(args)
+    second = cli_process(args)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 2 and "is in use by another rosa run" in out.decode(), out.decode()[-800:]
     first.send_signal(signal.SIGKILL)
     first.wait()
     # a killed run leaves nothing stuck: --resume takes the folder
-    resumed = _cli([*args, "--resume", "train.steps=400"])
+    resumed = cli_process([*args, "--resume", "train.steps=400"])
     resumed.send_signal(signal.SIGKILL)  # only checking that it starts past the lock
     resumed.wait()
 
@@ -90,11 +89,11 @@ def test_interrupt_then_resume_reaches_the_same_adapter(tmp_path, tiny_model_dir
         "train.save_every=100",
         "eval.before=false",
     ]
-    reference = _cli([*common, f"output_dir={tmp_path / 'ref'}"])
+    reference = cli_process([*common, f"output_dir={tmp_path / 'ref'}"])
     reference.communicate(timeout=600)
     assert reference.returncode == 0
     run = tmp_path / "run"
-    interrupted = _cli([*common, f"output_dir={run}"])
+    interrupted = cli_process([*common, f"output_dir={run}"])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and interrupted.poll() is None:
         log = run / "log.jsonl"
@@ -106,7 +105,7 @@ def test_interrupt_then_resume_reaches_the_same_adapter(tmp_path, tiny_model_dir
     assert interrupted.returncode == 130, out.decode()[-1500:]
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert checkpoints and not (run / "adapter").exists()
-    resumed = _cli([*common, f"output_dir={run}", "--resume"])
+    resumed = cli_process([*common, f"output_dir={run}", "--resume"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out.decode()[-2000:]
     a = load_file(tmp_path / "ref" / "adapter" / "adapter_model.safetensors")
@@ -118,7 +117,7 @@ def test_interrupt_then_resume_reaches_the_same_adapter(tmp_path, tiny_model_dir
 
 
 def test_resume_refuses_changed_settings_and_finished_runs(tmp_path, tiny_model_dir, capsys):
-    code, out = _train(tmp_path, tiny_model_dir)
+    code, out = cli_train(tmp_path, tiny_model_dir)
     assert code == 0
     base = ["train", "-q", f"model.name={tiny_model_dir}", f"output_dir={out}", "--resume"]
     assert main(base) == 2
@@ -133,7 +132,7 @@ def test_resume_refuses_changed_settings_and_finished_runs(tmp_path, tiny_model_
 
 
 def test_density_zero_trains_plain_lora_through_the_schedule(tmp_path, tiny_model_dir):
-    code, out = _train(tmp_path, tiny_model_dir, "rosa.density=0")
+    code, out = cli_train(tmp_path, tiny_model_dir, "rosa.density=0")
     assert code == 0
     events = json.loads((out / "results.json").read_text())["schedule_events"]
     assert [e["event"] for e in events] == ["no_sparse_budget"]
@@ -141,7 +140,7 @@ def test_density_zero_trains_plain_lora_through_the_schedule(tmp_path, tiny_mode
 
 
 def test_layers_without_budget_are_skipped_by_selection(tmp_path, tiny_model_dir):
-    code, out = _train(tmp_path, tiny_model_dir, "rosa.density_pattern={q_proj: 0.0}")
+    code, out = cli_train(tmp_path, tiny_model_dir, "rosa.density_pattern={q_proj: 0.0}")
     assert code == 0
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     q = [v for k, v in adapter.items() if "q_proj" in k and k.endswith("rosa_col_idx")]
@@ -160,11 +159,11 @@ def test_rosa_mask_with_density_zero_says_so(tmp_path, tiny_model_dir, capsys):
 # --- adapter files -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures(one_thread.__name__)
+@pytest.mark.usefixtures("one_thread")
 def test_a_file_with_a_transposed_support_but_no_csr_is_refused(tmp_path):
     """Used to skip validation and copy the transpose in unchecked: one backward then died with SIGSEGV."""
     config = RosaConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, density=0.05)
-    model = rosa.get_rosa_model(tiny_llama(0), config)
+    model = rosa.get_rosa_model(word_llama(0), config)
     set_random_masks(model, seed=1)
     state = model.base_model.model.state_dict()
     path = tmp_path / "adapter"
@@ -176,7 +175,7 @@ def test_a_file_with_a_transposed_support_but_no_csr_is_refused(tmp_path):
         evil = next(v for k, v in state.items() if k.endswith(f"q_proj.{attr}.default"))
         tensors[f"{layer}.{attr}"] = torch.full_like(evil, 10**6) if attr != "rosa_t_row_offsets" else evil
     save_file(tensors, path / "adapter_model.safetensors")
-    target = rosa.get_rosa_model(tiny_llama(0), config)
+    target = rosa.get_rosa_model(word_llama(0), config)
     set_random_masks(target, seed=2)
     from peft.utils import set_peft_model_state_dict
 

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from test_scheduler import TokenData, config, lora, make_batches, tiny_llama, values, wrap_rosa
+from helpers import TokenData, lora_weights, make_batches, rosa_config, sparse_values, wrap_rosa
+from tiny_models import tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import rosa
@@ -16,13 +17,7 @@ from rosa.masks import MaskError
 from rosa.optim import LORA_GROUP, SPARSE_GROUP, create_rosa_optimizer
 from rosa.scheduler import JOINT, RosaScheduler, RosaTrainerCallback, load_schedule_state
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _optimizer(model, optimizer_cls=torch.optim.SGD, **kw):
@@ -36,20 +31,22 @@ def test_each_step_after_the_mask_moves_at_the_ramped_rate(restart):
     model = wrap_rosa(tiny_llama())
     opt = _optimizer(model, lr=0.1, sparse_lr_ratio=4.0)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.05 * step)
-    cfg = config(warmup_steps=2, mask_steps=1, restart_after_mask=restart, rewarmup_steps=4)
+    cfg = rosa_config(warmup_steps=2, mask_steps=1, restart_after_mask=restart, rewarmup_steps=4)
     sched = RosaScheduler(model, cfg)
     batches = make_batches(9)
     used = []  # per step after the mask: (rate of A/B, rate of the sparse values) as measured
     for step, batch in enumerate(batches):
         model(**batch).loss.backward()
-        before = {id(p): p.detach().clone() for p in lora(model) + values(model)}
-        grads = {id(p): p.grad.clone() for p in lora(model) + values(model) if p.grad is not None}
+        before = {id(p): p.detach().clone() for p in lora_weights(model) + sparse_values(model)}
+        grads = {
+            id(p): p.grad.clone() for p in lora_weights(model) + sparse_values(model) if p.grad is not None
+        }
         scheduled = {g["name"]: g["lr"] for g in opt.param_groups}
         opt.step()
         if sched.phase == JOINT:
             rates = []
             # B, not A: right after a restart B = 0, so A's gradient (and step) is too small to measure in fp32
-            for params in (lora(model)[1::2], values(model)):
+            for params in (lora_weights(model)[1::2], sparse_values(model)):
                 ratio = [
                     ((before[id(p)] - p.detach()).flatten() @ grads[id(p)].flatten())
                     / (grads[id(p)].flatten() @ grads[id(p)].flatten())
@@ -78,7 +75,7 @@ def test_each_step_after_the_mask_moves_at_the_ramped_rate(restart):
 def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
     model = wrap_rosa(tiny_llama())
     opt = _optimizer(model, lr=0.1)
-    sched = RosaScheduler(model, config(warmup_steps=1, mask_steps=1, rewarmup_steps=0))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=1, rewarmup_steps=0))
     for batch in make_batches(3):
         model(**batch).loss.backward()
         opt.step()
@@ -87,7 +84,7 @@ def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
     assert sched.mask_fixed_step == 2 and sched._ramp is None and sched.lr_factor == 1.0
     # a data-free mask fixed before any step: the run's own LR warm-up covers it
     model = wrap_rosa(tiny_llama())
-    sched = RosaScheduler(model, config(warmup_steps=0, mask_method="random", rewarmup_steps=5))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=0, mask_method="random", rewarmup_steps=5))
     assert sched.phase == JOINT and sched.mask_fixed_step is None and sched.lr_factor == 1.0
 
 
@@ -96,7 +93,7 @@ def test_an_optimizer_without_the_rosa_parameters_is_refused():
     model = wrap_rosa(tiny_llama())
     stand_in = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([stand_in], lr=1e-3)
-    sched = RosaScheduler(model, config(warmup_steps=0, mask_steps=1))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=0, mask_steps=1))
     model(**make_batches(1)[0]).loss.backward()
     with pytest.raises(MaskError, match="does not hold"):
         sched.step(opt)
@@ -106,7 +103,7 @@ def _run_plain(model, steps, *, state=None, start=0, batches):
     """A plain loop with AdamW + LambdaLR; returns what a checkpoint needs. ``state`` resumes from one."""
     opt = _optimizer(model, torch.optim.AdamW, lr=2e-2, sparse_lr_ratio=2.0, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
-    cfg = config(warmup_steps=2, mask_steps=2, restart_after_mask=True, rewarmup_steps=4)
+    cfg = rosa_config(warmup_steps=2, mask_steps=2, restart_after_mask=True, rewarmup_steps=4)
     sched = RosaScheduler(model, cfg, start_step=start, optimizer=opt)
     if state is not None:
         opt.load_state_dict(state["optimizer"])

@@ -7,17 +7,17 @@ import json
 
 import pytest
 import torch
+from helpers import logits_of, rosa_llama, sample_ids, set_random_masks, word_llama
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_model import logits_of, one_thread, rosa_llama, sample_ids, set_random_masks, tiny_llama
 from torch import nn
 
 import rosa
 from rosa import AdapterFileError, RosaConfig
 from rosa.sparse.delta import SUPPORT_BUFFERS, compact_state_dict
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOADERS = {
     "peft": lambda base, path, **kw: PeftModel.from_pretrained(base, path, **kw),
@@ -58,7 +58,7 @@ def saved_with_mask(tmp_path_factory):
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_saved_after_the_mask_reloads_with_its_mask(saved_with_mask, loader):
     path, state, logits = saved_with_mask
-    model = LOADERS[loader](tiny_llama(), path)
+    model = LOADERS[loader](word_llama(), path)
     _assert_same_state(_adapter_state(model), state)  # support (all five buffers) and values identical
     assert all(layer.nnz("default") > 0 for layer in rosa.rosa_layers(model).values())
     assert not any(p.requires_grad for p in model.parameters())  # inference mode by default
@@ -67,7 +67,7 @@ def test_saved_after_the_mask_reloads_with_its_mask(saved_with_mask, loader):
 
 def test_low_cpu_mem_usage_load(saved_with_mask):
     path, state, logits = saved_with_mask
-    model = PeftModel.from_pretrained(tiny_llama(), path, low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(word_llama(), path, low_cpu_mem_usage=True)
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     _assert_same_state(_adapter_state(model), state)
     assert torch.equal(logits_of(model, sample_ids()), logits)
@@ -75,7 +75,7 @@ def test_low_cpu_mem_usage_load(saved_with_mask):
 
 def test_reload_as_trainable_and_keep_training(saved_with_mask):
     path, state, _ = saved_with_mask
-    model = rosa.load_rosa_model(tiny_llama(), path, is_trainable=True)
+    model = rosa.load_rosa_model(word_llama(), path, is_trainable=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in rosa_llama().named_parameters() if p.requires_grad}
     ids = sample_ids()
@@ -104,7 +104,7 @@ def test_saved_before_the_mask_reloads_as_lora_only(tmp_path, loader):
     logits = logits_of(model, ids)
     model.save_pretrained(tmp_path)
 
-    loaded = LOADERS[loader](tiny_llama(), tmp_path, is_trainable=True)
+    loaded = LOADERS[loader](word_llama(), tmp_path, is_trainable=True)
     layers = rosa.rosa_layers(loaded)
     assert all(layer.nnz("default") == 0 for layer in layers.values())
     _assert_same_state(_adapter_state(loaded), _adapter_state(model))
@@ -236,4 +236,4 @@ def test_ignore_mismatched_sizes_is_refused_not_silently_wrong(saved_with_mask):
     case for a support's column indices: the load must fail, not come back without its mask."""
     path = saved_with_mask[0]
     with pytest.raises(AdapterFileError, match=r"rosa_col_idx\.default: missing.*ignore_mismatched_sizes"):
-        PeftModel.from_pretrained(tiny_llama(), path, ignore_mismatched_sizes=True)
+        PeftModel.from_pretrained(word_llama(), path, ignore_mismatched_sizes=True)

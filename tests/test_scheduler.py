@@ -7,86 +7,23 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from helpers import (
+    ADAPTER,
+    TokenData,
+    lora_weights,
+    make_batches,
+    rosa_config,
+    sparse_values,
+    supports,
+    wrap_rosa,
+)
+from tiny_models import tiny_llama
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from rosa.config import RosaConfig
-from rosa.layer import RosaLinear, nnz_budget
-from rosa.masks import MaskError, collect_mask, layer_budget, rosa_layers
+from rosa.masks import MaskError, collect_mask, layer_budget, mask_layers
 from rosa.scheduler import COLLECT, JOINT, WARMUP, RosaScheduler, RosaTrainerCallback, unwrap_optimizer
 
-ADAPTER = "default"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama(seed: int = 0, **kw) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        **kw,
-    )
-    return LlamaForCausalLM(config)
-
-
-def wrap_rosa(model: nn.Module, *, r: int = 4, density: float = 0.05, capacity_factor: float | None = None):
-    """Freeze the model and wrap every nn.Linear under model.model.layers in a RosaLinear."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for parent in list(model.model.layers.modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                capacity = None
-                if capacity_factor is not None:
-                    capacity = round(
-                        nnz_budget(density, child.out_features, child.in_features) * capacity_factor
-                    )
-                setattr(
-                    parent,
-                    child_name,
-                    RosaLinear(child, ADAPTER, r=r, lora_alpha=2 * r, density=density, capacity=capacity),
-                )
-    return model
-
-
-def make_batches(n: int, batch: int = 2, seq: int = 16, seed: int = 1) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 128, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
-
-
-def config(**kw) -> RosaConfig:
-    kw.setdefault("r", 4)
-    kw.setdefault("density", 0.05)
-    return RosaConfig(**kw)
-
-
-def values(model):
-    return [layer.rosa_values[ADAPTER] for layer in rosa_layers(model).values()]
-
-
-def lora(model):
-    layers = rosa_layers(model).values()
-    return [p for layer in layers for p in (layer.rosa_A[ADAPTER].weight, layer.rosa_B[ADAPTER].weight)]
-
-
-def supports(model):
-    return {n: layer.support(ADAPTER).flat_index().tolist() for n, layer in rosa_layers(model).items()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_loop(model, sched, optimizer, batches, *, accumulate: int = 1, on_step=None):
@@ -113,14 +50,14 @@ def train_loop(model, sched, optimizer, batches, *, accumulate: int = 1, on_step
 
 def test_values_stay_frozen_until_the_mask_then_train():
     model = wrap_rosa(tiny_llama())
-    cfg = config(warmup_steps=3, mask_steps=2, restart_after_mask=False)
+    cfg = rosa_config(warmup_steps=3, mask_steps=2, restart_after_mask=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     sched = RosaScheduler(model, cfg)
-    vals = values(model)
+    vals = sparse_values(model)
     assert all(any(v is p for p in params) for v in vals)  # allocated and registered from the first step
     assert all(
-        v.numel() == layer_budget(layer, ADAPTER) for v, layer in zip(vals, rosa_layers(model).values())
+        v.numel() == layer_budget(layer, ADAPTER) for v, layer in zip(vals, mask_layers(model).values())
     )
     phases = []
 
@@ -152,31 +89,31 @@ def test_values_stay_frozen_until_the_mask_then_train():
 @pytest.mark.parametrize("restart", [True, False])
 def test_restart_resets_lora_and_its_optimizer_state(restart):
     model = wrap_rosa(tiny_llama())
-    initial = [p.detach().clone() for p in lora(model)]
+    initial = [p.detach().clone() for p in lora_weights(model)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    sched = RosaScheduler(model, config(warmup_steps=2, mask_steps=1, restart_after_mask=restart))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=2, mask_steps=1, restart_after_mask=restart))
     at_fix = {}
 
     def snapshot(step, sched):
         if step == 2:  # the step whose end fixes the mask (2 warm-up steps + 1 collection micro-batch)
-            at_fix["before"] = [p.detach().clone() for p in lora(model)]
+            at_fix["before"] = [p.detach().clone() for p in lora_weights(model)]
 
     train_loop(model, sched, optimizer, make_batches(3), on_step=snapshot)
     assert sched.phase == JOINT and sched.events[-1]["event"] == "mask_fixed"
     assert sched.events[-1]["optimizer_step"] == 3
     if restart:
-        assert all(torch.equal(p, p0) for p, p0 in zip(lora(model), initial))  # exact initial values
-        assert all(p not in optimizer.state for p in lora(model))
+        assert all(torch.equal(p, p0) for p, p0 in zip(lora_weights(model), initial))  # exact initial values
+        assert all(p not in optimizer.state for p in lora_weights(model))
     else:
-        assert not all(torch.equal(p, p0) for p, p0 in zip(lora(model), initial))
-        assert all(int(optimizer.state[p]["step"]) == 3 for p in lora(model))
+        assert not all(torch.equal(p, p0) for p, p0 in zip(lora_weights(model), initial))
+        assert all(int(optimizer.state[p]["step"]) == 3 for p in lora_weights(model))
     # one more step: a restarted optimizer state starts again at step 1
     b = make_batches(1, seed=5)[0]
     model(**b).loss.backward()
     optimizer.step()
     expected_step = 1 if restart else 4
-    assert all(int(optimizer.state[p]["step"]) == expected_step for p in lora(model))
-    assert all(int(optimizer.state[v]["step"]) == 1 for v in values(model))
+    assert all(int(optimizer.state[p]["step"]) == expected_step for p in lora_weights(model))
+    assert all(int(optimizer.state[v]["step"]) == 1 for v in sparse_values(model))
 
 
 # --- collection inside training ---------------------------------------------------------------------------
@@ -189,7 +126,7 @@ def test_in_loop_collection_equals_collect_mask_when_weights_do_not_move(accumul
     model = copy.deepcopy(base)
     batches = make_batches(2 + 4)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    sched = RosaScheduler(model, config(warmup_steps=2 // accumulate, mask_steps=4))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=2 // accumulate, mask_steps=4))
     train_loop(model, sched, optimizer, batches, accumulate=accumulate)
     assert sched.phase == JOINT
     assert sched.events[-1]["optimizer_step"] == 6 // accumulate
@@ -199,7 +136,9 @@ def test_in_loop_collection_equals_collect_mask_when_weights_do_not_move(accumul
 
 
 def test_memory_capped_groups_each_see_their_own_micro_batches():
-    cfg = config(warmup_steps=1, mask_steps=2, mask_memory_budget=(2 * 4 * 64 * 32 + 4 * 4 * 64 * 32) / 2**30)
+    cfg = rosa_config(
+        warmup_steps=1, mask_steps=2, mask_memory_budget=(2 * 4 * 64 * 32 + 4 * 4 * 64 * 32) / 2**30
+    )
     base = wrap_rosa(tiny_llama())
     model = copy.deepcopy(base)
     batch = make_batches(1)[0]
@@ -219,7 +158,7 @@ def test_memory_capped_groups_each_see_their_own_micro_batches():
 def test_data_free_method_fixes_the_mask_at_the_end_of_warmup():
     model = wrap_rosa(tiny_llama())
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = RosaScheduler(model, config(warmup_steps=2, mask_method="magnitude"))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=2, mask_method="magnitude"))
     train_loop(model, sched, optimizer, make_batches(3))
     assert [(e["event"], e["optimizer_step"]) for e in sched.events] == [
         ("collect_start", 2),
@@ -229,8 +168,8 @@ def test_data_free_method_fixes_the_mask_at_the_end_of_warmup():
     assert supports(model) == {n: s.flat_index().tolist() for n, s in reference.items()}
     # no warm-up: the mask exists before the first step
     model = wrap_rosa(tiny_llama())
-    assert RosaScheduler(model, config(warmup_steps=0, mask_method="random")).phase == JOINT
-    assert all(layer.nnz(ADAPTER) > 0 for layer in rosa_layers(model).values())
+    assert RosaScheduler(model, rosa_config(warmup_steps=0, mask_method="random")).phase == JOINT
+    assert all(layer.nnz(ADAPTER) > 0 for layer in mask_layers(model).values())
 
 
 def test_user_callable_in_the_schedule():
@@ -242,9 +181,9 @@ def test_user_callable_in_the_schedule():
         return stats["grad"].abs()
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = RosaScheduler(model, config(warmup_steps=1, mask_steps=2), method=score, stats=("grad",))
+    sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=2), method=score, stats=("grad",))
     train_loop(model, sched, optimizer, make_batches(4))
-    assert sched.phase == JOINT and seen == [2] * len(rosa_layers(model))
+    assert sched.phase == JOINT and seen == [2] * len(mask_layers(model))
     assert sched.events[-1]["method"].startswith("callable:")
 
 
@@ -252,16 +191,16 @@ def test_two_run_recipe_with_a_saved_mask(tmp_path):
     path = tmp_path / "mask.safetensors"
     model = wrap_rosa(tiny_llama())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = RosaScheduler(model, config(warmup_steps=1, mask_steps=2), save_mask_path=path)
+    sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=2), save_mask_path=path)
     train_loop(model, sched, optimizer, make_batches(4))
     assert path.exists()
     # run 2: a fresh model starts from the saved mask, jointly, at step 0
     fresh = wrap_rosa(tiny_llama())
-    sched2 = RosaScheduler(fresh, config(warmup_steps=5, mask_steps=2), mask_path=path)
+    sched2 = RosaScheduler(fresh, rosa_config(warmup_steps=5, mask_steps=2), mask_path=path)
     assert sched2.phase == JOINT and sched2.events[0]["event"] == "mask_loaded"
     assert supports(fresh) == supports(model)
     # a model that already has a mask (resumed run) starts joint as well
-    assert RosaScheduler(fresh, config(warmup_steps=5)).phase == JOINT
+    assert RosaScheduler(fresh, rosa_config(warmup_steps=5)).phase == JOINT
 
 
 def test_scheduler_needs_a_config_and_mask_steps():
@@ -269,46 +208,31 @@ def test_scheduler_needs_a_config_and_mask_steps():
     with pytest.raises(MaskError, match="RosaConfig"):
         RosaScheduler(model)
     with pytest.raises(MaskError, match="mask_steps"):
-        RosaScheduler(model, config(mask_steps=0))
+        RosaScheduler(model, rosa_config(mask_steps=0))
 
 
 # --- HF Trainer -------------------------------------------------------------------------------------------
-
-
-class TokenData(torch.utils.data.Dataset):
-    """Random sequences over 16 of the 128 token ids: learnable (the unigram alone takes the loss from
-    ln 128 to ln 16)."""
-
-    def __init__(self, n: int = 32, seq: int = 16, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 16, (n, seq), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def test_trainer_end_to_end(tmp_path):
     # initializer_range 0.2 instead of 0.02: with a frozen head of std 0.02 the logits cannot move far enough
     # for the loss to fall measurably.
     model = wrap_rosa(tiny_llama(initializer_range=0.2))
-    cfg = config(warmup_steps=4, mask_steps=4, restart_after_mask=True)
+    cfg = rosa_config(warmup_steps=4, mask_steps=4, restart_after_mask=True)
     callback = RosaTrainerCallback(cfg)
     phase_at_step = {}
     lora_steps = {}
 
     class Spy(TrainerCallback):  # records the phase and the values at every optimizer step
         def on_step_end(self, args, state, control, **kwargs):
-            vals = values(kwargs["model"])
+            vals = sparse_values(kwargs["model"])
             phase_at_step[state.global_step] = (
                 callback.scheduler.phase,
                 sum(int(v.count_nonzero()) for v in vals),
             )
             opt_state = unwrap_optimizer(kwargs["optimizer"]).state
             lora_steps[state.global_step] = {
-                int(opt_state[p]["step"]) if p in opt_state else 0 for p in lora(model)
+                int(opt_state[p]["step"]) if p in opt_state else 0 for p in lora_weights(model)
             }
 
     args = TrainingArguments(
@@ -341,8 +265,8 @@ def test_trainer_end_to_end(tmp_path):
     assert all(phase_at_step[s][0] == JOINT and phase_at_step[s][1] > 0 for s in range(7, 31))
     # restart: the A/B optimizer state is dropped when the mask is fixed and starts again at step 1
     assert lora_steps[5] == {5} and lora_steps[6] == {0} and lora_steps[7] == {1}
-    total = sum(layer_budget(layer, ADAPTER) for layer in rosa_layers(model).values())
-    assert sum(layer.nnz(ADAPTER) for layer in rosa_layers(model).values()) == total
+    total = sum(layer_budget(layer, ADAPTER) for layer in mask_layers(model).values())
+    assert sum(layer.nnz(ADAPTER) for layer in mask_layers(model).values()) == total
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 30
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4

@@ -14,33 +14,14 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from test_model import (
-    LLAMA_KWARGS,
-    VOCAB,
-    logits_of,
-    one_thread,
-    sample_ids,
-    set_random_masks,
-    tiny_llama,
-)
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from helpers import VOCAB, WORD_LLAMA, logits_of, sample_ids, set_random_masks, word_llama
+from tiny_models import tiny_tokenizer
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import rosa
 from rosa import RosaConfig
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over 'w0'..'w59' plus four specials: ids match the tiny model's 64-token vocabulary."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": 4 + i for i in range(VOCAB - 4)})
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(n: int = 8) -> list[str]:
@@ -75,12 +56,12 @@ def _common_args(output_dir) -> dict:
 def trained(tmp_path_factory):
     """Train with both trainers once; the tests below inspect the results."""
     root = tmp_path_factory.mktemp("trainers")
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(VOCAB)
     ids = sample_ids()
     results = {}
 
     # transformers.Trainer on a model wrapped by rosa.get_rosa_model, with its mask set before training
-    model = rosa.get_rosa_model(tiny_llama(0), _config())
+    model = rosa.get_rosa_model(word_llama(0), _config())
     set_random_masks(model, seed=1)
     encoded = tokenizer(_texts())
     dataset = Dataset.from_dict(
@@ -110,7 +91,7 @@ def trained(tmp_path_factory):
     from trl import SFTConfig, SFTTrainer
 
     sft = SFTTrainer(
-        model=tiny_llama(1),
+        model=word_llama(1),
         processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"text": _texts()}),
         peft_config=_config(),
@@ -191,7 +172,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(trained, tmp_path):
         {"path": str(run["path"]), "seed": run["seed"], "out": str(tmp_path / f"{name}.pt")}
         for name, run in trained.items()
     ]
-    spec = json.dumps({"ids": str(ids_path), "llama": LLAMA_KWARGS, "jobs": jobs})
+    spec = json.dumps({"ids": str(ids_path), "llama": WORD_LLAMA, "jobs": jobs})
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, spec],
         capture_output=True,
