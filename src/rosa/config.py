@@ -88,7 +88,7 @@ class RosaConfig(PeftConfig):
             "help": "'spmm' (sparse matmuls), 'fold' (S added to a dense weight copy) or 'auto' (cost rule)."
         },
     )
-    # Mask selection and schedule (used by rosa.masks and rosa.scheduler).
+    # Mask selection and schedule (used by rosa.mask).
     mask_method: MaskMethod = field(default="fisher", metadata={"help": "How the sparse support is scored."})
     mask_allocation: MaskAllocation = field(
         default="layer",

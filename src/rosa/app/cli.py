@@ -1,6 +1,6 @@
 """The ``rosa`` command: train, eval, merge, mask.
 
-Every subcommand takes an optional YAML config and ``section.key=value`` overrides (see ``rosa.run_config``);
+Every subcommand takes an optional YAML config and ``section.key=value`` overrides (see ``rosa.app.run_config``);
 with no arguments at all, ``rosa train`` fine-tunes the built-in SmolLM2-135M on the built-in synthetic task,
 offline, and prints exact-match accuracy before and after.
 """

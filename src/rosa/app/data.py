@@ -440,7 +440,7 @@ def tokenize_examples(
 class CausalLMCollator:
     """Pad ``input_ids``/``labels`` features into tensors with an ``attention_mask``.
 
-    Right padding for training (left padding is for generation and lives in ``rosa.evaluate``): pad ids in
+    Right padding for training (left padding is for generation and lives in ``rosa.app.evaluate``): pad ids in
     ``input_ids`` (pad token, falling back to EOS), -100 in ``labels``, 0 in ``attention_mask``. Features
     without ``labels`` get labels = input_ids.
     """

@@ -171,7 +171,7 @@ def generate_responses(
 ) -> list[str]:
     """Greedy completions of ``prompts`` (text after the prompt, up to EOS, special tokens dropped).
 
-    Prompts are tokenized as in training (``rosa.data.encode_prompt``), sorted by length so each batch
+    Prompts are tokenized as in training (``encode_prompt``), sorted by length so each batch
     pads little, left-padded by hand (the tokenizer's ``padding_side`` is left untouched) and generated
     in batches of ``batch_size``; results come back in the input order. The model's train/eval mode is
     restored afterwards.

@@ -87,7 +87,7 @@ class RosaScheduler:
     """Drives the RoSA schedule from a training loop; see the module docstring.
 
     ``config`` defaults to the PEFT model's ``peft_config[adapter]``. ``method`` overrides
-    ``config.mask_method`` (and may be a callable, see :mod:`rosa.masks`); ``stats`` names the statistics a
+    ``config.mask_method`` (and may be a callable, see :mod:`rosa.mask.selection`); ``stats`` names the statistics a
     callable needs. ``start_step`` is the number of optimizer steps already done (for a resumed run).
     """
 

@@ -1,4 +1,7 @@
-"""Sparse support and the three sparse operations of RoSA (forward SpMM, transposed SpMM, SDDMM)."""
+"""Sparse support and the three sparse operations of RoSA (forward SpMM, transposed SpMM, SDDMM).
+
+:mod:`rosa.sparse.delta` (the sparse part of an adapter, as a layer holds it) is imported on its own: it needs
+PEFT, and the kernels do not."""
 
 from . import ops
 from .support import (
