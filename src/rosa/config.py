@@ -103,7 +103,7 @@ class RosaConfig(PeftConfig):
     warmup_steps: int = field(
         default=0, metadata={"help": "LoRA-only optimizer steps before mask collection."}
     )
-    mask_steps: int = field(default=16, metadata={"help": "Micro-batches whose gradients score the mask."})
+    mask_steps: int = field(default=8, metadata={"help": "Micro-batches whose gradients score the mask."})
     restart_after_mask: bool = field(
         default=True,
         metadata={

@@ -17,6 +17,9 @@ from .layer import LORA_A, LORA_B
 from .sparse.delta import VALUES
 
 LORA_GROUP, SPARSE_GROUP, OTHER_GROUP = "rosa_lora", "rosa_sparse", "other"
+# lr / sparse lr when neither is given: the reference implementation's ratio (7e-4 / 2e-4), and the one the
+# accuracy benchmark's schedule candidates chose on validation loss (tests/test_defaults.py keeps them in step)
+DEFAULT_SPARSE_LR_RATIO = 3.5
 
 
 def param_role(name: str) -> str:
@@ -46,16 +49,17 @@ def rosa_param_groups(
     weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Parameter groups for every trainable parameter of ``model``: A/B (``rosa_lora``) at ``lr``, the sparse
-    values (``rosa_sparse``) at ``sparse_lr`` (or ``lr / sparse_lr_ratio``; default ``lr``), anything else
+    values (``rosa_sparse``) at ``sparse_lr`` (or ``lr / sparse_lr_ratio``; default ``lr / 3.5``), anything else
     trainable (``modules_to_save``, trainable tokens) at ``lr``. Weight decay follows Trainer's rule; groups
     carry a ``name`` so that code can find them later."""
     if sparse_lr is not None and sparse_lr_ratio is not None:
         raise ValueError("give sparse_lr or sparse_lr_ratio, not both")
+    if sparse_lr is None and sparse_lr_ratio is None:
+        sparse_lr_ratio = DEFAULT_SPARSE_LR_RATIO
     if sparse_lr_ratio is not None:
         if not sparse_lr_ratio > 0:
             raise ValueError(f"sparse_lr_ratio must be positive, got {sparse_lr_ratio}")
         sparse_lr = lr / sparse_lr_ratio
-    sparse_lr = lr if sparse_lr is None else sparse_lr
     for name, value in (("lr", lr), ("sparse_lr", sparse_lr), ("weight_decay", weight_decay)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
@@ -100,6 +104,7 @@ def create_rosa_optimizer(
 
 
 __all__ = [
+    "DEFAULT_SPARSE_LR_RATIO",
     "LORA_GROUP",
     "OTHER_GROUP",
     "SPARSE_GROUP",

@@ -49,7 +49,7 @@ class TrainSection:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
-    sparse_lr_ratio: float = 1.0  # the sparse values train at lr / sparse_lr_ratio (A and B at lr)
+    sparse_lr_ratio: float = 3.5  # the sparse values train at lr / sparse_lr_ratio (A and B at lr)
     mask_path: str | None = None  # start from a saved mask (`rosa mask --out`): no warm-up, no collection
     weight_decay: float = 0.0
     lr_warmup_steps: int = 10
@@ -80,7 +80,7 @@ class RunConfig:
             "r": 16,
             "lora_alpha": 32,
             "density": 0.01,
-            "warmup_steps": 10,
+            "warmup_steps": 0,
             "mask_steps": 8,
             "mask_method": "fisher",
         }

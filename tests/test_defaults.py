@@ -1,0 +1,52 @@
+"""The library's default schedule is the one the accuracy benchmark chose on validation loss (docs/benchmarks/
+accuracy.json, ``choose_schedule``): RosaConfig, the optimizer helper and ``rosa train`` all start from it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from rosa import RosaConfig
+from rosa.app.run_config import RunConfig
+from rosa.optim import DEFAULT_SPARSE_LR_RATIO, SPARSE_GROUP, rosa_param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location(
+        "bench_accuracy_defaults", ROOT / "benchmarks" / "accuracy.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_are_the_measured_schedule(accuracy):
+    chosen = accuracy.choose_schedule(json.loads((ROOT / "docs/benchmarks/accuracy.json").read_text()))
+    assert chosen is not None, "no schedule candidate has run on every task"
+    config, run = RosaConfig(), RunConfig()
+    assert (config.warmup_steps == 0) == (not chosen["lora_warmup"])
+    assert (run.rosa["warmup_steps"] == 0) == (not chosen["lora_warmup"])
+    assert config.restart_after_mask == chosen["restart"]
+    assert (config.rewarmup_steps is None) == chosen["rewarmup"]  # None: the run's own LR warm-up
+    assert config.mask_steps == run.rosa["mask_steps"] == accuracy.MASK_STEPS
+    assert DEFAULT_SPARSE_LR_RATIO == run.train.sparse_lr_ratio == chosen["sparse_lr_ratio"]
+
+
+def test_the_optimizer_helper_applies_the_default_ratio():
+    from tiny_models import tiny_llama
+
+    import rosa
+
+    model = rosa.get_rosa_model(tiny_llama(0), RosaConfig(r=2, density=0.05, task_type="CAUSAL_LM"))
+    groups = {g["name"]: g for g in rosa_param_groups(model, lr=1e-2)}
+    assert groups[SPARSE_GROUP]["lr"] == pytest.approx(1e-2 / DEFAULT_SPARSE_LR_RATIO)
+    same = {g["name"]: g for g in rosa_param_groups(model, lr=1e-2, sparse_lr_ratio=1.0)}
+    assert same[SPARSE_GROUP]["lr"] == 1e-2
