@@ -264,3 +264,19 @@ def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         **kwargs,
     )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (it is not a package), with its siblings importable as when it runs."""
+    import importlib.util
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,44 +5,33 @@ keys, and the GPU benchmark timing the layer's own op path."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = ROOT / "docs" / "benchmarks"
 
 
-def _load(name: str):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def provenance():
-    return _load("provenance")
+    return load_benchmark("provenance")
 
 
 @pytest.fixture(scope="module")
 def sparse_ops():
-    return _load("sparse_ops")
+    return load_benchmark("sparse_ops")
 
 
 # --- provenance ---------------------------------------------------------------------------------------------
 
 
-def test_provenance_records_command_commit_date_machine_and_load(provenance):
+def test_provenance_records_command_commit_date_machine_andload_benchmark(provenance):
     p = provenance.finish(provenance.provenance([str(BENCHMARKS / "masks.py"), "--rounds", "1"]))
     assert p["command"] == "python benchmarks/masks.py --rounds 1"
     head = subprocess.run(
@@ -172,7 +161,7 @@ def test_sparse_ops_table_uses_one_statistic_throughout(sparse_ops):
 
 
 def test_qrosa_verdicts_come_from_the_values_and_hand_edits_are_flagged():
-    qrosa = _load("qrosa")
+    qrosa = load_benchmark("qrosa")
     results = json.loads((RESULTS / "qrosa.json").read_text())
     results.pop("before_fix", None)
     results.pop("notes", None)
@@ -186,7 +175,7 @@ def test_qrosa_verdicts_come_from_the_values_and_hand_edits_are_flagged():
 
 
 def test_adapter_target_verdict_is_computed():
-    adapter_size = _load("adapter_size")
+    adapter_size = load_benchmark("adapter_size")
     results = json.loads((RESULTS / "adapter_size.json").read_text())
     results["rows"][0]["ratio_per_param_to_lora_matched"] = 1.6
     assert "target <= 1.5x: **not met**" in adapter_size.markdown(results)
@@ -196,7 +185,7 @@ def test_adapter_target_verdict_is_computed():
 
 
 def test_gpu_benchmark_imports_without_side_effects():
-    gpu = _load("gpu")  # no argument parsing, no CUDA check, no exit at import
+    gpu = load_benchmark("gpu")  # no argument parsing, no CUDA check, no exit at import
     assert gpu.ARGS is None and callable(gpu.markdown)
     source = (BENCHMARKS / "gpu.py").read_text()
     assert "row_order=" not in source and "row_idx=" not in source  # nothing the layer does not pass
@@ -207,7 +196,7 @@ def test_gpu_benchmark_runs_the_layer_path_under_the_interpreter(tmp_path, monke
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ROSA_SPARSE_BACKEND", "triton")
-    gpu = _load("gpu")
+    gpu = load_benchmark("gpu")
     out = tmp_path / "gpu.json"
     args = ["--smoke-cpu", "--out", str(out), "--shapes", "24x20", "--densities", "0.3", "--reps", "1"]
     assert gpu.main(args) == 0

@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 from tiny_models import tiny_llama
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str):
-    if str(BENCHMARKS) not in sys.path:  # as when run as a script: siblings such as proc_memory import
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def accuracy():
-    return _load("accuracy")
+    return load_benchmark("accuracy")
 
 
 @pytest.fixture(scope="module")
 def step():
-    return _load("step")
+    return load_benchmark("step")
 
 
 def _tiny_llama():

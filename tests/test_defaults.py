@@ -3,12 +3,11 @@ accuracy.json, ``choose_schedule``): RosaConfig, the optimizer helper and ``rosa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 from rosa import RosaConfig
 from rosa.app.run_config import RunConfig
@@ -19,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location(
-        "bench_accuracy_defaults", ROOT / "benchmarks" / "accuracy.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy")
 
 
 def test_defaults_are_the_measured_schedule(accuracy):
