@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import provenance
 import torch
 from tqdm.auto import tqdm
 
@@ -178,17 +179,6 @@ def _write(results: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def git_commit() -> str:
-    """The commit the benchmark code ran from, with '+dirty' when the tree had uncommitted changes."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def settings() -> dict[str, Any]:
     return {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32)",
@@ -215,7 +205,7 @@ def settings() -> dict[str, Any]:
 
 def splits(task: str) -> tuple[list, list, list]:
     """(train, validation, test) examples: the test and validation rows are carved from the training file."""
-    from rosa.data import load_examples, split_rows
+    from rosa.app.data import load_examples, split_rows
 
     rows = load_examples(task, DATA / TASK_FILES[task], split="train")
     rest, test = split_rows(rows, val_size=TEST_ROWS, seed=SPLIT_SEED)
@@ -297,13 +287,13 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     """Fine-tune a fresh copy of the model; return losses, validation loss and (optionally) test exact match."""
     from torch.utils.data import DataLoader
 
-    from rosa.data import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
-    from rosa.evaluate import evaluate_task, heldout_loss
+    from rosa.app.data import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
+    from rosa.app.evaluate import evaluate_task, heldout_loss
+    from rosa.app.run_config import ModelSection
+    from rosa.app.train import load_model_and_tokenizer, warmup_cosine
     from rosa.masks import collect_mask
     from rosa.model import sparse_parameter_count
     from rosa.optim import create_rosa_optimizer
-    from rosa.run_config import ModelSection
-    from rosa.train import load_model_and_tokenizer, warmup_cosine
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -362,7 +352,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
         "params": info,
         "threads": torch.get_num_threads(),
         "train_seconds": round(train_seconds, 1),
-        "commit": git_commit(),
+        "commit": provenance.git_commit(),
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "load_before": load_before,

@@ -15,7 +15,7 @@ import rosa
 
 SRC = Path(rosa.__file__).resolve().parent
 # Entry points and aliases that stand for the application under the names it had before rosa.app existed.
-APP_ALIASES = {"rosa.cli", "rosa.data", "rosa.evaluate", "rosa.run_config", "rosa.train"}
+APP_ALIASES = {"rosa.cli"}
 
 
 def _module_name(path: Path) -> str:
@@ -115,8 +115,3 @@ def test_first_names_give_the_same_objects(old, new, names):
     assert (
         importlib.import_module("rosa.masks").rosa_layers is importlib.import_module("rosa.mask").mask_layers
     )
-
-
-@pytest.mark.parametrize("alias", sorted(APP_ALIASES - {"rosa.cli"}))
-def test_application_aliases_are_the_moved_modules(alias):
-    assert importlib.import_module(alias) is importlib.import_module(alias.replace("rosa.", "rosa.app.", 1))
