@@ -127,6 +127,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from rosa.mask import accumulator_bytes, collect_mask, mask_layers, plan_layer_groups
+    from rosa.mask.collect import FrozenParams
 
     model = load_model(args.rank, args.density)
     g = torch.Generator().manual_seed(0)
@@ -159,7 +160,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         result["step_s"] = statistics.median(times)
         result["step_times_s"] = times
     elif args.variant == "fwd_bwd":
-        with _frozen(model):
+        with FrozenParams(model):
             times = []
             for i in range(args.steps + 1):
                 t = time.perf_counter()
@@ -204,19 +205,6 @@ def run_variant(args: argparse.Namespace) -> dict:
     result["memory_mode"] = meter.mode
     result["torch_threads"] = torch.get_num_threads()
     return result
-
-
-class _frozen:
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
 
 
 # --- the driver -----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
-class _FrozenParams:
+class FrozenParams:
     """Temporarily set requires_grad=False on every parameter (collection computes no parameter gradient)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -110,7 +110,7 @@ def collect_mask(
             raise MaskError(f"mask method {method_name(method)!r} needs batches")
         loss_fn = loss_fn or _default_loss
         rng = _rng_state()
-        with _FrozenParams(model):
+        with FrozenParams(model):
             while not builder.done:
                 collector = builder.start_group()
                 _set_rng_state(rng)
