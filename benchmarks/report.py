@@ -143,6 +143,13 @@ SECTIONS = [
         "`docs/benchmarks/step.json`).",
     ),
     Section(
+        "layer",
+        "layer.json",
+        "layer",
+        "**One layer, forward + backward**: not run yet (`python benchmarks/layer.py` writes "
+        "`docs/benchmarks/layer.json`).",
+    ),
+    Section(
         "accuracy",
         "accuracy.json",
         "accuracy",

@@ -24,7 +24,7 @@ backward of the approach's autograd path, above the level at entry, measured wit
 dense-masked, the same peak of the plain base matmul's forward and backward is subtracted (their matmuls
 replace the base's). MKL's own internal scratch space is not allocated through PyTorch and is not seen.
 ``state MiB`` is the analytic persistent extra: trainable values with gradient and two Adam moments (16
-bytes each) plus the index arrays (int32 CSR and transposed CSR, int64 permutation) for RoSA; the dense delta
+bytes each) plus the index arrays (int32 CSR, transposed CSR and permutation) for RoSA; the dense delta
 with gradient and Adam moments plus a bool mask for dense-masked.
 
 Timing: within a row every approach (and the GEMM) is timed in ``--repeats`` interleaved rounds after a
@@ -234,8 +234,8 @@ def random_support(out_features: int, in_features: int, nnz: int, gen: torch.Gen
 
 
 def rosa_state_bytes(out_features: int, in_features: int, nnz: int) -> int:
-    # values + grad + Adam m, v (fp32) | col_idx, t_col_idx (int32), t_perm (int64) | row offsets (int32)
-    return 16 * nnz + 16 * nnz + 4 * (out_features + 1 + in_features + 1)
+    # values + grad + Adam m, v (fp32) | col_idx, t_col_idx, t_perm (int32) | row offsets (int32)
+    return 16 * nnz + 12 * nnz + 4 * (out_features + 1 + in_features + 1)
 
 
 def masked_state_bytes(out_features: int, in_features: int) -> int:
@@ -381,6 +381,7 @@ def bench_shape(
 # --- the cost rule ---------------------------------------------------------------------------------------
 
 
+THREE_OPS_OVER_GEMM = 0.25  # issue 16: the three sparse ops at 1% cost at most a quarter of one dense GEMM
 CLEAN_LOAD = 0.25  # rows timed while other processes kept fewer cores than this busy count as clean
 
 
@@ -779,8 +780,8 @@ def main(argv=None) -> int:
         masked_vs_three = s["dense_masked_extra"] / s["spmm_strategy_extra"]
         targets = {
             "three_sparse_ops_over_gemm": three_vs_gemm,
-            "three_sparse_ops_over_gemm_target": 0.5,
-            "three_sparse_ops_over_gemm_met": three_vs_gemm <= 0.5,
+            "three_sparse_ops_over_gemm_target": THREE_OPS_OVER_GEMM,
+            "three_sparse_ops_over_gemm_met": three_vs_gemm <= THREE_OPS_OVER_GEMM,
             "dense_masked_over_three_sparse_ops": masked_vs_three,
             "dense_masked_over_three_sparse_ops_target": 4.0,
             "dense_masked_over_three_sparse_ops_met": masked_vs_three >= 4.0,
@@ -799,7 +800,7 @@ def main(argv=None) -> int:
         }
         print(
             f"\ntarget 1 (4096x4096, 1%): three sparse ops = {three_vs_gemm:.2f} x one dense GEMM "
-            f"(target <= 0.5): {'MET' if targets['three_sparse_ops_over_gemm_met'] else 'NOT MET'} "
+            f"(target <= {THREE_OPS_OVER_GEMM:g}): {'MET' if targets['three_sparse_ops_over_gemm_met'] else 'NOT MET'} "
             f"[per-round ratios {min(spread1):.2f} .. {max(spread1):.2f}]"
         )
         print(

@@ -55,6 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "step.json"
 METHODS = ("full", "lora", "supra", "rosa_collect", "rosa")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Issue 16's goals: a RoSA step within 10% of LoRA's, memory within 5%, at least 2x faster than Supra (block).
+STEP_VS_LORA, MEMORY_VS_LORA, SPEEDUP_VS_SUPRA = 1.10, 1.05, 2.0
+STEP_TARGET = f"RoSA step <= {STEP_VS_LORA:.2f}x LoRA"
+SUPRA_TARGET = f"RoSA >= {SPEEDUP_VS_SUPRA:g}x faster than Supra"
 
 
 # --- inside a subprocess --------------------------------------------------------------------------------
@@ -367,58 +371,21 @@ def targets(rows: list[dict]) -> list[dict]:
     checks = []
     for setting, dtype in sorted({(r["setting"], r["dtype"]) for r in rows}):
         rosa, lora, supra = (get(setting, dtype, m) for m in ("rosa", "lora", "supra"))
-        if not (rosa and lora and supra) or any("error" in r for r in (rosa, lora, supra)):
+        if not (rosa and lora) or any("error" in r for r in (rosa, lora)):
             continue
-        if setting == "smollm2":
-            checks.append(
-                {
-                    "setting": setting,
-                    "dtype": dtype,
-                    "target": "RoSA step <= 1.15x LoRA",
-                    "value": rosa["time_vs_lora"],
-                    "met": rosa["time_vs_lora"] <= 1.15,
-                }
-            )
-            checks.append(
-                {
-                    "setting": setting,
-                    "dtype": dtype,
-                    "target": "RoSA step <= Supra step",
-                    "value": rosa["step_s"] / supra["step_s"],
-                    "met": rosa["step_s"] <= supra["step_s"],
-                }
-            )
-        else:
+
+        def check(target: str, value: float, met: bool, setting=setting, dtype=dtype) -> None:
+            checks.append({"setting": setting, "dtype": dtype, "target": target, "value": value, "met": met})
+
+        check(STEP_TARGET, rosa["time_vs_lora"], rosa["time_vs_lora"] <= STEP_VS_LORA)
+        if setting == "block7b" and supra and "error" not in supra:
             speedup = supra["step_s"] / rosa["step_s"]
-            checks.append(
-                {
-                    "setting": setting,
-                    "dtype": dtype,
-                    "target": "RoSA >= 1.5x faster than Supra",
-                    "value": speedup,
-                    "met": speedup >= 1.5,
-                }
-            )
-        checks.append(
-            {
-                "setting": setting,
-                "dtype": dtype,
-                "target": "RoSA allocator peak <= 1.05x LoRA",
-                "value": rosa["memory_vs_lora"],
-                "met": rosa["memory_vs_lora"] <= 1.05,
-            }
-        )
+            check(SUPRA_TARGET, speedup, speedup >= SPEEDUP_VS_SUPRA)
+        memory = rosa["memory_vs_lora"]
+        check(f"RoSA allocator peak <= {MEMORY_VS_LORA:.2f}x LoRA", memory, memory <= MEMORY_VS_LORA)
         if rosa["peak_rss_mib"] is not None and lora["peak_rss_mib"]:
             value = rosa["peak_rss_mib"] / lora["peak_rss_mib"]
-            checks.append(
-                {
-                    "setting": setting,
-                    "dtype": dtype,
-                    "target": "RoSA peak RSS growth <= 1.05x LoRA",
-                    "value": value,
-                    "met": value <= 1.05,
-                }
-            )
+            check(f"RoSA peak RSS growth <= {MEMORY_VS_LORA:.2f}x LoRA", value, value <= MEMORY_VS_LORA)
     return checks
 
 
@@ -487,11 +454,11 @@ def _findings(report: dict) -> list[str]:
     if dtypes:
         parts = []
         for d in dtypes:
-            c = check("smollm2", d, "RoSA step <= 1.15x LoRA")
+            c = check("smollm2", d, STEP_TARGET)
             rosa, supra = get("smollm2", d, "rosa"), get("smollm2", d, "supra")
             text = f"{rosa['time_vs_lora']:.2f}x LoRA's in {d}"
             if c:
-                text += f" (target <= 1.15x: {verdict(c)})"
+                text += f" (target <= {STEP_VS_LORA:.2f}x: {verdict(c)})"
             if supra:
                 text += f" and {rosa['step_s'] / supra['step_s']:.2f}x Supra's"
             parts.append(text)
@@ -501,16 +468,23 @@ def _findings(report: dict) -> list[str]:
         parts = []
         for d in dtypes:
             speedup = get("block7b", d, "supra")["step_s"] / get("block7b", d, "rosa")["step_s"]
-            c = check("block7b", d, "RoSA >= 1.5x faster than Supra")
+            c = check("block7b", d, SUPRA_TARGET)
+            vs_lora = check("block7b", d, STEP_TARGET)
             parts.append(
-                f"{speedup:.2f}x ({d}; RoSA >= 1.5x faster: {verdict(c)})" if c else f"{speedup:.2f}x ({d})"
+                f"{speedup:.2f}x ({d}; RoSA >= {SPEEDUP_VS_SUPRA:g}x faster: {verdict(c)})"
+                if c
+                else f"{speedup:.2f}x ({d})"
             )
+            if vs_lora:
+                parts[-1] += (
+                    f", and RoSA's takes {vs_lora['value']:.2f}x LoRA's (target <= {STEP_VS_LORA:.2f}x: "
+                    f"{verdict(vs_lora)})"
+                )
         out.append(
             "On the 7B-shaped block, Supra's step takes "
-            + " and ".join(parts)
-            + " RoSA's joint step. On this CPU the SDDMM's operand transposes and the bf16 -> fp32 conversions of the MKL path "
-            "take most of RoSA's extra time; Supra pays a dense weight-gradient GEMM instead. The Triton path, "
-            "where the paper's gap comes from, needs a GPU and is not measured here."
+            + "; ".join(parts)
+            + " of RoSA's joint step. Supra pays a dense weight-gradient GEMM; where RoSA's own extra time goes, "
+            "op by op, is in the layer benchmark below. The Triton path needs a GPU and is not measured here."
         )
     mem = []
     for setting in ("smollm2", "block7b"):
@@ -535,8 +509,8 @@ def _findings(report: dict) -> list[str]:
                 f"trains {rosa['trainable'] / lora['trainable']:.1f}x LoRA's parameters. Its excess over LoRA at "
                 f"the peak, {' and '.join(f'{e:.0f}' for e in excess)} MiB, compares with {state:.1f} MiB for "
                 f"the {values:,} sparse values with their gradient and two AdamW moments (fp32, 16 bytes each) "
-                f"and {state:.1f} MiB for the support's index arrays (16 bytes per nonzero: two int32 column "
-                f"lists and an int64 permutation; an int32 permutation would save {4 * values / MiB:.1f} MiB); "
+                f"and {12 * values / MiB:.1f} MiB for the support's index arrays (12 bytes per nonzero: two "
+                "int32 column lists and an int32 permutation); "
                 "the rest is what the step itself holds at its worst moment."
             )
         out.append(text)

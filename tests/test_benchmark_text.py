@@ -54,7 +54,7 @@ def test_a_json_without_provenance_says_what_it_lacks(provenance):
 
 
 def test_every_benchmark_script_records_provenance():
-    for script in ("sparse_ops", "masks", "adapter_size", "qrosa", "step", "gpu"):
+    for script in ("sparse_ops", "masks", "adapter_size", "qrosa", "step", "layer", "gpu"):
         source = (BENCHMARKS / f"{script}.py").read_text()
         assert "provenance.provenance(" in source and '"provenance": provenance.finish(' in source, script
         assert "def markdown(" in source, script
@@ -179,6 +179,25 @@ def test_adapter_target_verdict_is_computed():
     results = json.loads((RESULTS / "adapter_size.json").read_text())
     results["rows"][0]["ratio_per_param_to_lora_matched"] = 1.6
     assert "target <= 1.5x: **not met**" in adapter_size.markdown(results)
+
+
+def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(tmp_path, monkeypatch):
+    layer = load_benchmark("layer")
+    monkeypatch.setattr(layer, "SHAPES", [(40, 24)])
+    monkeypatch.setattr(layer, "TOKENS", [8])
+    out = tmp_path / "layer.json"
+    assert layer.main(["--quick", "--rounds", "2", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["provenance"]["command"].startswith("python ")
+    rows = results["rows"]
+    assert [(r["out"], r["in"], r["tokens"], r["dtype"]) for r in rows] == [(40, 24, 8, "fp32"), (40, 24, 8, "bf16")]
+    for r in rows:
+        assert r["nnz"] == round(0.01 * 40 * 24) and r["strategy"] in ("spmm", "fold")
+        assert len(r["rosa_over_lora_rounds"]) == 2 and r["met"] == (r["rosa_over_lora"] <= layer.TARGET)
+    rows[0].update(rosa_over_lora=1.5, met=False)
+    rows[1].update(rosa_over_lora=1.05, met=True)
+    text = layer.markdown(results)
+    assert "| 1.50x (" in text and "**not met**" in text and "Goal met on 1 of 2 rows." in text
 
 
 # --- gpu.py: importable without a GPU, and timing the layer's own path --------------------------------------

@@ -45,7 +45,7 @@ def test_a_layer_past_int32_flat_indices():
     support = support_from_flat_index(flat, (OUT, IN))
     assert (
         support.row_offsets.dtype == support.col_idx.dtype == torch.int32
-        and support.t_perm.dtype == torch.int64
+        and support.t_perm.dtype == torch.int32
     )
     assert torch.equal(support.flat_index(), flat)  # int64 all the way: no index past 2**31 wraps
     layer.set_support("default", support)

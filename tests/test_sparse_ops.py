@@ -284,3 +284,24 @@ def test_auto_never_folds_on_cuda_until_rates_are_measured():
     }
     assert {p for k, p in picks.items() if k[0] == "cuda"} == {"spmm"}
     assert "fold" in {p for k, p in picks.items() if k[0] == "cpu"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["random_16x33", "empty_rows_cols", "single_nonzero", "density_1"])
+def test_sddmm_in_token_blocks_matches_reference(case, dtype, monkeypatch):
+    """The CPU SDDMM sums its value gradient over blocks of tokens: blocks of 3 over 37 tokens (a ragged last
+    block) must give the float64 reference, alone and inside sparse_linear's backward."""
+    from rosa.sparse import torch_ops
+
+    monkeypatch.setattr(torch_ops, "SDDMM_BLOCK_BYTES", 1)
+    monkeypatch.setattr(torch_ops, "SDDMM_MIN_BLOCK", 3)
+    assert torch_ops.sddmm_token_block(33, 4) == 3
+    mask = MASKS[case]()
+    csr = csr_of(mask)
+    x, grad_out, values = _inputs(mask, 37, dtype, seed=11, non_contiguous=True)
+    ref = reference_linear(x, None, None, None, None, 0.0, mask, values, grad_out)
+    dv = ops.sddmm(grad_out, x, csr.row_offsets, csr.col_idx)
+    assert_matches(dv, ref.grad_values, tol_for(dv.dtype), "sddmm", ref.mag.grad_values)
+    leaf_values = values.clone().requires_grad_(True)
+    ops.sparse_linear(x, leaf_values, *csr.args()).backward(grad_out)
+    assert_matches(leaf_values.grad, ref.grad_values, tol_for(dtype), "grad values", ref.mag.grad_values)

@@ -47,7 +47,7 @@ def _assert_support_is(support, mask):
         got = getattr(support, field)
         assert got.dtype == INDEX_DTYPE, field
         assert torch.equal(got, getattr(csr, field)), field
-    assert support.t_perm.dtype == torch.int64
+    assert support.t_perm.dtype == INDEX_DTYPE
     assert torch.equal(support.t_perm, csr.t_perm)
     assert torch.equal(support.to_dense_mask(), mask)
     assert torch.equal(support.flat_index(), flat_index_of(mask))

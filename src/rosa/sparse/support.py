@@ -32,7 +32,9 @@ class Support:
     col_idx: torch.Tensor  # int32 [nnz], sorted within each row
     t_row_offsets: torch.Tensor  # int32 [in + 1]
     t_col_idx: torch.Tensor  # int32 [nnz]: output rows, sorted within each input column
-    t_perm: torch.Tensor  # int64 [nnz]
+    t_perm: (
+        torch.Tensor
+    )  # int32 [nnz] (derived, never saved: half the bytes of int64 on the layer's hot path)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -121,7 +123,7 @@ def support_from_coo(
         col_idx=cols.to(INDEX_DTYPE),
         t_row_offsets=t_row_offsets.to(INDEX_DTYPE),
         t_col_idx=rows[t_perm].to(INDEX_DTYPE),
-        t_perm=t_perm,
+        t_perm=t_perm.to(INDEX_DTYPE),
     )
 
 

@@ -55,7 +55,7 @@ def spmm(
         torch.addmm(out.t(), s, x.to(acc).t(), beta=0.0, out=out.t())
         return out.to(x.dtype)
     # S @ X^T reads X^T through strides and yields (out, tokens); hand back its transpose, row-major.
-    return _transpose_contiguous(torch.sparse.mm(s, x.to(acc).t()), x.dtype)
+    return _transpose_contiguous(_csr_mm(s, x.to(acc).t()), x.dtype)
 
 
 def spmm_t(
@@ -72,7 +72,14 @@ def spmm_t(
         return dy.new_zeros(tokens, in_features)
     acc = acc_dtype(dy.dtype)
     s_t = _csr(values.to(acc)[t_perm], t_row_offsets, t_col_idx, (in_features, out_features))
-    return _transpose_contiguous(torch.sparse.mm(s_t, dy.to(acc).t()), dy.dtype)
+    return _transpose_contiguous(_csr_mm(s_t, feature_major(dy, acc)), dy.dtype)
+
+
+def _csr_mm(s: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``s @ dense`` into a fresh, unfilled result: ``torch.sparse.mm`` zero-fills its result before MKL
+    overwrites it (a rows x tokens pass that costs a third of the product); beta=0 never reads it."""
+    out = dense.new_empty(s.shape[0], dense.shape[1])
+    return torch.addmm(out, s, dense, beta=0.0, out=out)
 
 
 def _transpose_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,18 +91,49 @@ def _transpose_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t.t())
 
 
+# The token block one CPU SDDMM pass works on: its slice of X^T (in x block, fp32) should stay in a core's L2 cache
+# while every nonzero of S reads a row of it. Whole-matrix passes stream X^T from memory once per nonzero
+# (benchmarks/sparse_ops.py: ~2.5x slower at 4096x4096, 512 tokens).
+SDDMM_BLOCK_BYTES = 1 << 20
+SDDMM_MIN_BLOCK = 16
+
+
+def sddmm_token_block(in_features: int, itemsize: int) -> int:
+    """Tokens per SDDMM pass on CPU: as many as keep an (in x block) slice of X^T within SDDMM_BLOCK_BYTES."""
+    return max(SDDMM_MIN_BLOCK, SDDMM_BLOCK_BYTES // max(1, in_features * itemsize))
+
+
 def sddmm(
     dy: torch.Tensor, x: torch.Tensor, row_offsets: torch.Tensor, col_idx: torch.Tensor
 ) -> torch.Tensor:
-    """``(dy^T x)`` sampled at the support, in CSR order, fp32 (fp64 for fp64 inputs): the value gradient."""
-    out_features, in_features = dy.shape[1], x.shape[1]
+    """``(dy^T x)`` sampled at the support, in CSR order, fp32 (fp64 for fp64 inputs): the value gradient.
+
+    On CPU the tokens are taken in blocks (``sddmm_token_block``) and the blocks' results summed: each block's
+    operands are copied feature-major (a dot product per nonzero then reads two contiguous rows) and small
+    enough to stay in cache."""
+    tokens, out_features = dy.shape
+    in_features = x.shape[1]
     nnz = col_idx.numel()
     acc = acc_dtype(dy.dtype, x.dtype)
-    if nnz == 0 or dy.shape[0] == 0:
+    if nnz == 0 or tokens == 0:
         return dy.new_zeros(nnz, dtype=acc)
     pattern = _csr(dy.new_zeros(nnz, dtype=acc), row_offsets, col_idx, (out_features, in_features))
-    out = torch.sparse.sampled_addmm(pattern, dy.to(acc).t().contiguous(), x.to(acc), beta=0.0)
-    return out.values()
+    block = tokens if dy.device.type != "cpu" else sddmm_token_block(in_features, acc.itemsize)
+    out = None
+    for start in range(0, tokens, block):
+        dy_t = feature_major(dy[start : start + block], acc)  # (out, block)
+        x_cols = feature_major(x[start : start + block], acc).t()  # (block, in), column-major
+        part = torch.sparse.sampled_addmm(pattern, dy_t, x_cols, beta=0.0).values()
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def feature_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(tokens, features) -> a contiguous (features, tokens) copy in ``dtype``; one pass, or none when ``t`` is
+    already a feature-major view in that dtype."""
+    if t.dtype == dtype and t.t().is_contiguous():
+        return t.t()
+    return torch.empty(t.shape[1], t.shape[0], dtype=dtype, device=t.device).copy_(t.t())
 
 
 def fold(weight: torch.Tensor, values: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
