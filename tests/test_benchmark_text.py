@@ -190,7 +190,10 @@ def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(tmp_path, 
     results = json.loads(out.read_text())
     assert results["provenance"]["command"].startswith("python ")
     rows = results["rows"]
-    assert [(r["out"], r["in"], r["tokens"], r["dtype"]) for r in rows] == [(40, 24, 8, "fp32"), (40, 24, 8, "bf16")]
+    assert [(r["out"], r["in"], r["tokens"], r["dtype"]) for r in rows] == [
+        (40, 24, 8, "fp32"),
+        (40, 24, 8, "bf16"),
+    ]
     for r in rows:
         assert r["nnz"] == round(0.01 * 40 * 24) and r["strategy"] in ("spmm", "fold")
         assert len(r["rosa_over_lora_rounds"]) == 2 and r["met"] == (r["rosa_over_lora"] <= layer.TARGET)
