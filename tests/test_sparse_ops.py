@@ -294,8 +294,9 @@ def test_sddmm_in_token_blocks_matches_reference(case, dtype, monkeypatch):
     from rosa.sparse import torch_ops
 
     monkeypatch.setattr(torch_ops, "SDDMM_BLOCK_BYTES", 1)
+    monkeypatch.setattr(torch_ops, "SDDMM_UNBLOCKED_BYTES", 0)
     monkeypatch.setattr(torch_ops, "SDDMM_MIN_BLOCK", 3)
-    assert torch_ops.sddmm_token_block(33, 4) == 3
+    assert torch_ops.sddmm_token_block(37, 33, 4) == 3
     mask = MASKS[case]()
     csr = csr_of(mask)
     x, grad_out, values = _inputs(mask, 37, dtype, seed=11, non_contiguous=True)

@@ -91,15 +91,21 @@ def _transpose_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t.t())
 
 
-# The token block one CPU SDDMM pass works on: its slice of X^T (in x block, fp32) should stay in a core's L2 cache
-# while every nonzero of S reads a row of it. Whole-matrix passes stream X^T from memory once per nonzero
-# (benchmarks/sparse_ops.py: ~2.5x slower at 4096x4096, 512 tokens).
+# The CPU SDDMM reads a row of X^T for every nonzero. When X^T is larger than a core's L2 cache those rows come from
+# further away each time, so the tokens are taken in blocks whose slice of X^T (in x block) fits SDDMM_BLOCK_BYTES;
+# below SDDMM_UNBLOCKED_BYTES one pass over all tokens is cheaper than the blocks' copies. Blocks hold at least
+# SDDMM_MIN_BLOCK tokens: shorter dot products cost more per element than the cache misses they save.
+# (An interleaved A/B on the 2-core development machine: faster for LLaMA-7B's 4096-wide layers at 512 tokens,
+# slower for SmolLM2's 576-wide ones, hence the threshold; benchmarks/layer.py times the result.)
 SDDMM_BLOCK_BYTES = 1 << 20
-SDDMM_MIN_BLOCK = 16
+SDDMM_UNBLOCKED_BYTES = 4 << 20
+SDDMM_MIN_BLOCK = 64
 
 
-def sddmm_token_block(in_features: int, itemsize: int) -> int:
-    """Tokens per SDDMM pass on CPU: as many as keep an (in x block) slice of X^T within SDDMM_BLOCK_BYTES."""
+def sddmm_token_block(tokens: int, in_features: int, itemsize: int) -> int:
+    """Tokens per SDDMM pass on CPU (``tokens`` itself: one pass)."""
+    if tokens * in_features * itemsize <= SDDMM_UNBLOCKED_BYTES:
+        return tokens
     return max(SDDMM_MIN_BLOCK, SDDMM_BLOCK_BYTES // max(1, in_features * itemsize))
 
 
@@ -118,7 +124,9 @@ def sddmm(
     if nnz == 0 or tokens == 0:
         return dy.new_zeros(nnz, dtype=acc)
     pattern = _csr(dy.new_zeros(nnz, dtype=acc), row_offsets, col_idx, (out_features, in_features))
-    block = tokens if dy.device.type != "cpu" else sddmm_token_block(in_features, acc.itemsize)
+    block = tokens if dy.device.type != "cpu" else sddmm_token_block(tokens, in_features, acc.itemsize)
+    if block >= tokens:
+        return torch.sparse.sampled_addmm(pattern, feature_major(dy, acc), x.to(acc), beta=0.0).values()
     out = None
     for start in range(0, tokens, block):
         dy_t = feature_major(dy[start : start + block], acc)  # (out, block)
