@@ -114,6 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--wait-budget", type=float, default=300.0, help="total seconds of such waiting per run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument(
         "--previous",
         default=None,
@@ -701,6 +702,8 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 7)
     out_path = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     gen = torch.Generator().manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     WAIT_BUDGET["left_s"] = args.wait_budget
     prov = provenance.provenance(None if argv is None else [sys.argv[0], *argv])
     # The earlier run is read now, before this run's JSON replaces it.
