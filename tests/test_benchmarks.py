@@ -216,3 +216,27 @@ def test_a_policy_run_reuses_the_identical_hand_set_run(accuracy, tmp_path, monk
     monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: {"exact_match": 0.2, "wall_seconds": 1})
     other = accuracy.Spec("sql", "rosa", **schedule)
     assert accuracy.run_suite([other], path)["runs"][other.key]["exact_match"] == 0.2
+
+
+def test_the_verdict_pairs_seeds_and_says_what_is_not_measured(accuracy):
+    """RoSA and LoRA are compared on the seeds both have run (paired differences), and the target line says
+    which cells still lack the seeds the issue asks for."""
+    runs = {}
+    chosen = accuracy.CANDIDATES[0]
+    for seed, rosa_em, lora_em in ((0, 0.40, 0.35), (1, 0.30, 0.33), (2, 0.50, 0.40)):
+        for method, em in (("rosa", rosa_em), ("lora", lora_em)):
+            extra = chosen if method == "rosa" else {}
+            spec = accuracy.Spec("viggo", method, seed=seed, **extra)
+            runs[spec.key] = {**_fake_run(accuracy, spec, 0.1), "exact_match": em}
+    lora3 = accuracy.Spec("sql", "lora", seed=0)
+    runs[lora3.key] = {**_fake_run(accuracy, lora3, 0.2), "exact_match": 0.3}
+    results = {"runs": runs, "settings": {"test_rows": 200}}
+    ordered = list(runs.values())
+    text = accuracy._verdict(results, ordered)
+    # means 40.0 vs 36.0; differences +5, -3, +10 -> sd 6.56, paired se 3.79
+    assert "seeds 0, 1, 2: RoSA 40.0% vs LoRA 36.0%: RoSA >= LoRA, difference +4.0 points" in text
+    assert "per-seed differences +5.0, -3.0, +10.0 (paired standard error 3.8 points, mean / se +1.1)" in text
+    assert "not settled yet" in text and "not yet measured in full: sql low, viggo mid, sql mid" in text
+    del runs[accuracy.Spec("viggo", "rosa", seed=2, **chosen).key]  # LoRA's seed 2 has no RoSA partner
+    text = accuracy._verdict(results, list(runs.values()))
+    assert "seeds 0, 1: RoSA 35.0% vs LoRA 34.0%" in text
