@@ -696,8 +696,7 @@ def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             se = sd / math.sqrt(len(seeds))
             text += (
                 f"; per-seed differences {', '.join(f'{100 * d:+.1f}' for d in diffs)} (paired standard error "
-                f"{100 * se:.1f} points"
-                + (f", mean / se {(r - lo) / se:+.1f})" if se > 0 else ")")
+                f"{100 * se:.1f} points" + (f", mean / se {(r - lo) / se:+.1f})" if se > 0 else ")")
             )
         lines.append(text + ".")
     missing = [
