@@ -141,9 +141,7 @@ def csr_of(mask: torch.Tensor) -> Csr:
     def i32(v):
         return torch.tensor(v, dtype=torch.int32)
 
-    return Csr(
-        i32(row_offsets), i32(col_idx), i32(t_row_offsets), i32(t_col_idx), torch.tensor(t_perm).long()
-    )
+    return Csr(i32(row_offsets), i32(col_idx), i32(t_row_offsets), i32(t_col_idx), i32(t_perm))
 
 
 def flat_index_of(mask: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,12 @@ def test_adapter_target_verdict_is_computed():
     assert "target <= 1.5x: **not met**" in adapter_size.markdown(results)
 
 
-def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["spmm", "fold"])
+def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(strategy, tmp_path, monkeypatch):
+    """Each row times the sparse ops its strategy really runs (auto forced either way here)."""
+    import rosa.sparse.delta
+
+    monkeypatch.setattr(rosa.sparse.delta, "choose_strategy", lambda *a: strategy)
     layer = load_benchmark("layer")
     monkeypatch.setattr(layer, "SHAPES", [(40, 24)])
     monkeypatch.setattr(layer, "TOKENS", [8])
@@ -195,12 +200,14 @@ def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(tmp_path, 
         (40, 24, 8, "bf16"),
     ]
     for r in rows:
-        assert r["nnz"] == round(0.01 * 40 * 24) and r["strategy"] in ("spmm", "fold")
+        assert r["nnz"] == round(0.01 * 40 * 24) and r["sparse_ops"] == list(layer.OPS[r["strategy"]])
         assert len(r["rosa_over_lora_rounds"]) == 2 and r["met"] == (r["rosa_over_lora"] <= layer.TARGET)
     rows[0].update(rosa_over_lora=1.5, met=False)
     rows[1].update(rosa_over_lora=1.05, met=True)
     text = layer.markdown(results)
     assert "| 1.50x (" in text and "**not met**" in text and "Goal met on 1 of 2 rows." in text
+    assert "From fp32 to bf16 the dense GEMM gets" in text
+    assert ("2 x fold" in text) == (strategy == "fold") and ("spmm_t" in text) == (strategy == "spmm")
 
 
 # --- gpu.py: importable without a GPU, and timing the layer's own path --------------------------------------

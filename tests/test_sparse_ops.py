@@ -306,3 +306,20 @@ def test_sddmm_in_token_blocks_matches_reference(case, dtype, monkeypatch):
     leaf_values = values.clone().requires_grad_(True)
     ops.sparse_linear(x, leaf_values, *csr.args()).backward(grad_out)
     assert_matches(leaf_values.grad, ref.grad_values, tol_for(dtype), "grad values", ref.mag.grad_values)
+
+
+def test_sparse_products_never_read_the_unfilled_result(monkeypatch):
+    """_csr_mm leaves its result unfilled only where the kernel ignores it (MKL, beta=0): a result full of NaN
+    must come out exact, also for empty rows of S."""
+    from rosa.sparse import torch_ops
+
+    mask = MASKS["empty_rows_cols"]()
+    csr = csr_of(mask)
+    x, _, values = _inputs(mask, 9, torch.float32, seed=5)
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: real_new_empty(self, *a, **k).fill_(float("nan"))
+    )
+    y = torch_ops.spmm(x, values, csr.row_offsets, csr.col_idx, mask.shape[0])
+    assert not y.isnan().any()
+    assert_matches(y, x.double() @ dense_from_mask(mask, values).t(), tol_for(torch.float32), "spmm")

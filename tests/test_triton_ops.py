@@ -75,7 +75,7 @@ def build_case(mask: torch.Tensor) -> Case:
         col_idx=cols.to(torch.int32).to(**to),
         t_row_offsets=t_row_offsets.to(**to),
         t_col_idx=rows[t_perm].to(torch.int32).to(**to),
-        t_perm=t_perm.to(**to),
+        t_perm=t_perm.to(torch.int32).to(**to),  # the dtype rosa.sparse.support builds
         rows=rows,
         cols=cols,
     )

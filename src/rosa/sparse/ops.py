@@ -274,11 +274,9 @@ def _sparse_linear_backward(ctx, grad_out):
     grad_x = grad_values = None
     if all(ctx.needs_input_grad[:2]) and backend_for(grad_out.device) is torch_ops:
         # PyTorch's CSR kernels both read dy feature-major (S^T dy^T, and dy^T for the SDDMM): transpose it once
-        # here rather than once inside each (an out x tokens copy, the largest cost of this backward on CPU), and
-        # widen a bf16/fp16 dy to the accumulation dtype in the same pass when the input gradient is wanted in
-        # that dtype anyway (the fp32 input the LoRA branch keeps), so neither op converts it again.
-        acc = torch_ops.acc_dtype(grad_out.dtype)
-        grad_out = torch_ops.feature_major(grad_out, acc if x.dtype == acc else grad_out.dtype).t()
+        # here rather than once inside each (an out x tokens copy, the largest cost of this backward on CPU). A
+        # blocked SDDMM (large inputs) still copies its token blocks out of it, but those reads are contiguous.
+        grad_out = torch_ops.feature_major(grad_out, grad_out.dtype).t()
     if ctx.needs_input_grad[0]:
         grad_x = spmm_t(grad_out, values, t_row_offsets, t_col_idx, t_perm, x.shape[1]).to(x.dtype)
     if ctx.needs_input_grad[1]:

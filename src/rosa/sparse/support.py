@@ -32,9 +32,8 @@ class Support:
     col_idx: torch.Tensor  # int32 [nnz], sorted within each row
     t_row_offsets: torch.Tensor  # int32 [in + 1]
     t_col_idx: torch.Tensor  # int32 [nnz]: output rows, sorted within each input column
-    t_perm: (
-        torch.Tensor
-    )  # int32 [nnz] (derived, never saved: half the bytes of int64 on the layer's hot path)
+    # int32 [nnz]: derived, never saved; int32 halves its bytes on the layer's hot path
+    t_perm: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:

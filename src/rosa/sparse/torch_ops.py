@@ -76,9 +76,14 @@ def spmm_t(
 
 
 def _csr_mm(s: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """``s @ dense`` into a fresh, unfilled result: ``torch.sparse.mm`` zero-fills its result before MKL
-    overwrites it (a rows x tokens pass that costs a third of the product); beta=0 never reads it."""
-    out = dense.new_empty(s.shape[0], dense.shape[1])
+    """``s @ dense`` into a fresh result. ``torch.sparse.mm`` zero-fills it before MKL overwrites it (a rows x
+    tokens pass that costs a third of the product); MKL's beta=0 product never reads it, so on CPU with MKL it
+    is left unfilled. Other kernels (PyTorch's own CSR loop where MKL is missing, cuSPARSE) scale the old
+    contents by beta, and 0 * garbage can be NaN: they get a zeroed result."""
+    if dense.device.type == "cpu" and torch.backends.mkl.is_available():
+        out = dense.new_empty(s.shape[0], dense.shape[1])
+    else:
+        out = dense.new_zeros(s.shape[0], dense.shape[1])
     return torch.addmm(out, s, dense, beta=0.0, out=out)
 
 
@@ -95,8 +100,9 @@ def _transpose_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # further away each time, so the tokens are taken in blocks whose slice of X^T (in x block) fits SDDMM_BLOCK_BYTES;
 # below SDDMM_UNBLOCKED_BYTES one pass over all tokens is cheaper than the blocks' copies. Blocks hold at least
 # SDDMM_MIN_BLOCK tokens: shorter dot products cost more per element than the cache misses they save.
-# (An interleaved A/B on the 2-core development machine: faster for LLaMA-7B's 4096-wide layers at 512 tokens,
-# slower for SmolLM2's 576-wide ones, hence the threshold; benchmarks/layer.py times the result.)
+# (An interleaved A/B on the 2-core development machine, fp32: blocks were faster for 4096x4096, 11008x4096 and
+# 4096x11008 at 512 tokens and slower for 576x576 and 1536x576 at 1024 tokens, whose X^T (2.4 MB) stays under the
+# threshold; wider inputs or more tokens were not measured. benchmarks/layer.py times the result.)
 SDDMM_BLOCK_BYTES = 1 << 20
 SDDMM_UNBLOCKED_BYTES = 4 << 20
 SDDMM_MIN_BLOCK = 64
