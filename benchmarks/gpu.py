@@ -432,7 +432,7 @@ def bench_shape(out_f: int, in_f: int, density: float, tokens: int, kind: str) -
         return lambda: torch.sparse.mm(s, xt)
 
     def bwd_x(dt):
-        s_t = _csr(values[sup.t_perm].to(dt), sup.t_row_offsets, sup.t_col_idx, (in_f, out_f))
+        s_t = _csr(values.index_select(0, sup.t_perm).to(dt), sup.t_row_offsets, sup.t_col_idx, (in_f, out_f))
         dyt = sdy.to(dt).t()
         return lambda: torch.sparse.mm(s_t, dyt)
 
