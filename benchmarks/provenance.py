@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit(root: Path = ROOT) -> str:
-    """The commit the benchmark code ran from, with '+dirty' when tracked files had uncommitted changes."""
+    """The commit the benchmark code ran from, with '+dirty' when tracked files other than results had
+    uncommitted changes (a result JSON rewritten by an earlier benchmark of the same session is not a code change)."""
 
     def git(*args: str) -> str:
         try:
@@ -34,7 +35,8 @@ def git_commit(root: Path = ROOT) -> str:
         return out.stdout.strip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs/benchmarks")
+    return commit + ("+dirty" if changed else "")
 
 
 def load_average() -> list[float] | None:

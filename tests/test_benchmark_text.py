@@ -46,6 +46,25 @@ def test_provenance_records_command_commit_date_machine_andload_benchmark(proven
     assert p["git_commit"] in line and p["date"] in line and "load average" in line
 
 
+def test_a_rewritten_result_is_not_a_dirty_tree_but_a_code_change_is(provenance, tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "docs" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "docs" / "benchmarks" / "a.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "x", "--allow-empty")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "files")
+    (tmp_path / "docs" / "benchmarks" / "a.json").write_text('{"rerun": 1}')
+    assert not provenance.git_commit(tmp_path).endswith("+dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.git_commit(tmp_path).endswith("+dirty")
+
+
 def test_a_json_without_provenance_says_what_it_lacks(provenance):
     old = {"command": "python benchmarks/x.py", "machine": {"torch": "2.0", "load_avg_start": [1, 2, 3]}}
     line = provenance.describe(old, "benchmarks/x.py")
