@@ -341,6 +341,14 @@ def markdown(results: dict) -> str:
             f"| {s['memory_ratio']:.3f} ({_verdict(s['memory_ratio'], mem_t)}) "
             f"| {wall:.2f} / {cpu:.2f} ({time_verdict}) |"
         )
+    joint = summary.get("qrosa_joint") if isinstance(summary, dict) else None
+    if joint and not joint.get("meets_targets", True):
+        out += [
+            "",
+            "Why the joint phase misses its time target: an NF4 base cannot take S folded into its weight, so "
+            "every adapted layer runs the three sparse ops (the spmm strategy) on top of QLoRA's work; what those "
+            "ops cost on this CPU, op by op, is in the layer benchmark below.",
+        ]
     note = provenance.unknown_keys_note(
         results, JSON_KEYS, results.get("command", "python benchmarks/qrosa.py").strip()
     )
