@@ -113,6 +113,7 @@ class Spec:
     rewarmup: bool = False  # what starts at the mask gets a fresh LR warm-up (10% of the run)
     sparse_lr_ratio: float = 1.0  # the sparse values train at lr / sparse_lr_ratio
     seed: int = 0  # training order and adapter init
+    epochs: float | None = None  # set when ``steps`` was computed as this many passes over the training rows
 
     @property
     def key(self) -> str:
@@ -138,8 +139,11 @@ class Spec:
 
     def lr_source(self) -> Spec:
         """The spec whose probes choose this spec's learning rate: the mask studies borrow the fisher RoSA's,
-        other seeds borrow seed 0's."""
-        return replace(self, mask_method="fisher", allocation="layer", seed=0, fixed_lr=None)
+        other seeds borrow seed 0's, longer runs the standard length's (a probe is ``PROBE_STEPS`` steps of
+        the same schedule shape whatever the run's length, so this is the same probe under its first key)."""
+        return replace(
+            self, mask_method="fisher", allocation="layer", seed=0, fixed_lr=None, steps=STEPS, epochs=None
+        )
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -276,6 +280,11 @@ def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
 
 
 # ------------------------------------------------------------------------------------------------ one run
+
+
+def epoch_steps(task: str, epochs: float) -> int:
+    """Steps of ``BATCH`` rows that pass ``epochs`` times over the task's training rows."""
+    return math.ceil(epochs * len(splits(task)[0]) / BATCH)
 
 
 def warmup_steps(steps: int) -> int:
@@ -443,9 +452,18 @@ def specs_for(
     steps: int,
     path: Path = OUT,
     seeds: tuple[int, ...] = (0,),
+    epochs: float | None = None,
 ) -> list[Spec]:
     """Main comparison first (every task), then the mask studies: the order in which results are most useful.
-    RoSA runs the schedule the candidates chose (``choose_schedule``); ``seeds`` apply to LoRA and RoSA."""
+    RoSA runs the schedule the candidates chose (``choose_schedule``); ``seeds`` apply to LoRA and RoSA.
+    ``epochs`` replaces ``steps`` by that many passes over each task's training rows (main part only)."""
+    if epochs is not None:
+        if part != "main":
+            raise SystemExit("--epochs is for the method comparison: use it with --part main")
+        return [
+            replace(spec, steps=epoch_steps(spec.task, epochs), epochs=epochs)
+            for spec in specs_for(tasks, methods, budgets, part, steps, path, seeds)
+        ]
     specs: list[Spec] = []
     schedule: dict[str, Any] = {}
     if part in ("main", "all", "studies") and ("rosa" in methods or part == "studies"):
@@ -553,10 +571,12 @@ def _other_mask(spec: dict[str, Any]) -> bool:
 
 
 def kind(spec: dict[str, Any]) -> str:
-    """comparison (the policy's runs of each method), schedule candidate, first schedule (superseded RoSA
+    """comparison (the policy's runs of each method), longer run (the same at another length), schedule candidate, first schedule (superseded RoSA
     runs), mask study, or diagnostic."""
     if spec.get("mask_at_start"):
         return "diagnostic"
+    if spec.get("steps", STEPS) != STEPS:
+        return "longer run"
     if spec["method"] == "rosa" and spec.get("fixed_lr") is not None:
         return "schedule candidate" if schedule_of(spec) in CANDIDATES else "diagnostic"
     if _other_mask(spec):
@@ -566,7 +586,7 @@ def kind(spec: dict[str, Any]) -> str:
     return "comparison"
 
 
-KINDS = ("comparison", "schedule candidate", "first schedule", "mask study", "diagnostic")
+KINDS = ("comparison", "longer run", "schedule candidate", "first schedule", "mask study", "diagnostic")
 METHOD_ORDER = {"full": 0, "lora": 1, "spa": 2, "rosa": 3}
 
 
@@ -600,7 +620,11 @@ def choose_schedule(results: dict[str, Any], tasks: tuple[str, ...] = ("viggo", 
             for r in runs
             if schedule_of(r["spec"]) == schedule and r["spec"]["task"] in lora
         ]
-        tasks_done = {r["spec"]["task"] for r in runs if schedule_of(r["spec"]) == schedule}
+        tasks_done = {  # a candidate counts where LoRA's val loss exists to compare it with
+            r["spec"]["task"]
+            for r in runs
+            if schedule_of(r["spec"]) == schedule and r["spec"]["task"] in lora
+        }
         if set(tasks) <= tasks_done:
             scores[json.dumps(schedule, sort_keys=True)] = sum(rel) / len(rel)
     if not scores:
@@ -615,6 +639,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
         _protocol(results, runs),
         _verdict(results, runs),
         _comparison_table(runs),
+        _longer_table(runs),
         _candidate_table(results, runs),
         _runs_table(runs),
         _mask_window_table(runs),
@@ -699,6 +724,7 @@ def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
                 f"{100 * se:.1f} points" + (f", mean / se {(r - lo) / se:+.1f})" if se > 0 else ")")
             )
         lines.append(text + ".")
+    lines += _longer_verdict(runs)
     missing = [
         f"{t} {b}" for t, b in TARGET_CELLS if (t, b) not in status or status[(t, b)][1] < TARGET_SEEDS[b]
     ]
@@ -713,6 +739,26 @@ def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
         + "."
     )
     return "\n".join(lines)
+
+
+def _longer_verdict(runs: list[dict[str, Any]]) -> list[str]:
+    """RoSA against LoRA in the longer runs, paired by task, budget, length and seed (not part of the target)."""
+    pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        spec = run["spec"]
+        if kind(spec) == "longer run" and spec["method"] in ("lora", "rosa"):
+            key = (spec["task"], spec["budget"], spec["steps"], spec.get("epochs"), spec.get("seed", 0))
+            pairs.setdefault(key, {})[spec["method"]] = run
+    lines = []
+    for (task, budget, steps, epochs, seed), pair in sorted(pairs.items(), key=lambda kv: str(kv[0])):
+        if len(pair) == 2:
+            r, lo = pair["rosa"]["exact_match"], pair["lora"]["exact_match"]
+            length = f"{epochs:g} epoch{'s' * (epochs != 1)} = {steps} steps" if epochs else f"{steps} steps"
+            lines.append(
+                f"- Longer run, {task}, budget {budget}, {length}, seed {seed}: RoSA {100 * r:.1f}% vs LoRA "
+                f"{100 * lo:.1f}% ({'RoSA >= LoRA' if r >= lo else 'RoSA < LoRA'}, one seed)."
+            )
+    return lines
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -752,6 +798,30 @@ def _comparison_table(runs: list[dict[str, Any]]) -> str:
             f"| {_mean_sd([r['val_loss'] for r in group])[0]:.3f} | **{100 * mean:.1f}%**{spread} ({per_seed}) |"
         )
     return "\n".join(rows)
+
+
+def _longer_table(runs: list[dict[str, Any]]) -> str:
+    """The comparison at other run lengths (e.g. one epoch), each method at its standard-length rate."""
+    rows = [r for r in runs if kind(r["spec"]) == "longer run"]
+    if not rows:
+        return ""
+    out = [
+        "| task | method | budget | steps | schedule | lr (chosen at the standard length) | seed | val loss "
+        "| exact match |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted(
+        rows, key=lambda r: (r["spec"]["task"], r["spec"]["steps"], METHOD_ORDER[r["spec"]["method"]])
+    ):
+        spec = run["spec"]
+        epochs = spec.get("epochs")
+        length = f"{spec['steps']}" + (f" ({epochs:g} epoch{'s' * (epochs != 1)})" if epochs else "")
+        out.append(
+            f"| {spec['task']} | {label(run)} | {spec.get('budget', '-') if spec['method'] != 'full' else '-'} "
+            f"| {length} | {schedule_label(spec)} | {_rates(run)} | {spec.get('seed', 0)} "
+            f"| {run['val_loss']:.3f} | {_em(run)} |"
+        )
+    return "\n".join(out)
 
 
 def _candidate_table(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -834,7 +904,13 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
         if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
     }
     rows = [r for r in runs if r["spec"]["method"] == "rosa" and mask_fixed_step(r["spec"]) > width]
-    rows = [r for r in rows if r["spec"]["task"] in lora and r["spec"].get("seed", 0) == 0]
+    rows = [
+        r
+        for r in rows
+        if r["spec"]["task"] in lora
+        and r["spec"].get("seed", 0) == 0
+        and r["spec"]["steps"] == lora[r["spec"]["task"]]["spec"]["steps"]  # the same batches, step by step
+    ]
     if not rows:
         return ""
     out = [
@@ -873,6 +949,8 @@ def _short(run: dict[str, Any]) -> str:
         name += f" lr {spec['fixed_lr']:g}"
     if kind(spec) == "first schedule":
         name += " (first schedule)"
+    if kind(spec) == "longer run":
+        name += f" {spec['steps']} steps"
     if spec.get("seed", 0):
         name += f" seed {spec['seed']}"
     return name
@@ -880,6 +958,7 @@ def _short(run: dict[str, Any]) -> str:
 
 KIND_COLORS = {
     "comparison": "C0",
+    "longer run": "C4",
     "schedule candidate": "C3",
     "first schedule": "C7",
     "mask study": "C1",
@@ -933,7 +1012,7 @@ def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
         )
         right.set_ylabel("exact match, %")
         right.set_title(
-            f"{task}: blue comparison, red schedule candidate, grey first schedule, orange mask study, "
+            f"{task}: blue comparison, purple longer run, red schedule candidate, grey first schedule, orange mask study, "
             "green diagnostic",
             fontsize=8,
         )
@@ -948,7 +1027,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["viggo", "sql"], choices=sorted(TASK_FILES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", default=["low"], choices=sorted(BUDGETS))
-    parser.add_argument("--steps", type=int, default=STEPS)
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=STEPS)
+    length.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="train this many passes over each task's training rows instead of --steps (--part main only); "
+        "the learning rate is the one chosen for the standard length",
+    )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0], help="seeds (training order, init) for LoRA and RoSA"
     )
@@ -974,7 +1061,14 @@ def main(argv: list[str] | None = None) -> int:
         report(load_results(args.out), PLOT if args.out == OUT else args.out.with_suffix(".png"))
         return 0
     specs = specs_for(
-        args.tasks, args.methods, args.budgets, args.part, args.steps, args.out, tuple(args.seeds)
+        args.tasks,
+        args.methods,
+        args.budgets,
+        args.part,
+        args.steps,
+        args.out,
+        tuple(args.seeds),
+        args.epochs,
     )
     if args.only:
         specs = [s for s in specs if any(part in s.key for part in args.only)]

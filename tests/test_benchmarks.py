@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -195,6 +195,8 @@ def test_the_default_schedule_is_chosen_on_validation_loss_relative_to_lora(accu
     del runs[accuracy.Spec("sql", "rosa", fixed_lr=3e-3, **b).key]
     assert accuracy.choose_schedule({"runs": runs}) == a
     assert accuracy.choose_schedule({"runs": {}}) is None
+    del runs[accuracy.Spec("sql", "lora").key]  # nothing to compare sql's candidates with: none is chosen
+    assert accuracy.choose_schedule({"runs": runs}) is None
 
 
 def test_a_policy_run_reuses_the_identical_hand_set_run(accuracy, tmp_path, monkeypatch):
@@ -240,3 +242,51 @@ def test_the_verdict_pairs_seeds_and_says_what_is_not_measured(accuracy):
     del runs[accuracy.Spec("viggo", "rosa", seed=2, **chosen).key]  # LoRA's seed 2 has no RoSA partner
     text = accuracy._verdict(results, list(runs.values()))
     assert "seeds 0, 1: RoSA 35.0% vs LoRA 34.0%" in text
+
+
+def test_a_longer_run_is_its_own_kind_and_borrows_the_standard_rate(accuracy, tmp_path, monkeypatch):
+    """``--epochs`` sets each task's steps from its training rows; the run keeps its own key and kind (never
+    averaged into the 150-step comparison) and takes the rate the standard-length probes chose."""
+    monkeypatch.setattr(accuracy, "splits", lambda task: (list(range(41 if task == "viggo" else 16)), [], []))
+    chosen = accuracy.CANDIDATES[0]
+    results = accuracy.load_results(tmp_path / "r.json")
+    for task in ("viggo", "sql"):  # choose_schedule needs the candidate and LoRA on both tasks
+        for spec in (accuracy.Spec(task, "rosa", fixed_lr=3e-3, **chosen), accuracy.Spec(task, "lora")):
+            results["runs"][spec.key] = _fake_run(accuracy, spec, 0.1)
+    accuracy.save_results(results, tmp_path / "r.json")
+    specs = accuracy.specs_for(
+        ["viggo", "sql"], ["lora", "rosa"], ["low"], "main", 150, tmp_path / "r.json", epochs=1
+    )
+    steps = {(s.task, s.method): s.steps for s in specs}
+    batch = accuracy.BATCH
+    assert steps == {
+        ("viggo", "lora"): -(-41 // batch),
+        ("viggo", "rosa"): -(-41 // batch),
+        ("sql", "lora"): 16 // batch,
+        ("sql", "rosa"): 16 // batch,
+    }
+    for spec in specs:
+        standard = replace(spec, steps=accuracy.STEPS, epochs=None)
+        assert spec.key != standard.key and spec.lr_source() == standard.lr_source()
+        assert accuracy.kind(asdict(spec)) == "longer run" and accuracy.kind(asdict(standard)) != "longer run"
+    with pytest.raises(SystemExit, match="--part main"):
+        accuracy.specs_for(["viggo"], ["lora"], ["low"], "studies", 150, tmp_path / "r.json", epochs=1)
+
+    runs = {}
+    for spec, em in ((specs[0], 0.4), (specs[1], 0.45)):  # viggo LoRA, viggo RoSA, one epoch
+        runs[spec.key] = {
+            **_fake_run(accuracy, spec, 0.1),
+            "exact_match": em,
+            "correct": round(200 * em),
+            "count": 200,
+            "trainable": {"total": 10},
+            "params": {},
+        }
+    text = accuracy._verdict({"runs": runs, "settings": {"test_rows": 200}}, list(runs.values()))
+    assert f"viggo, budget low, 1 epoch = {specs[0].steps} steps, seed 0: RoSA 45.0% vs LoRA 40.0%" in text
+    assert "not yet measured in full: viggo low, sql low" in text  # longer runs do not count for the target
+    table = accuracy._longer_table(list(runs.values()))
+    assert (
+        table.count(f"| {specs[0].steps} (1 epoch) |") == 2
+        and accuracy._comparison_table(list(runs.values())) == ""
+    )
