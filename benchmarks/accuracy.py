@@ -296,7 +296,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     """Fine-tune a fresh copy of the model; return losses, validation loss and (optionally) test exact match."""
     from torch.utils.data import DataLoader
 
-    from rosa.app.data import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
+    from rosa.app.batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
     from rosa.app.evaluate import evaluate_task, heldout_loss
     from rosa.app.run_config import ModelSection
     from rosa.app.train import load_model_and_tokenizer, warmup_cosine

@@ -1,4 +1,5 @@
-"""Tests for rosa.app.data: task formats on the real data files, tokenization, splits, collator, sampler."""
+"""Tests for rosa.app.data and rosa.app.batches: task formats on the real data files, tokenization, splits,
+collator, sampler."""
 
 from __future__ import annotations
 
@@ -12,22 +13,24 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from rosa.app.data import (
+from rosa.app.batches import (
     IGNORE_INDEX,
-    TASKS,
     CausalLMCollator,
-    Example,
     LengthGroupedBatchSampler,
+    pad_token_id,
+    tokenize_example,
+    tokenize_examples,
+)
+from rosa.app.data import (
+    TASKS,
+    Example,
     format_rows,
     get_task,
     load_examples,
     load_rows,
-    pad_token_id,
     split_rows,
     synthetic_rows,
     synthetic_splits,
-    tokenize_example,
-    tokenize_examples,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

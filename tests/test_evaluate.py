@@ -12,7 +12,8 @@ from tiny_models import tiny_llama
 from torch.utils.data import DataLoader
 
 import rosa.app.default_model as dm
-from rosa.app.data import CausalLMCollator, Example, load_examples, synthetic_splits, tokenize_examples
+from rosa.app.batches import CausalLMCollator, tokenize_examples
+from rosa.app.data import Example, load_examples, synthetic_splits
 from rosa.app.evaluate import (
     evaluate_task,
     exact_match,

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE_INDEX, Example, encode_prompt, get_task, pad_token_id, strip_sql_wrapper
+from .batches import IGNORE_INDEX, encode_prompt, pad_token_id
+from .data import Example, get_task, strip_sql_wrapper
 
 DEFAULT_MAX_NEW_TOKENS = {"gsm8k": 256, "viggo": 128, "sql": 128, "synthetic": 16, "generic": 256}
 

@@ -14,9 +14,7 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +25,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint
-from .data import (
-    CausalLMCollator,
-    Example,
-    LengthGroupedBatchSampler,
-    load_examples,
-    split_rows,
-    synthetic_splits,
-    tokenize_examples,
-)
+from .batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
+from .checkpoint import load_checkpoint, restore_optimizer
+from .data import Example, load_examples, split_rows, synthetic_splits
 from .evaluate import (
     generate_responses,
     heldout_loss_sums,
@@ -46,14 +37,22 @@ from .evaluate import (
     summed_response_loss,
 )
 from .run_config import DataSection, ModelSection, RunConfig, RunConfigError, load_run_config
+from .run_folder import (
+    CheckpointSaver,
+    GracefulStop,
+    RunError,
+    append_jsonl,
+    check_process_count,
+    check_resume_settings,
+    prepare_output,
+    restore_rng,
+    run_folder_lock,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
 GENERIC_TASKS = {"jsonl": "generic", "csv": "generic", "generic": "generic"}
-
-
-class RunError(RuntimeError):
-    """A run cannot start (bad model, bad data, nothing to resume)."""
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -174,112 +173,6 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def _prepare_output(run: RunConfig, resume: bool) -> tuple[Path, Path | None]:
-    out = Path(run.output_dir)
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and (out / "results.json").is_file():
-        raise RunError(f"--resume: the run in {out} has finished (results.json); start a new run elsewhere")
-    if resume and checkpoint is None:
-        raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if not resume and (out / "checkpoints").exists():
-        raise RunError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another output_dir"
-        )
-    return out, checkpoint
-
-
-LOCK_NAME = ".rosa-run.lock"
-
-
-@contextlib.contextmanager
-def run_folder_lock(out: Path):
-    """Hold ``out`` for this run: a second run on the same folder is refused while this one lives. An OS lock
-    (flock), so a killed process leaves nothing stuck. A folder this call created and nothing else wrote into
-    is removed again on the way out."""
-    import fcntl
-
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_NAME, "a+")  # noqa: SIM115 (held for the whole run)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunError(
-            f"{out} is in use by another rosa run ({holder}); wait for it or choose another output_dir"
-        ) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        if created and {p.name for p in out.iterdir()} == {LOCK_NAME}:
-            (out / LOCK_NAME).unlink()
-            out.rmdir()
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-class GracefulStop:
-    """The first SIGINT / SIGTERM asks the loop to stop at the next step boundary (where a checkpoint is exact);
-    a second one stops at once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def requested_everywhere(self, ctx: distributed.ProcessContext) -> bool:
-        """Whether any rank was asked to stop (every rank must stop at the same step)."""
-        flag = float(self.requested)
-        return (distributed.all_reduce_sum([flag], ctx)[0] if ctx.distributed else flag) > 0
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            f"\nrosa: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
-            "(again to stop at once)",
-            file=sys.stderr,
-        )
-
-
-def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -> None:
-    """A resumed run keeps the settings it started with: refuse any setting given now that differs."""
-    for key in keys:
-        if key == "output_dir":
-            continue
-        then, now = _get_path(saved.to_dict(), key), _get_path(given.to_dict(), key)
-        if then != now:
-            raise RunError(
-                f"--resume continues the run with its own settings: {key} was {then!r}, given {now!r} "
-                "(drop the override, or start a new run in another output_dir)"
-            )
-
-
-def _get_path(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(tree, dict):
-            return None
-        tree = tree.get(part)
-    return tree
-
-
 def collect_mask_only(run: RunConfig, mask_out: Path, show_progress: bool = True) -> Path:
     """``rosa mask``: warm-up and mask collection only; writes the mask file and nothing else."""
     from ..mask import default_stats
@@ -338,7 +231,7 @@ def _train(
 
     started = time.perf_counter()
     show_progress = show_progress and ctx.is_main
-    out, checkpoint = _prepare_output(run, resume) if mask_out is None else (Path(run.output_dir), None)
+    out, checkpoint = prepare_output(run, resume) if mask_out is None else (Path(run.output_dir), None)
     distributed.barrier(ctx)  # every rank has checked the folder before rank 0 writes into it
     if checkpoint is not None:  # the run continues with the settings it was started with
         saved = load_run_config(out / "run_config.yaml")
@@ -357,7 +250,7 @@ def _train(
     state: dict[str, Any] = {}
     if checkpoint is not None:
         tensors, state = load_checkpoint(checkpoint)
-        _check_process_count(state, ctx)
+        check_process_count(state, ctx)
         before = state.get("before")
     elif run.eval.before and held_out and mask_out is None:
         before = evaluate_heldout(
@@ -367,7 +260,7 @@ def _train(
     if mask_out is None and ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None and mask_out is None and ctx.is_main:
-        _write_text_atomic(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+        write_text_atomic(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
 
     model = get_rosa_model(model, rosa_config)
     if any(p.device != ctx.device for p in model.parameters()):  # (4-bit models are placed at load time)
@@ -400,7 +293,7 @@ def _train(
         restore_optimizer(optimizer, tensors, state)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         sampler.load_state_dict(state["sampler"])
-        _restore_rng(tensors, ctx)
+        restore_rng(tensors, ctx)
         start_step = int(state["step"])
     trained = distributed.wrap_ddp(model, ctx)
     mask_path = mask_out if mask_out is not None else out / "mask.safetensors"
@@ -440,7 +333,7 @@ def _train(
     counts = sparse_parameter_count(model)
     logger.info("trainable parameters: %s", counts)
     writer = _tensorboard(out / "tensorboard") if mask_out is None and ctx.is_main else None
-    saver = _Saver(out, model, optimizer, lr_scheduler, sampler, schedule, run, ctx)
+    saver = CheckpointSaver(out, model, optimizer, lr_scheduler, sampler, schedule, run, ctx)
     batches = iter(sampler)
     bar = tqdm(
         total=run.train.steps, initial=start_step, desc="training", unit="step", disable=not show_progress
@@ -497,7 +390,7 @@ def _train(
                 saved = False
                 if mask_out is None:
                     if ctx.is_main and (step % run.train.log_every == 0 or step == run.train.steps):
-                        _append_jsonl(
+                        append_jsonl(
                             out / "log.jsonl",
                             {"step": step, "loss": loss_sum, "lr": lr, "phase": schedule.phase},
                         )
@@ -541,75 +434,9 @@ def _train(
     result = TrainResult(str(out), step, before, after, time.perf_counter() - started)
     if ctx.is_main:
         summary = {**result.__dict__, "trainable": counts, "schedule_events": schedule.events, "task": task}
-        _write_text_atomic(out / "results.json", json.dumps({**summary, "processes": ctx.world}, indent=2))
+        write_text_atomic(out / "results.json", json.dumps({**summary, "processes": ctx.world}, indent=2))
     distributed.barrier(ctx)  # nobody leaves (and tears the group down) before rank 0 has written
     return result
-
-
-def _rng_tensors(ctx: distributed.ProcessContext) -> dict[str, torch.Tensor]:
-    """Every rank's RNG state (dropout draws differ per rank), gathered for rank 0's checkpoint (which also
-    stores rank 0's torch state as ``rng.torch``, all a single-process run needs)."""
-    mine = {"torch": torch.get_rng_state()}
-    if ctx.device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    if not ctx.distributed and "cuda" not in mine:
-        return {}
-    states = distributed.gather_objects(mine, ctx)
-    return {
-        f"rng.{kind}.rank{rank}": value.clone()
-        for rank, state in enumerate(states)
-        for kind, value in state.items()
-    }
-
-
-def _check_process_count(state: dict[str, Any], ctx: distributed.ProcessContext) -> None:
-    """The data order and every rank's RNG belong to the process count the checkpoint was written with."""
-    saved_world = int(state.get("processes", 1))
-    if saved_world != ctx.world:
-        raise RunError(
-            f"the checkpoint was written by a run of {saved_world} process(es); resume it with the same number "
-            f"(this run has {ctx.world})"
-        )
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], ctx: distributed.ProcessContext) -> None:
-    torch.set_rng_state(tensors.get(f"rng.torch.rank{ctx.rank}", tensors["rng.torch"]))
-    cuda = tensors.get(f"rng.cuda.rank{ctx.rank}")
-    if cuda is not None and ctx.device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, ctx.device)
-
-
-class _Saver:
-    """Checkpoints written by rank 0 holding what every rank needs to resume (each rank's RNG state)."""
-
-    def __init__(self, out, model, optimizer, lr_scheduler, sampler, schedule, run: RunConfig, ctx) -> None:
-        self.parts = (out, model, optimizer, lr_scheduler, sampler, schedule)
-        self.run = run
-        self.ctx = ctx
-
-    def save(self, step: int, before: dict | None) -> None:
-        """At a step boundary, on every rank together (each contributes its RNG state)."""
-        out, model, optimizer, lr_scheduler, sampler, schedule = self.parts
-        rng = _rng_tensors(self.ctx)
-        if self.ctx.is_main:
-            # The restart snapshot must survive a resume before the mask is fixed.
-            snapshot = {f"snapshot.{k}": v.cpu() for k, v in schedule.state_dict()["snapshot"].items()}
-            save_checkpoint(
-                out,
-                step,
-                model,
-                optimizer,
-                lr_scheduler,
-                {**snapshot, **rng},
-                {
-                    "sampler": sampler.state_dict(),
-                    "before": before,
-                    "processes": self.ctx.world,
-                    "mask_fixed_step": schedule.mask_fixed_step,
-                },
-                keep=self.run.train.keep_checkpoints,
-            )
-        distributed.barrier(self.ctx)
 
 
 def evaluate_heldout(
@@ -652,14 +479,3 @@ def _tensorboard(path: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(path))
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
