@@ -656,19 +656,20 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
 def _protocol(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     """The setting in words, every number from the JSON."""
     st = results["settings"]
-    budget = next(
-        (r["params"] for r in runs if r["spec"]["method"] == "lora" and r["spec"].get("budget") == "low"),
-        None,
-    )
+    budgets = {}  # budget name -> LoRA's params at it (the budget is defined by LoRA's rank)
+    for r in runs:
+        if r["spec"]["method"] == "lora":
+            budgets.setdefault(r["spec"]["budget"], r["params"])
     text = (
         f"{st['model']}; {st['test_rows']} test rows and {st['val_rows']} validation rows carved from each "
         f"training file (split seed {st['split_seed']}); batches of {st['batch']} rows (length-grouped), "
         f"{STEPS} steps, linear LR warm-up over {round(100 * st['warmup_fraction'])}% then cosine, AdamW without "
         "weight decay, clipping at 1.0, the same batches for every method of a seed."
     )
-    if budget is not None:
+    for name in sorted(budgets, key=list(BUDGETS).index):
+        budget = budgets[name]
         text += (
-            f' Budget "low": {budget["budget"]:,} trainable weights = {100 * budget["budget"] / budget["linear_weights"]:.2f}% '
+            f' Budget "{name}": {budget["budget"]:,} trainable weights = {100 * budget["budget"] / budget["linear_weights"]:.2f}% '
             f"of the {budget['linear_weights'] / 1e6:.1f}M linear weights (LoRA r {budget['r']} on every linear layer); "
             f"RoSA spends it on r {budget['r'] // 2} + the density that fills the rest, SpA on density alone."
         )
