@@ -297,3 +297,54 @@ def test_refused_load_in_a_subprocess_exits_cleanly(genuine, tmp_path):
     assert lines[-1].startswith("rosa.serialization.AdapterFileError: "), lines[-1]
     assert f"{LAYER}.rosa_col_idx.default: support: column index out of range" in result.stderr
     assert "last row offset is 1000000" in result.stderr
+
+
+BASE_WEIGHT = "base_model.model.model.layers.0.mlp.down_proj.weight"  # a base weight, not adapter state
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_a_base_model_tensor_smuggled_into_the_file_is_refused(genuine, tmp_path, loader):
+    """PEFT loads adapter files with strict=False, so an extra tensor named after a base weight would silently
+    replace it. The file is refused before anything loads, and the base model keeps its weights."""
+    dest = tmp_path / "smuggled"
+    shutil.copytree(genuine, dest)
+    tensors = load_file(genuine / "adapter_model.safetensors")
+    base = word_llama()
+    original = base.model.layers[0].mlp.down_proj.weight.detach().clone()
+    tensors[BASE_WEIGHT] = torch.zeros_like(original)
+    save_file(tensors, dest / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match=rf"tensor '{BASE_WEIGHT}' belongs to no RoSA layer"):
+        LOADERS[loader](base, dest)
+    assert torch.equal(base.model.layers[0].mlp.down_proj.weight, original)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [5, 6]}],
+    ids=["modules_to_save", "trainable_tokens"],
+)
+def test_tensors_the_config_declares_outside_rosa_layers_load(tmp_path, extra):
+    """The control: a module in modules_to_save, or trainable token rows, are saved under non-RoSA names and
+    must still load, with their trained values; an undeclared base tensor beside them is still refused."""
+    config = rosa.RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, **extra)
+    model = rosa_llama(config)
+    set_random_masks(model)
+    torch.manual_seed(1)
+    declared = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "rosa_" not in n]
+    assert declared  # the setting really adds non-RoSA trainable tensors
+    with torch.no_grad():
+        for _, p in declared:
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(tmp_path / "ok")
+    keys = list(load_file(tmp_path / "ok" / "adapter_model.safetensors"))
+    assert any("rosa_" not in k for k in keys)
+    for loader in LOADERS.values():
+        loaded = dict(loader(word_llama(), tmp_path / "ok").named_parameters())
+        for name, p in declared:
+            assert torch.equal(loaded[name], p)
+    tensors = load_file(tmp_path / "ok" / "adapter_model.safetensors")
+    tensors[BASE_WEIGHT] = torch.zeros(32, 64)
+    shutil.copytree(tmp_path / "ok", tmp_path / "bad")
+    save_file(tensors, tmp_path / "bad" / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match="belongs to no RoSA layer"):
+        rosa.load_rosa_model(word_llama(), tmp_path / "bad")

@@ -47,10 +47,10 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_dir():
         return  # a hub id: PEFT resolves it (and prefers safetensors); nothing local to check
-    if (path / CONFIG_NAME).is_file():
-        check_adapter_config(path / CONFIG_NAME)
+    config = check_adapter_config(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
     if (path / SAFETENSORS_NAME).is_file():
-        _check_safetensors_file(path / SAFETENSORS_NAME)
+        keys = _check_safetensors_file(path / SAFETENSORS_NAME)
+        check_adapter_keys(path / SAFETENSORS_NAME, keys, config)
         return
     pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
     if pickles:
@@ -60,7 +60,7 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
         )
 
 
-def check_adapter_config(file: Path) -> None:
+def check_adapter_config(file: Path) -> dict:
     """The config must be a JSON object of a RoSA adapter; PEFT indexes it blindly (TypeError, KeyError)."""
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
@@ -78,6 +78,30 @@ def check_adapter_config(file: Path) -> None:
         raise AdapterFileError(
             f"{file}: peft_type is {config['peft_type']!r}, not {PEFT_TYPE!r}: not a RoSA adapter"
         )
+    return config
+
+
+TOKEN_ADAPTER_PART = ".token_adapter.trainable_tokens_"  # PEFT's key for trainable_token_indices' rows
+
+
+def check_adapter_keys(file: Path, keys: list[str], config: dict) -> None:
+    """Every tensor must be one the config declares: a RoSA layer's (an attribute starting with ``PREFIX``), a
+    module in ``modules_to_save``, or trainable token rows. PEFT loads the rest with ``strict=False`` straight
+    into the model, so a file could otherwise overwrite base weights that no adapter setting asked for."""
+    saved = config.get("modules_to_save") or []
+    saved = [saved] if isinstance(saved, str) else [m for m in saved if isinstance(m, str)]
+    tokens = bool(config.get("trainable_token_indices"))
+    for key in keys:
+        if any(part.startswith(PREFIX) for part in key.split(".")):
+            continue
+        if any(f".{m}." in f".{key}" for m in saved):  # the module, or a parameter below it
+            continue
+        if tokens and TOKEN_ADAPTER_PART in key:
+            continue
+        raise AdapterFileError(
+            f"{file}: tensor {key!r} belongs to no RoSA layer and to no module the config lists in "
+            "modules_to_save or trainable_token_indices; refusing to load it over the base model's weights"
+        )
 
 
 def _json_kind(value) -> str:
@@ -85,13 +109,14 @@ def _json_kind(value) -> str:
     return kinds.get(type(value), "null")
 
 
-def _check_safetensors_file(file: Path) -> None:
-    """Parse the header (safetensors validates every tensor's dtype, shape and byte range against the file)."""
+def _check_safetensors_file(file: Path) -> list[str]:
+    """Parse the header (safetensors validates every tensor's dtype, shape and byte range against the file);
+    the tensor names."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(file, framework="pt") as f:
-            f.keys()
+            return list(f.keys())
     except SafetensorError as e:
         raise AdapterFileError(
             f"{file}: not a readable safetensors file (truncated or corrupt?): {e}"
