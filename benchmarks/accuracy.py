@@ -573,10 +573,11 @@ def _other_mask(spec: dict[str, Any]) -> bool:
 def kind(spec: dict[str, Any]) -> str:
     """comparison (the policy's runs of each method), longer run (the same at another length), schedule candidate, first schedule (superseded RoSA
     runs), mask study, or diagnostic."""
+    if spec.get("steps", STEPS) != STEPS:  # the comparison at another length, or a one-off at another length
+        standard = kind({**spec, "steps": STEPS})
+        return "longer run" if standard == "comparison" else standard
     if spec.get("mask_at_start"):
         return "diagnostic"
-    if spec.get("steps", STEPS) != STEPS:
-        return "longer run"
     if spec["method"] == "rosa" and spec.get("fixed_lr") is not None:
         return "schedule candidate" if schedule_of(spec) in CANDIDATES else "diagnostic"
     if _other_mask(spec):
@@ -611,7 +612,10 @@ def choose_schedule(results: dict[str, Any], tasks: tuple[str, ...] = ("viggo", 
     lora = {
         r["spec"]["task"]: r["val_loss"]
         for r in results["runs"].values()
-        if r["spec"]["method"] == "lora" and r["spec"].get("seed", 0) == 0 and r["spec"]["budget"] == "low"
+        if r["spec"]["method"] == "lora"
+        and kind(r["spec"]) == "comparison"  # the 150-step run the candidates ran beside, not a longer one
+        and r["spec"].get("seed", 0) == 0
+        and r["spec"]["budget"] == "low"
     }
     scores = {}
     for schedule in CANDIDATES:
@@ -749,9 +753,13 @@ def _longer_verdict(runs: list[dict[str, Any]]) -> list[str]:
         spec = run["spec"]
         if kind(spec) == "longer run" and spec["method"] in ("lora", "rosa"):
             key = (spec["task"], spec["budget"], spec["steps"], spec.get("epochs"), spec.get("seed", 0))
+            if spec["method"] in pairs.get(key, {}):
+                raise ValueError(f"two longer runs of {spec['method']} share {key}: which one is compared?")
             pairs.setdefault(key, {})[spec["method"]] = run
     lines = []
-    for (task, budget, steps, epochs, seed), pair in sorted(pairs.items(), key=lambda kv: str(kv[0])):
+    for (task, budget, steps, epochs, seed), pair in sorted(
+        pairs.items(), key=lambda kv: (kv[0][:3], kv[0][4])
+    ):
         if len(pair) == 2:
             r, lo = pair["rosa"]["exact_match"], pair["lora"]["exact_match"]
             length = f"{epochs:g} epoch{'s' * (epochs != 1)} = {steps} steps" if epochs else f"{steps} steps"
@@ -835,13 +843,13 @@ def _candidate_table(results: dict[str, Any], runs: list[dict[str, Any]]) -> str
         "|---|---|---|---|---|---|---|",
     ]
     lora = {
-        r["spec"]["task"]: r["val_loss"]
+        (r["spec"]["task"], r["spec"]["budget"]): r["val_loss"]
         for r in runs
         if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
     }
     for run in rows:
-        task = run["spec"]["task"]
-        rel = f"{run['val_loss'] / lora[task]:.3f}" if task in lora else "-"
+        task, budget = run["spec"]["task"], run["spec"]["budget"]
+        rel = f"{run['val_loss'] / lora[task, budget]:.3f}" if (task, budget) in lora else "-"
         mark = "yes" if chosen is not None and schedule_of(run["spec"]) == chosen else ""
         out.append(
             f"| {task} | {schedule_label(run['spec'])} | {_rates(run)} | {run['val_loss']:.4f} | {rel} "
@@ -899,18 +907,22 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
     batches (every method sees the same batches in the same order, so the ratio removes the batch-to-batch
     noise): a rise after the mask means the first updates of the sparse values hurt. With a restart the loss
     returns towards the pretrained model's by design; the question is how far above that it goes."""
-    lora = {
-        r["spec"]["task"]: r
+    lora = {  # the reference at each task and budget: LoRA's seed-0 comparison run (the same batches)
+        (r["spec"]["task"], r["spec"]["budget"]): r
         for r in runs
         if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
     }
+
+    def reference(run: dict[str, Any]) -> dict[str, Any] | None:
+        return lora.get((run["spec"]["task"], run["spec"]["budget"]))
+
     rows = [r for r in runs if r["spec"]["method"] == "rosa" and mask_fixed_step(r["spec"]) > width]
     rows = [
         r
         for r in rows
-        if r["spec"]["task"] in lora
+        if reference(r) is not None
         and r["spec"].get("seed", 0) == 0
-        and r["spec"]["steps"] == lora[r["spec"]["task"]]["spec"]["steps"]  # the same batches, step by step
+        and r["spec"]["steps"] == reference(r)["spec"]["steps"]  # the same batches, step by step
     ]
     if not rows:
         return ""
@@ -920,7 +932,7 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
         "|---|---|---|---|---|---|",
     ]
     for run in rows:
-        m, ref = mask_fixed_step(run["spec"]), lora[run["spec"]["task"]]["losses"]
+        m, ref = mask_fixed_step(run["spec"]), reference(run)["losses"]
         before = _mean(run["losses"][m - width : m]) / _mean(ref[m - width : m])
         after = _mean(run["losses"][m + 1 : m + 1 + width]) / _mean(ref[m + 1 : m + 1 + width])
         out.append(

@@ -290,3 +290,24 @@ def test_a_longer_run_is_its_own_kind_and_borrows_the_standard_rate(accuracy, tm
         table.count(f"| {specs[0].steps} (1 epoch) |") == 2
         and accuracy._comparison_table(list(runs.values())) == ""
     )
+
+
+def test_a_longer_lora_run_does_not_move_the_schedule_choice_or_the_candidates_kind(accuracy):
+    """Candidates are scored against LoRA's 150-step run beside them; a one-epoch LoRA run with a much lower val
+    loss must not become that reference, and a candidate or mask study at another length keeps its own kind."""
+    a, b = accuracy.CANDIDATES[0], accuracy.CANDIDATES[1]
+    runs = {}
+    for task, lora_loss, loss_a, loss_b in (("viggo", 0.1, 0.09, 0.095), ("sql", 0.2, 0.25, 0.19)):
+        lora = accuracy.Spec(task, "lora")
+        runs[lora.key] = _fake_run(accuracy, lora, lora_loss)
+        for schedule, loss in ((a, loss_a), (b, loss_b)):
+            spec = accuracy.Spec(task, "rosa", fixed_lr=3e-3, **schedule)
+            runs[spec.key] = _fake_run(accuracy, spec, loss)
+    assert accuracy.choose_schedule({"runs": runs}) == b  # as in the test above
+    longer = accuracy.Spec("sql", "lora", steps=400, epochs=1.0)
+    runs[longer.key] = _fake_run(accuracy, longer, 0.01)  # after sql's 150-step LoRA in the file
+    assert accuracy.choose_schedule({"runs": runs}) == b
+    short_candidate = asdict(accuracy.Spec("viggo", "rosa", steps=20, fixed_lr=3e-3, **a))
+    assert accuracy.kind(short_candidate) == "schedule candidate"
+    study = asdict(accuracy.Spec("viggo", "rosa", mask_method="random", steps=600, **a))
+    assert accuracy.kind(study) == "mask study"
