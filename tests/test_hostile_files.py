@@ -7,6 +7,7 @@ about it is valid and the refusal can only come from the edited tensor.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -299,33 +300,81 @@ def test_refused_load_in_a_subprocess_exits_cleanly(genuine, tmp_path):
     assert "last row offset is 1000000" in result.stderr
 
 
-BASE_WEIGHT = "base_model.model.model.layers.0.mlp.down_proj.weight"  # a base weight, not adapter state
+LIVE_BASE_WEIGHTS = {  # keys of the wrapped model's own base weights: PEFT's strict=False load would write them
+    "targeted layer": f"{LAYER}.base_layer.weight",
+    "untargeted module": "base_model.model.model.norm.weight",
+}
+
+
+def _with_extra_tensor(genuine: Path, dest: Path, key: str, value: torch.Tensor, config: dict | None = None):
+    shutil.copytree(genuine, dest)
+    tensors = load_file(genuine / "adapter_model.safetensors")
+    tensors[key] = value
+    save_file(tensors, dest / "adapter_model.safetensors")
+    if config:
+        file = dest / "adapter_config.json"
+        file.write_text(json.dumps({**json.loads(file.read_text()), **config}))
+    return dest
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
-def test_a_base_model_tensor_smuggled_into_the_file_is_refused(genuine, tmp_path, loader):
-    """PEFT loads adapter files with strict=False, so an extra tensor named after a base weight would silently
-    replace it. The file is refused before anything loads, and the base model keeps its weights."""
-    dest = tmp_path / "smuggled"
-    shutil.copytree(genuine, dest)
-    tensors = load_file(genuine / "adapter_model.safetensors")
+@pytest.mark.parametrize("target", sorted(LIVE_BASE_WEIGHTS))
+def test_a_base_model_tensor_smuggled_into_the_file_is_refused(genuine, tmp_path, loader, target):
+    """PEFT loads adapter files with strict=False, so an extra tensor named after a live base weight would
+    silently replace it. The file is refused before anything loads, and the base model keeps its weights."""
+    key = LIVE_BASE_WEIGHTS[target]
     base = word_llama()
-    original = base.model.layers[0].mlp.down_proj.weight.detach().clone()
-    tensors[BASE_WEIGHT] = torch.zeros_like(original)
-    save_file(tensors, dest / "adapter_model.safetensors")
-    with pytest.raises(AdapterFileError, match=rf"tensor '{BASE_WEIGHT}' belongs to no RoSA layer"):
+    name = key.removeprefix("base_model.model.").replace(".base_layer", "")
+    original = base.get_parameter(name).detach().clone()
+    dest = _with_extra_tensor(genuine, tmp_path / "smuggled", key, torch.zeros_like(original))
+    with pytest.raises(AdapterFileError, match=rf"tensor '{key}' belongs to no RoSA layer"):
         LOADERS[loader](base, dest)
-    assert torch.equal(base.model.layers[0].mlp.down_proj.weight, original)
+    assert torch.equal(base.get_parameter(name), original)
+
+
+def test_the_smuggled_tensor_would_have_landed_without_the_check(genuine, tmp_path, monkeypatch):
+    """The control for the test above: with the key check switched off, PEFT really writes the tensor into the
+    base model (so the refusal is what protects it)."""
+    import rosa.serialization
+
+    monkeypatch.setattr(rosa.serialization, "check_adapter_keys", lambda *a: None)
+    key = LIVE_BASE_WEIGHTS["untargeted module"]
+    dest = _with_extra_tensor(genuine, tmp_path / "smuggled", key, torch.zeros(32))
+    model = rosa.load_rosa_model(word_llama(), dest)
+    assert not model.base_model.model.model.norm.weight.any()
+
+
+@pytest.mark.parametrize(
+    ("key", "config"),
+    [
+        (
+            "base_model.model.model.norm.weight",
+            {"modules_to_save": ["base_model"]},
+        ),  # matches every key's text
+        ("base_model.model.lm_head.original_module.weight", {"modules_to_save": ["lm_head"]}),
+        ("base_model.model.lm_head.modules_to_save.other.weight", {"modules_to_save": ["lm_head"]}),
+        (f"{LAYER}.rosa_B.other.weight", {}),  # another adapter's B
+        (f"{LAYER}.base_layer.rosa_values", {}),
+    ],
+    ids=["entry_base_model", "original_module", "other_copy", "other_adapter", "rosa_name_below_base"],
+)
+def test_declared_names_cannot_reach_other_weights(genuine, tmp_path, key, config):
+    """An entry in the file's own config, or a RoSA-looking name, must not open a way to weights outside
+    what it declares."""
+    dest = _with_extra_tensor(genuine, tmp_path / "bad", key, torch.zeros(4), config)
+    with pytest.raises(AdapterFileError, match="belongs to no RoSA layer"):
+        rosa.load_rosa_model(word_llama(), dest)
 
 
 @pytest.mark.parametrize(
     "extra",
-    [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [5, 6]}],
-    ids=["modules_to_save", "trainable_tokens"],
+    [{"modules_to_save": ["lm_head"]}, {"modules_to_save": ["norm"]}, {"trainable_token_indices": [5, 6]}],
+    ids=["modules_to_save", "modules_to_save_by_suffix", "trainable_tokens"],
 )
 def test_tensors_the_config_declares_outside_rosa_layers_load(tmp_path, extra):
-    """The control: a module in modules_to_save, or trainable token rows, are saved under non-RoSA names and
-    must still load, with their trained values; an undeclared base tensor beside them is still refused."""
+    """The control: a module in modules_to_save (PEFT matches names by suffix: "norm" takes every *norm), or
+    trainable token rows, are saved under non-RoSA names and must still load with their trained values; an
+    undeclared base tensor beside them is still refused."""
     config = rosa.RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, **extra)
     model = rosa_llama(config)
     set_random_masks(model)
@@ -342,9 +391,23 @@ def test_tensors_the_config_declares_outside_rosa_layers_load(tmp_path, extra):
         loaded = dict(loader(word_llama(), tmp_path / "ok").named_parameters())
         for name, p in declared:
             assert torch.equal(loaded[name], p)
-    tensors = load_file(tmp_path / "ok" / "adapter_model.safetensors")
-    tensors[BASE_WEIGHT] = torch.zeros(32, 64)
-    shutil.copytree(tmp_path / "ok", tmp_path / "bad")
-    save_file(tensors, tmp_path / "bad" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"
+    dest = _with_extra_tensor(tmp_path / "ok", tmp_path / "bad", key, torch.zeros(32, 64))
     with pytest.raises(AdapterFileError, match="belongs to no RoSA layer"):
-        rosa.load_rosa_model(word_llama(), tmp_path / "bad")
+        rosa.load_rosa_model(word_llama(), dest)
+
+
+def test_resized_vocabulary_embeddings_load(tmp_path):
+    """PEFT saves the embedding and head weights of a model whose vocabulary was resized
+    (save_embedding_layers); they are not RoSA tensors, yet the file must load with them."""
+    base = word_llama()
+    base.resize_token_embeddings(base.config.vocab_size + 8)
+    model = rosa.get_rosa_model(base, rosa.RosaConfig(task_type="CAUSAL_LM", r=4, density=0.05))
+    set_random_masks(model)
+    model.save_pretrained(tmp_path / "ad", save_embedding_layers=True)
+    keys = list(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert any(k.endswith("embed_tokens.weight") for k in keys)
+    other = word_llama()
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    loaded = rosa.load_rosa_model(other, tmp_path / "ad")
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)

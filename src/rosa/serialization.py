@@ -81,27 +81,64 @@ def check_adapter_config(file: Path) -> dict:
     return config
 
 
-TOKEN_ADAPTER_PART = ".token_adapter.trainable_tokens_"  # PEFT's key for trainable_token_indices' rows
+TOKEN_DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's key for trainable_token_indices' rows
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's save_embedding_layers (a resized vocabulary)
+# Parts that address a wrapper's other copies (the base layer under an adapter, a modules_to_save module's
+# original or another adapter's copy): never a name of its own in a saved file.
+WRAPPER_PARTS = frozenset({"base_layer", "original_module", "modules_to_save", "token_adapter"})
+PEFT_PREFIX = ("base_model", "model")  # what PeftModel puts before the base model's module names
 
 
 def check_adapter_keys(file: Path, keys: list[str], config: dict) -> None:
-    """Every tensor must be one the config declares: a RoSA layer's (an attribute starting with ``PREFIX``), a
-    module in ``modules_to_save``, or trainable token rows. PEFT loads the rest with ``strict=False`` straight
-    into the model, so a file could otherwise overwrite base weights that no adapter setting asked for."""
+    """Every tensor must be one a RoSA adapter saves: a RoSA layer's own (``<layer>.rosa_X`` or
+    ``<layer>.rosa_X.weight``), a module the config lists in ``modules_to_save`` (matched as PEFT matches it: the
+    module's name ends with the entry), trainable token rows when the config has ``trainable_token_indices``, or
+    an embedding / output head weight (PEFT's ``save_embedding_layers``, written for a resized vocabulary). PEFT
+    loads any other tensor with ``strict=False`` straight into the model, so a file could otherwise overwrite
+    base weights, or another adapter's, that no adapter setting asked for."""
     saved = config.get("modules_to_save") or []
-    saved = [saved] if isinstance(saved, str) else [m for m in saved if isinstance(m, str)]
+    saved = [saved] if isinstance(saved, str) else [m for m in saved if isinstance(m, str) and m]
     tokens = bool(config.get("trainable_token_indices"))
     for key in keys:
-        if any(part.startswith(PREFIX) for part in key.split(".")):
+        parts = key.split(".")
+        if _is_rosa_key(parts) or (tokens and _is_token_delta(key)):
             continue
-        if any(f".{m}." in f".{key}" for m in saved):  # the module, or a parameter below it
-            continue
-        if tokens and TOKEN_ADAPTER_PART in key:
+        plain = not WRAPPER_PARTS & set(parts) and not any(p.startswith(PREFIX) for p in parts)
+        if plain and (_in_modules_to_save(parts, saved) or _is_embedding_weight(parts)):
             continue
         raise AdapterFileError(
-            f"{file}: tensor {key!r} belongs to no RoSA layer and to no module the config lists in "
-            "modules_to_save or trainable_token_indices; refusing to load it over the base model's weights"
+            f"{file}: tensor {key!r} belongs to no RoSA layer and to nothing the config declares "
+            "(modules_to_save, trainable_token_indices); refusing to load it over the model's weights"
         )
+
+
+def _is_rosa_key(parts: list[str]) -> bool:
+    """``<layer>.rosa_X`` or ``<layer>.rosa_X.weight``, with no other RoSA or wrapper part on the way."""
+    tail = 2 if parts[-1] == "weight" else 1
+    head = parts[:-tail]
+    return (
+        len(parts) > tail
+        and parts[-tail].startswith(PREFIX)
+        and not any(p.startswith(PREFIX) or p in WRAPPER_PARTS for p in head)
+    )
+
+
+def _is_token_delta(key: str) -> bool:
+    head = key[: -len(TOKEN_DELTA_SUFFIX)].split(".")
+    return key.endswith(TOKEN_DELTA_SUFFIX) and not any(
+        p.startswith(PREFIX) or p in WRAPPER_PARTS for p in head
+    )
+
+
+def _in_modules_to_save(parts: list[str], saved: list[str]) -> bool:
+    """A parameter below a module whose name ends with an entry (PEFT's rule), the module being one of the base
+    model's own (not PeftModel's wrappers around it)."""
+    first = len(PEFT_PREFIX) + 1 if tuple(parts[: len(PEFT_PREFIX)]) == PEFT_PREFIX else 1
+    return any(".".join(parts[:i]).endswith(m) for i in range(first, len(parts)) for m in saved)
+
+
+def _is_embedding_weight(parts: list[str]) -> bool:
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in EMBEDDING_LAYER_NAMES
 
 
 def _json_kind(value) -> str:
