@@ -608,7 +608,13 @@ def ordered_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
 def choose_schedule(results: dict[str, Any], tasks: tuple[str, ...] = ("viggo", "sql")) -> dict | None:
     """The default RoSA schedule: among the candidates run on every task, the lowest validation loss relative
     to LoRA's on the same task, averaged over the tasks (validation rows only; test rows never choose)."""
-    runs = [r for r in results["runs"].values() if kind(r["spec"]) == "schedule candidate"]
+    runs = [  # the candidates were run at the low budget; LoRA's val loss there is their reference
+        r
+        for r in results["runs"].values()
+        if kind(r["spec"]) == "schedule candidate"
+        and r["spec"]["budget"] == "low"
+        and r["spec"]["task"] in tasks
+    ]
     lora = {
         r["spec"]["task"]: r["val_loss"]
         for r in results["runs"].values()

@@ -214,7 +214,7 @@ def _is_user_error(e: Exception) -> bool:
     from ..sparse.support import SupportError
     from .default_model import DefaultModelUnavailable
     from .run_config import RunConfigError
-    from .train import RunError
+    from .run_folder import RunError
 
     user_errors = (RunConfigError, RunError, AdapterFileError, SupportError, DefaultModelUnavailable)
     return isinstance(e, (*user_errors, FileNotFoundError, ValueError))
