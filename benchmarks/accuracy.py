@@ -653,6 +653,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
         _candidate_table(results, runs),
         _runs_table(runs),
         _mask_window_table(runs),
+        _loss_ratio_table(runs),
     ]
     for key, why in results.get("withdrawn", {}).items():
         lines.append(f"withdrawn: {key} ({why['exact_match']:.1%}): {why['why']}")
@@ -950,6 +951,31 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
             f"| {run['spec']['task']} | {label(run)} | {schedule_label(run['spec'])} | {m} | {before:.2f} "
             f"| {after:.2f} |"
         )
+    return "\n".join(out)
+
+
+def _loss_ratio_table(runs: list[dict[str, Any]]) -> str:
+    """RoSA's training loss over LoRA's on the same batches (the same seed), in the first and the last tenth of
+    the run: where in the run RoSA loses or gains ground (comparison and longer runs)."""
+    pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        spec = run["spec"]
+        if kind(spec) in ("comparison", "longer run") and spec["method"] in ("lora", "rosa"):
+            key = (spec["task"], spec["budget"], spec["steps"], spec.get("seed", 0))
+            pairs.setdefault(key, {})[spec["method"]] = run
+    rows = [(key, pair) for key, pair in sorted(pairs.items()) if len(pair) == 2]
+    if not rows:
+        return ""
+    out = [
+        "| task | budget | steps | seed | RoSA / LoRA training loss, first 10% of steps | last 10% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (task, budget, steps, seed), pair in rows:
+        tenth = max(1, steps // 10)
+        rosa, lora = pair["rosa"]["losses"], pair["lora"]["losses"]
+        first = _mean(rosa[:tenth]) / _mean(lora[:tenth])
+        last = _mean(rosa[-tenth:]) / _mean(lora[-tenth:])
+        out.append(f"| {task} | {budget} | {steps} | {seed} | {first:.2f} | {last:.2f} |")
     return "\n".join(out)
 
 
