@@ -311,3 +311,22 @@ def test_a_longer_lora_run_does_not_move_the_schedule_choice_or_the_candidates_k
     assert accuracy.kind(short_candidate) == "schedule candidate"
     study = asdict(accuracy.Spec("viggo", "rosa", mask_method="random", steps=600, **a))
     assert accuracy.kind(study) == "mask study"
+
+
+def test_the_loss_ratio_table_pairs_rosa_with_lora_on_the_same_seed(accuracy):
+    """First and last tenth of the run, RoSA's mean training loss over LoRA's of the same seed (a dense
+    reference computed here by hand); a RoSA run without its LoRA partner gives no row."""
+    chosen = accuracy.CANDIDATES[0]
+    lora_losses = [2.0] * 15 + [1.0] * 120 + [0.5] * 15
+    rosa_losses = [3.0] * 15 + [1.0] * 120 + [0.25] * 15
+    runs = []
+    for method, losses, seed in (
+        ("lora", lora_losses, 1),
+        ("rosa", rosa_losses, 1),
+        ("rosa", rosa_losses, 2),
+    ):
+        spec = accuracy.Spec("viggo", method, seed=seed, **(chosen if method == "rosa" else {}))
+        runs.append({**_fake_run(accuracy, spec, 0.1), "losses": losses})
+    table = accuracy._loss_ratio_table(runs)
+    assert "| viggo | low | 150 | 1 | 1.50 | 0.50 |" in table
+    assert "| viggo | low | 150 | 2 |" not in table
