@@ -179,9 +179,9 @@ def _fake_run(accuracy, spec, val_loss):
     return {"spec": asdict(spec), "val_loss": val_loss, "lr": spec.fixed_lr or 1e-3}
 
 
-def test_the_default_schedule_is_chosen_on_validation_loss_relative_to_lora(accuracy):
-    """Lowest mean of val loss / LoRA's val loss over both tasks; test scores play no part; a schedule not yet
-    run on every task cannot be chosen."""
+def _two_candidates_beside_lora(accuracy):
+    """Candidates a and b at a hand-set rate and LoRA's 150-step run on both tasks, with val losses that make b
+    the choice: (a, b, runs by key)."""
     a, b = accuracy.CANDIDATES[0], accuracy.CANDIDATES[1]
     runs = {}
     for task, lora_loss, loss_a, loss_b in (("viggo", 0.1, 0.09, 0.095), ("sql", 0.2, 0.25, 0.19)):
@@ -189,7 +189,17 @@ def test_the_default_schedule_is_chosen_on_validation_loss_relative_to_lora(accu
         runs[lora.key] = _fake_run(accuracy, lora, lora_loss)
         for schedule, loss in ((a, loss_a), (b, loss_b)):
             spec = accuracy.Spec(task, "rosa", fixed_lr=3e-3, **schedule)
-            runs[spec.key] = {**_fake_run(accuracy, spec, loss), "exact_match": 0.9 if schedule is a else 0.1}
+            runs[spec.key] = _fake_run(accuracy, spec, loss)
+    return a, b, runs
+
+
+def test_the_default_schedule_is_chosen_on_validation_loss_relative_to_lora(accuracy):
+    """Lowest mean of val loss / LoRA's val loss over both tasks; test scores play no part; a schedule not yet
+    run on every task cannot be chosen."""
+    a, b, runs = _two_candidates_beside_lora(accuracy)
+    for run in runs.values():  # test scores that would pick the other schedule
+        if run["spec"]["method"] == "rosa":
+            run["exact_match"] = 0.9 if accuracy.schedule_of(run["spec"]) == a else 0.1
     # a: (0.9 + 1.25) / 2 = 1.075; b: (0.95 + 0.95) / 2 = 0.95
     assert accuracy.choose_schedule({"runs": runs}) == b
     del runs[accuracy.Spec("sql", "rosa", fixed_lr=3e-3, **b).key]
@@ -295,14 +305,7 @@ def test_a_longer_run_is_its_own_kind_and_borrows_the_standard_rate(accuracy, tm
 def test_a_longer_lora_run_does_not_move_the_schedule_choice_or_the_candidates_kind(accuracy):
     """Candidates are scored against LoRA's 150-step run beside them; a one-epoch LoRA run with a much lower val
     loss must not become that reference, and a candidate or mask study at another length keeps its own kind."""
-    a, b = accuracy.CANDIDATES[0], accuracy.CANDIDATES[1]
-    runs = {}
-    for task, lora_loss, loss_a, loss_b in (("viggo", 0.1, 0.09, 0.095), ("sql", 0.2, 0.25, 0.19)):
-        lora = accuracy.Spec(task, "lora")
-        runs[lora.key] = _fake_run(accuracy, lora, lora_loss)
-        for schedule, loss in ((a, loss_a), (b, loss_b)):
-            spec = accuracy.Spec(task, "rosa", fixed_lr=3e-3, **schedule)
-            runs[spec.key] = _fake_run(accuracy, spec, loss)
+    a, b, runs = _two_candidates_beside_lora(accuracy)
     assert accuracy.choose_schedule({"runs": runs}) == b  # as in the test above
     longer = accuracy.Spec("sql", "lora", steps=400, epochs=1.0)
     runs[longer.key] = _fake_run(accuracy, longer, 0.01)  # after sql's 150-step LoRA in the file
