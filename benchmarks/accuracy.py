@@ -460,8 +460,9 @@ def specs_for(
     if epochs is not None:
         if part != "main":
             raise SystemExit("--epochs is for the method comparison: use it with --part main")
+        steps_of = {task: epoch_steps(task, epochs) for task in tasks}  # each task's data read once
         return [
-            replace(spec, steps=epoch_steps(spec.task, epochs), epochs=epochs)
+            replace(spec, steps=steps_of[spec.task], epochs=epochs)
             for spec in specs_for(tasks, methods, budgets, part, steps, path, seeds)
         ]
     specs: list[Spec] = []
@@ -571,8 +572,8 @@ def _other_mask(spec: dict[str, Any]) -> bool:
 
 
 def kind(spec: dict[str, Any]) -> str:
-    """comparison (the policy's runs of each method), longer run (the same at another length), schedule candidate, first schedule (superseded RoSA
-    runs), mask study, or diagnostic."""
+    """comparison (the policy's runs of each method), longer run (the same at another length), schedule
+    candidate, first schedule (superseded RoSA runs), mask study, or diagnostic."""
     if spec.get("steps", STEPS) != STEPS:  # the comparison at another length, or a one-off at another length
         standard = kind({**spec, "steps": STEPS})
         return "longer run" if standard == "comparison" else standard
@@ -758,27 +759,33 @@ def _at_least(a: float, b: float) -> bool:
     return a >= b - 1e-9
 
 
-def _longer_verdict(runs: list[dict[str, Any]]) -> list[str]:
-    """RoSA against LoRA in the longer runs, paired by task, budget, length and seed (not part of the target)."""
+def _lora_rosa_pairs(runs: list[dict[str, Any]], kinds: tuple[str, ...]) -> list[tuple[tuple, dict]]:
+    """LoRA and RoSA runs of ``kinds`` trained on the same batches, paired by (task, budget, steps, seed), in
+    that order; only complete pairs."""
     pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
     for run in runs:
         spec = run["spec"]
-        if kind(spec) == "longer run" and spec["method"] in ("lora", "rosa"):
-            key = (spec["task"], spec["budget"], spec["steps"], spec.get("epochs"), spec.get("seed", 0))
+        if kind(spec) in kinds and spec["method"] in ("lora", "rosa"):
+            key = (spec["task"], spec["budget"], spec["steps"], spec.get("seed", 0))
             if spec["method"] in pairs.get(key, {}):
-                raise ValueError(f"two longer runs of {spec['method']} share {key}: which one is compared?")
+                raise ValueError(
+                    f"two {kind(spec)} runs of {spec['method']} share {key}: which one is compared?"
+                )
             pairs.setdefault(key, {})[spec["method"]] = run
+    return [(key, pair) for key, pair in sorted(pairs.items()) if len(pair) == 2]
+
+
+def _longer_verdict(runs: list[dict[str, Any]]) -> list[str]:
+    """RoSA against LoRA in the longer runs, paired by task, budget, length and seed (not part of the target)."""
     lines = []
-    for (task, budget, steps, epochs, seed), pair in sorted(
-        pairs.items(), key=lambda kv: (kv[0][:3], kv[0][4])
-    ):
-        if len(pair) == 2:
-            r, lo = pair["rosa"]["exact_match"], pair["lora"]["exact_match"]
-            length = f"{epochs:g} epoch{'s' * (epochs != 1)} = {steps} steps" if epochs else f"{steps} steps"
-            lines.append(
-                f"- Longer run, {task}, budget {budget}, {length}, seed {seed}: RoSA {100 * r:.1f}% vs LoRA "
-                f"{100 * lo:.1f}% ({'RoSA >= LoRA' if _at_least(r, lo) else 'RoSA < LoRA'}, one seed)."
-            )
+    for (task, budget, steps, seed), pair in _lora_rosa_pairs(runs, ("longer run",)):
+        epochs = pair["rosa"]["spec"].get("epochs")
+        r, lo = pair["rosa"]["exact_match"], pair["lora"]["exact_match"]
+        length = f"{epochs:g} epoch{'s' * (epochs != 1)} = {steps} steps" if epochs else f"{steps} steps"
+        lines.append(
+            f"- Longer run, {task}, budget {budget}, {length}, seed {seed}: RoSA {100 * r:.1f}% vs LoRA "
+            f"{100 * lo:.1f}% ({'RoSA >= LoRA' if _at_least(r, lo) else 'RoSA < LoRA'}, one seed)."
+        )
     return lines
 
 
@@ -957,13 +964,7 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
 def _loss_ratio_table(runs: list[dict[str, Any]]) -> str:
     """RoSA's training loss over LoRA's on the same batches (the same seed), in the first and the last tenth of
     the run: where in the run RoSA loses or gains ground (comparison and longer runs)."""
-    pairs: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for run in runs:
-        spec = run["spec"]
-        if kind(spec) in ("comparison", "longer run") and spec["method"] in ("lora", "rosa"):
-            key = (spec["task"], spec["budget"], spec["steps"], spec.get("seed", 0))
-            pairs.setdefault(key, {})[spec["method"]] = run
-    rows = [(key, pair) for key, pair in sorted(pairs.items()) if len(pair) == 2]
+    rows = _lora_rosa_pairs(runs, ("comparison", "longer run"))
     if not rows:
         return ""
     out = [

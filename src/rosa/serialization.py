@@ -103,8 +103,7 @@ def check_adapter_keys(file: Path, keys: list[str], config: dict) -> None:
         parts = key.split(".")
         if _is_rosa_key(parts) or (tokens and _is_token_delta(key)):
             continue
-        plain = not WRAPPER_PARTS & set(parts) and not any(p.startswith(PREFIX) for p in parts)
-        if plain and (_in_modules_to_save(parts, saved) or _is_embedding_weight(parts)):
+        if _plain(parts) and (_in_modules_to_save(parts, saved) or _is_embedding_weight(parts)):
             continue
         raise AdapterFileError(
             f"{file}: tensor {key!r} belongs to no RoSA layer and to nothing the config declares "
@@ -116,18 +115,16 @@ def _is_rosa_key(parts: list[str]) -> bool:
     """``<layer>.rosa_X`` or ``<layer>.rosa_X.weight``, with no other RoSA or wrapper part on the way."""
     tail = 2 if parts[-1] == "weight" else 1
     head = parts[:-tail]
-    return (
-        len(parts) > tail
-        and parts[-tail].startswith(PREFIX)
-        and not any(p.startswith(PREFIX) or p in WRAPPER_PARTS for p in head)
-    )
+    return len(parts) > tail and parts[-tail].startswith(PREFIX) and _plain(head)
 
 
 def _is_token_delta(key: str) -> bool:
-    head = key[: -len(TOKEN_DELTA_SUFFIX)].split(".")
-    return key.endswith(TOKEN_DELTA_SUFFIX) and not any(
-        p.startswith(PREFIX) or p in WRAPPER_PARTS for p in head
-    )
+    return key.endswith(TOKEN_DELTA_SUFFIX) and _plain(key[: -len(TOKEN_DELTA_SUFFIX)].split("."))
+
+
+def _plain(parts: list[str]) -> bool:
+    """No RoSA attribute and no wrapper part among ``parts``: a path through the base model's own modules."""
+    return not any(p.startswith(PREFIX) or p in WRAPPER_PARTS for p in parts)
 
 
 def _in_modules_to_save(parts: list[str], saved: list[str]) -> bool:
