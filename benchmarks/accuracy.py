@@ -579,8 +579,9 @@ def kind(spec: dict[str, Any]) -> str:
         return "longer run" if standard == "comparison" else standard
     if spec.get("mask_at_start"):
         return "diagnostic"
-    if spec["method"] == "rosa" and spec.get("fixed_lr") is not None:
-        return "schedule candidate" if schedule_of(spec) in CANDIDATES else "diagnostic"
+    if spec["method"] == "rosa" and spec.get("fixed_lr") is not None:  # candidates choose at the low budget
+        candidate = schedule_of(spec) in CANDIDATES and spec.get("budget", "low") == "low"
+        return "schedule candidate" if candidate else "diagnostic"
     if _other_mask(spec):
         return "mask study"
     if spec["method"] == "rosa" and schedule_of(spec) == FIRST_SCHEDULE:
@@ -738,6 +739,7 @@ def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             )
         lines.append(text + ".")
     lines += _longer_verdict(runs)
+    lines += _rate_checks(runs)
     missing = [
         f"{t} {b}" for t, b in TARGET_CELLS if (t, b) not in status or status[(t, b)][1] < TARGET_SEEDS[b]
     ]
@@ -785,6 +787,36 @@ def _longer_verdict(runs: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- Longer run, {task}, budget {budget}, {length}, seed {seed}: RoSA {100 * r:.1f}% vs LoRA "
             f"{100 * lo:.1f}% ({'RoSA >= LoRA' if _at_least(r, lo) else 'RoSA < LoRA'}, one seed)."
+        )
+    return lines
+
+
+def _rate_checks(runs: list[dict[str, Any]]) -> list[str]:
+    """RoSA's comparison run beside the same schedule at a hand-set rate (a diagnostic of the rate policy, not
+    part of the target): does the policy's rate also win on validation loss over the full run?"""
+
+    def same_training(spec: dict[str, Any]) -> tuple:
+        return spec["task"], spec["budget"], spec.get("seed", 0), json.dumps(schedule_of(spec))
+
+    policy = {
+        same_training(r["spec"]): r
+        for r in runs
+        if kind(r["spec"]) == "comparison" and r["spec"]["method"] == "rosa"
+    }
+    lines = []
+    for run in runs:
+        spec = run["spec"]
+        if kind(spec) != "diagnostic" or spec["method"] != "rosa" or spec.get("fixed_lr") is None:
+            continue
+        ref = policy.get(same_training(spec))
+        if ref is None or spec.get("mask_at_start"):
+            continue
+        better = "lower" if run["val_loss"] < ref["val_loss"] else "not lower"
+        lines.append(
+            f"- Rate check (diagnostic, outside the policy), {spec['task']}, budget {spec['budget']}, seed "
+            f"{spec.get('seed', 0)}: RoSA's default schedule at lr {spec['fixed_lr']:g} has val loss "
+            f"{run['val_loss']:.3f} ({better} than {ref['val_loss']:.3f} at the policy's lr {ref['lr']:g}); "
+            f"exact match {100 * run['exact_match']:.1f}% vs {100 * ref['exact_match']:.1f}%."
         )
     return lines
 

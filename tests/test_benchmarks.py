@@ -173,6 +173,30 @@ def test_schedule_kinds_and_keys(accuracy):
         assert seeded.lr_source() == policy  # other seeds use seed 0's rate
     assert accuracy.kind(asdict(first)) == "first schedule"
     assert accuracy.kind(asdict(accuracy.Spec("viggo", "lora", seed=1))) == "comparison"
+    # candidates choose the default at the low budget; the same schedule at a hand-set rate elsewhere is a
+    # diagnostic, so it can neither be marked "chosen" nor enter the choice
+    mid = accuracy.Spec("viggo", "rosa", "mid", fixed_lr=3e-3, **accuracy.CANDIDATES[0])
+    assert accuracy.kind(asdict(mid)) == "diagnostic"
+
+
+def test_the_rate_check_sets_a_hand_set_rate_beside_the_policy_run(accuracy):
+    """A diagnostic of RoSA's default schedule at another rate is reported beside the comparison run of the
+    same task, budget, seed and schedule, and says which has the lower validation loss."""
+    chosen = accuracy.CANDIDATES[0]
+    policy = accuracy.Spec("viggo", "rosa", "mid", **chosen)
+    hand = accuracy.Spec("viggo", "rosa", "mid", fixed_lr=3e-3, **chosen)
+    other_seed = accuracy.Spec("viggo", "rosa", "mid", fixed_lr=1e-3, seed=1, **chosen)
+    runs = [
+        {**_fake_run(accuracy, policy, 0.096), "lr": 9e-3, "exact_match": 0.21},
+        {**_fake_run(accuracy, hand, 0.07), "exact_match": 0.3},
+        {**_fake_run(accuracy, other_seed, 0.01), "exact_match": 0.9},  # no policy run of seed 1: no line
+    ]
+    (line,) = accuracy._rate_checks(runs)
+    assert "viggo, budget mid, seed 0" in line
+    assert "lr 0.003 has val loss 0.070 (lower than 0.096 at the policy's lr 0.009)" in line
+    assert "exact match 30.0% vs 21.0%" in line
+    runs[1]["val_loss"] = 0.2
+    assert "(not lower than 0.096" in accuracy._rate_checks(runs)[0]
 
 
 def _fake_run(accuracy, spec, val_loss):
