@@ -411,3 +411,102 @@ def test_resized_vocabulary_embeddings_load(tmp_path):
     other.resize_token_embeddings(other.config.vocab_size + 8)
     loaded = rosa.load_rosa_model(other, tmp_path / "ad")
     assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+# --- adapters named by hub id ---------------------------------------------------------------------------------
+
+
+class FakeHub:
+    """A hub served from ``root/<owner>/<name>/``: every ``hf_hub_download`` PEFT and rosa make reads from it, a
+    missing file raising the hub's not-found error; ``downloads`` records what was fetched."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.downloads = root, []
+
+    def __truediv__(self, part: str) -> Path:
+        return self.root / part
+
+    def download(self, repo_id, filename, subfolder=None, **kwargs):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        file = self.root / repo_id / (subfolder or "") / filename
+        if not file.is_file():
+            raise EntryNotFoundError(f"{repo_id}: no {filename}")
+        self.downloads.append(filename)
+        return str(file)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch) -> FakeHub:
+    import huggingface_hub
+    import peft.config
+    import peft.utils.save_and_load
+
+    hub = FakeHub(tmp_path / "hub")
+    for module in (huggingface_hub, peft.config, peft.utils.save_and_load):
+        monkeypatch.setattr(module, "hf_hub_download", hub.download)
+    monkeypatch.setattr(
+        peft.utils.save_and_load,
+        "file_exists",
+        lambda repo_id, filename, **kw: (hub.root / repo_id / filename).is_file(),
+    )
+    return hub
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_a_hub_adapter_is_checked_before_peft_loads_it(genuine, fake_hub, loader):
+    """The key check applies to a hub id too: the files are fetched into the cache PEFT reads next, and a base
+    weight smuggled into them is refused, the base model untouched. The genuine adapter from the same hub loads."""
+    key = LIVE_BASE_WEIGHTS["untargeted module"]
+    _with_extra_tensor(genuine, fake_hub / "evil" / "adapter", key, torch.zeros(32))
+    shutil.copytree(genuine, fake_hub / "good" / "adapter")
+    base = word_llama()
+    with pytest.raises(AdapterFileError, match=rf"tensor '{key}' belongs to no RoSA layer"):
+        LOADERS[loader](base, "evil/adapter")
+    assert base.model.norm.weight.all()
+    model = LOADERS[loader](word_llama(), "good/adapter")
+    assert rosa.rosa_layers(model)[LAYER].nnz("default") == 51
+    assert "adapter_model.safetensors" in fake_hub.downloads
+
+
+def test_a_hub_adapter_in_a_subfolder_is_checked(genuine, fake_hub):
+    key = LIVE_BASE_WEIGHTS["targeted layer"]
+    _with_extra_tensor(genuine, fake_hub / "evil" / "repo" / "run1", key, torch.zeros(32, 32))
+    with pytest.raises(AdapterFileError, match=rf"tensor '{key}'"):
+        rosa.load_rosa_model(word_llama(), "evil/repo", subfolder="run1")
+
+
+def test_a_pickle_only_hub_adapter_is_never_unpickled(pickle_only, fake_hub):
+    """PEFT falls back to adapter_model.bin when a hub repo has no safetensors file; rosa refuses first."""
+    folder, marker = pickle_only
+    shutil.copytree(folder, fake_hub / "evil" / "pickled")
+    for load in LOADERS.values():
+        with pytest.raises(AdapterFileError, match=r"evil/pickled: no adapter_model\.safetensors on the hub"):
+            load(word_llama(), "evil/pickled")
+    assert not marker.exists()
+
+
+def test_a_hub_adapter_passed_with_its_config_is_still_checked(genuine, fake_hub):
+    """Given ``config=``, PEFT skips the config loader (where the hub check runs): load_rosa_model checks anyway."""
+    key = LIVE_BASE_WEIGHTS["untargeted module"]
+    _with_extra_tensor(genuine, fake_hub / "evil" / "adapter", key, torch.zeros(32))
+    config = rosa.RosaConfig.from_pretrained(genuine)
+    with pytest.raises(AdapterFileError, match=rf"tensor '{key}'"):
+        rosa.load_rosa_model(word_llama(), "evil/adapter", config=config)
+
+
+def test_an_uncached_hub_adapter_offline_names_the_cache(genuine, fake_hub, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    shutil.copytree(genuine, fake_hub / "good" / "adapter")
+    real = huggingface_hub.hf_hub_download
+
+    def offline(repo_id, filename, **kwargs):
+        if filename.endswith(".safetensors"):
+            raise LocalEntryNotFoundError("not cached")
+        return real(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(AdapterFileError, match="not in the local hub cache"):
+        rosa.RosaConfig.from_pretrained("good/adapter")

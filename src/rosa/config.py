@@ -11,7 +11,7 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .serialization import CONFIG_NAME, PEFT_TYPE, AdapterFileError, check_adapter_dir
+from .serialization import CONFIG_NAME, PEFT_TYPE, AdapterFileError, check_adapter_dir, fetch_hub_adapter
 
 MaskMethod = Literal["fisher", "grad", "magnitude", "random"]
 MaskAllocation = Literal["layer", "global"]
@@ -196,6 +196,8 @@ class RosaConfig(PeftConfig):
         """PEFT's loader, after ``check_adapter_dir`` (no unpickling, a RoSA config, an intact safetensors file);
         a value RoSA cannot use is reported against the file it came from."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if not os.path.isdir(path):  # a hub id: check the files PEFT is about to load from the cache
+            path = fetch_hub_adapter(pretrained_model_name_or_path, subfolder, **kwargs) or path
         check_adapter_dir(path)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

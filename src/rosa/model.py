@@ -22,7 +22,13 @@ from torch import nn
 
 from .config import RosaConfig
 from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget
-from .serialization import PREFIX, AdapterFileError, check_adapter_folder
+from .serialization import (
+    PREFIX,
+    AdapterFileError,
+    check_adapter_dir,
+    check_adapter_folder,
+    fetch_hub_adapter,
+)
 from .sparse.delta import compact_state_dict
 
 
@@ -192,7 +198,13 @@ def load_rosa_model(
 ) -> PeftModel:
     """Load a saved RoSA adapter onto ``model`` (``PeftModel.from_pretrained`` with RoSA's file checks)."""
     subfolder = kwargs.get("subfolder")
-    check_adapter_folder(os.path.join(path, subfolder) if subfolder else path)
+    check_adapter_folder(path, subfolder)
+    if not os.path.exists(os.path.join(path, subfolder or "")):
+        # a hub id: checked here as well as in RosaConfig.from_pretrained, which PEFT skips when given config=
+        hub_kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "config")}
+        folder = fetch_hub_adapter(str(path), subfolder, **hub_kwargs)
+        if folder is not None:
+            check_adapter_dir(folder)
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
     )

@@ -46,7 +46,7 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
     truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``)."""
     path = Path(path)
     if not path.is_dir():
-        return  # a hub id: PEFT resolves it (and prefers safetensors); nothing local to check
+        return  # a hub id: ``fetch_hub_adapter`` brings its files here first
     config = check_adapter_config(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
     if (path / SAFETENSORS_NAME).is_file():
         keys = _check_safetensors_file(path / SAFETENSORS_NAME)
@@ -58,6 +58,39 @@ def check_adapter_dir(path: str | os.PathLike) -> None:
             f"{path / pickles[0]}: RoSA adapters are loaded from safetensors only, and this folder has no "
             f"{SAFETENSORS_NAME}; refusing to unpickle {pickles[0]}"
         )
+
+
+def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> Path | None:
+    """Download a hub adapter's config and safetensors file (into the cache PEFT reads them from next) and return
+    their folder, so that ``check_adapter_dir`` sees what PEFT will load; ``None`` when the config cannot be
+    fetched (PEFT then reports that itself). A repo without the safetensors file is refused: PEFT would fall back
+    to unpickling ``adapter_model.bin``. ``kwargs``: whatever of ``hf_hub_download``'s arguments PEFT passes on
+    (``revision``, ``cache_dir``, ``token``, ...); pin ``revision`` to a commit so both reads see the same files."""
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    accepted = inspect.signature(hf_hub_download).parameters
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k not in ("filename", "subfolder")}
+    try:
+        hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+    except Exception:  # not found, offline, not a repo id: PEFT's own loader raises its message
+        return None
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    try:
+        weights = hf_hub_download(repo_id, SAFETENSORS_NAME, subfolder=subfolder, **hub_kwargs)
+    except LocalEntryNotFoundError:
+        raise AdapterFileError(
+            f"{where}: {SAFETENSORS_NAME} is not in the local hub cache and the hub cannot be reached; RoSA "
+            "adapters are loaded from safetensors only"
+        ) from None
+    except EntryNotFoundError:
+        raise AdapterFileError(
+            f"{where}: no {SAFETENSORS_NAME} on the hub; RoSA adapters are loaded from safetensors only, and "
+            f"PEFT's fallback to a pickled {PICKLE_NAMES[0]} is refused"
+        ) from None
+    return Path(weights).parent
 
 
 def check_adapter_config(file: Path) -> dict:
@@ -157,15 +190,15 @@ def _check_safetensors_file(file: Path) -> list[str]:
         ) from None
 
 
-def check_adapter_folder(path: str | os.PathLike) -> None:
+def check_adapter_folder(path: str | os.PathLike, subfolder: str | None = None) -> None:
     """Everything ``load_rosa_model`` checks before loading, for callers that fail fast (before the base model
     loads): ``check_adapter_dir``, and a local folder that exists and holds both files. A missing path that could
-    be a hub id ('owner/name') is left to PEFT."""
-    local = Path(path)
+    be a hub id ('owner/name') passes here; its files are checked once fetched (``fetch_hub_adapter``)."""
+    local = Path(path, subfolder or "")
     if not local.exists():
         if isinstance(path, str) and re.fullmatch(r"[\w][\w.-]*/[\w.-]+", path):
             return
-        raise AdapterFileError(f"{path}: adapter folder not found")
+        raise AdapterFileError(f"{local}: adapter folder not found")
     if not local.is_dir():
         raise AdapterFileError(
             f"{path}: not a folder; pass the adapter folder (holding {CONFIG_NAME} and {SAFETENSORS_NAME})"
@@ -174,5 +207,5 @@ def check_adapter_folder(path: str | os.PathLike) -> None:
     for name in (CONFIG_NAME, SAFETENSORS_NAME):
         if not (local / name).is_file():
             raise AdapterFileError(
-                f"{local / name}: missing, so {path} is not an adapter folder written by save_pretrained"
+                f"{local / name}: missing, so {local} is not an adapter folder written by save_pretrained"
             )
