@@ -397,6 +397,31 @@ def test_tensors_the_config_declares_outside_rosa_layers_load(tmp_path, extra):
         rosa.load_rosa_model(word_llama(), dest)
 
 
+def test_an_explicit_config_decides_what_the_file_may_hold(tmp_path):
+    """Given ``config=``, PEFT loads the file under that config, not the folder's: a folder whose own config
+    declares ``modules_to_save=["norm"]`` cannot carry norm weights into a model loaded under a config that
+    declares nothing (PEFT would write them over the base model's). Under a config that declares them, they load."""
+
+    def config(**extra):
+        return rosa.RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, **extra)
+
+    model = rosa_llama(config(modules_to_save=["norm"]))
+    set_random_masks(model)
+    with torch.no_grad():
+        model.base_model.model.model.norm.modules_to_save["default"].weight.add_(1.0)
+    model.save_pretrained(tmp_path / "ad")
+    base = word_llama()
+    original = base.model.norm.weight.detach().clone()
+    with pytest.raises(
+        AdapterFileError, match=r"tensor 'base_model\.model\.model\..*norm\.weight' belongs to no"
+    ):
+        rosa.load_rosa_model(base, tmp_path / "ad", config=config())
+    assert torch.equal(base.model.norm.weight, original)
+    loaded = rosa.load_rosa_model(word_llama(), tmp_path / "ad", config=config(modules_to_save=["norm"]))
+    trained = model.base_model.model.model.norm.modules_to_save["default"].weight
+    assert torch.equal(loaded.base_model.model.model.norm.modules_to_save["default"].weight, trained)
+
+
 def test_resized_vocabulary_embeddings_load(tmp_path):
     """PEFT saves the embedding and head weights of a model whose vocabulary was resized
     (save_embedding_layers); they are not RoSA tensors, yet the file must load with them."""

@@ -197,14 +197,15 @@ def load_rosa_model(
     **kwargs,
 ) -> PeftModel:
     """Load a saved RoSA adapter onto ``model`` (``PeftModel.from_pretrained`` with RoSA's file checks)."""
-    subfolder = kwargs.get("subfolder")
-    check_adapter_folder(path, subfolder)
+    subfolder, config = kwargs.get("subfolder"), kwargs.get("config")
+    load_config = None if config is None else config.to_dict()  # given config=, PEFT loads under it
+    check_adapter_folder(path, subfolder, load_config)
     if not os.path.exists(os.path.join(path, subfolder or "")):
         # a hub id: checked here as well as in RosaConfig.from_pretrained, which PEFT skips when given config=
         hub_kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "config")}
         folder = fetch_hub_adapter(str(path), subfolder, **hub_kwargs)
         if folder is not None:
-            check_adapter_dir(folder)
+            check_adapter_dir(folder, load_config)
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
     )

@@ -40,17 +40,19 @@ def check_float_tensor(key: str, tensor: torch.Tensor, shape: torch.Size) -> Non
         raise AdapterFileError(f"{key}: contains NaN or infinite values")
 
 
-def check_adapter_dir(path: str | os.PathLike) -> None:
+def check_adapter_dir(path: str | os.PathLike, load_config: dict | None = None) -> None:
     """Refuse a local adapter folder PEFT would load unsafely or with a traceback, naming the file at fault:
     pickle-only weights (loading must never unpickle), an adapter_config.json that is not a RoSA config, a
-    truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``)."""
+    truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``).
+    ``load_config``: the config PEFT will load the file under when it is not the folder's own (``config=``); the
+    file's tensors must be what that one declares."""
     path = Path(path)
     if not path.is_dir():
         return  # a hub id: ``fetch_hub_adapter`` brings its files here first
     config = check_adapter_config(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
     if (path / SAFETENSORS_NAME).is_file():
         keys = _check_safetensors_file(path / SAFETENSORS_NAME)
-        check_adapter_keys(path / SAFETENSORS_NAME, keys, config)
+        check_adapter_keys(path / SAFETENSORS_NAME, keys, config if load_config is None else load_config)
         return
     pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
     if pickles:
@@ -190,7 +192,9 @@ def _check_safetensors_file(file: Path) -> list[str]:
         ) from None
 
 
-def check_adapter_folder(path: str | os.PathLike, subfolder: str | None = None) -> None:
+def check_adapter_folder(
+    path: str | os.PathLike, subfolder: str | None = None, load_config: dict | None = None
+) -> None:
     """Everything ``load_rosa_model`` checks before loading, for callers that fail fast (before the base model
     loads): ``check_adapter_dir``, and a local folder that exists and holds both files. A missing path that could
     be a hub id ('owner/name') passes here; its files are checked once fetched (``fetch_hub_adapter``)."""
@@ -203,7 +207,7 @@ def check_adapter_folder(path: str | os.PathLike, subfolder: str | None = None) 
         raise AdapterFileError(
             f"{path}: not a folder; pass the adapter folder (holding {CONFIG_NAME} and {SAFETENSORS_NAME})"
         )
-    check_adapter_dir(local)
+    check_adapter_dir(local, load_config)
     for name in (CONFIG_NAME, SAFETENSORS_NAME):
         if not (local / name).is_file():
             raise AdapterFileError(
