@@ -202,8 +202,7 @@ def load_rosa_model(
     check_adapter_folder(path, subfolder, load_config)
     if not os.path.exists(os.path.join(path, subfolder or "")):
         # a hub id: checked here as well as in RosaConfig.from_pretrained, which PEFT skips when given config=
-        hub_kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "config")}
-        folder = fetch_hub_adapter(str(path), subfolder, **hub_kwargs)
+        folder = fetch_hub_adapter(str(path), **kwargs)
         if folder is not None:
             check_adapter_dir(folder, load_config)
     return PeftModel.from_pretrained(

@@ -74,7 +74,7 @@ def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> P
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     accepted = inspect.signature(hf_hub_download).parameters
-    hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k not in ("filename", "subfolder")}
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k != "filename"}  # not config=, ...
     try:
         hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
     except Exception:  # not found, offline, not a repo id: PEFT's own loader raises its message
