@@ -87,6 +87,10 @@ LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "adapter": (3e-4, 1e-3, 3e-3)}
 MAX_EXTENSIONS = 2
 METHODS = ("lora", "rosa", "spa", "full")  # run order: the comparison that matters most first
 STUDIES = (("rosa", "magnitude", "layer"), ("rosa", "random", "layer"), ("rosa", "fisher", "global"))
+SPLIT_RANKS = {
+    "low": (3,),
+    "mid": (12,),
+}  # split studies: RoSA at 3/4 of LoRA's rank, density filling the rest
 # RoSA schedule candidates (every one restarts under a fresh LR warm-up; they differ in the LoRA-only warm-up
 # before the mask statistics and in the sparse values' rate), in the order they run.
 CANDIDATES = (
@@ -113,11 +117,13 @@ class Spec:
     rewarmup: bool = False  # what starts at the mask gets a fresh LR warm-up (10% of the run)
     sparse_lr_ratio: float = 1.0  # the sparse values train at lr / sparse_lr_ratio
     seed: int = 0  # training order and adapter init
+    rank: int | None = None  # RoSA's rank when not half of LoRA's (a split study); the density fills the rest
     epochs: float | None = None  # set when ``steps`` was computed as this many passes over the training rows
 
     @property
     def key(self) -> str:
         variant = "" if self.method in ("full", "lora") else f"/{self.mask_method}/{self.allocation}"
+        variant += f"/r{self.rank}" if self.rank is not None else ""
         budget = "" if self.method == "full" else f"/{self.budget}"
         extra = (f"/lr{self.fixed_lr:g}" if self.fixed_lr is not None else "") + (
             "/mask-at-start" if self.mask_at_start else ""
@@ -138,11 +144,18 @@ class Spec:
         return "full" if self.method == "full" else "adapter"
 
     def lr_source(self) -> Spec:
-        """The spec whose probes choose this spec's learning rate: the mask studies borrow the fisher RoSA's,
+        """The spec whose probes choose this spec's learning rate: the mask and split studies borrow the fisher RoSA's,
         other seeds borrow seed 0's, longer runs the standard length's (a probe is ``PROBE_STEPS`` steps of
         the same schedule shape whatever the run's length, so this is the same probe under its first key)."""
         return replace(
-            self, mask_method="fisher", allocation="layer", seed=0, fixed_lr=None, steps=STEPS, epochs=None
+            self,
+            mask_method="fisher",
+            allocation="layer",
+            seed=0,
+            fixed_lr=None,
+            steps=STEPS,
+            epochs=None,
+            rank=None,
         )
 
 
@@ -238,7 +251,9 @@ def budget_split(model: torch.nn.Module, spec: Spec) -> dict[str, Any]:
     budget = BUDGETS[spec.budget] * per_rank
     if spec.method == "lora":
         return {"r": BUDGETS[spec.budget], "density": 0.0, "budget": budget, "linear_weights": weights}
-    r = 0 if spec.method == "spa" else BUDGETS[spec.budget] // 2
+    r = 0 if spec.method == "spa" else BUDGETS[spec.budget] // 2 if spec.rank is None else spec.rank
+    if not 0 <= r <= BUDGETS[spec.budget]:
+        raise ValueError(f"rank {r} does not fit the budget of LoRA r {BUDGETS[spec.budget]}")
     density = (budget - r * per_rank) / weights
     return {"r": r, "density": density, "budget": budget, "linear_weights": weights}
 
@@ -467,7 +482,7 @@ def specs_for(
         ]
     specs: list[Spec] = []
     schedule: dict[str, Any] = {}
-    if part in ("main", "all", "studies") and ("rosa" in methods or part == "studies"):
+    if part in ("main", "all", "studies", "splits") and ("rosa" in methods or part != "main"):
         chosen = choose_schedule(load_results(path))
         if chosen is None:
             raise SystemExit(
@@ -489,6 +504,13 @@ def specs_for(
     if part in ("studies", "all"):
         specs += [
             Spec(t, m, b, mm, al, steps, **schedule) for t in tasks for b in budgets for m, mm, al in STUDIES
+        ]
+    if part == "splits":  # RoSA's budget divided otherwise between rank and density, at the default's rate
+        specs += [
+            Spec(t, "rosa", b, steps=steps, rank=r, **schedule)
+            for t in tasks
+            for b in budgets
+            for r in SPLIT_RANKS[b]
         ]
     if part == "candidates":  # RoSA schedules, all at LoRA's chosen rate; the default is picked on val loss
         for task in tasks:
@@ -556,6 +578,8 @@ def label(run: dict[str, Any]) -> str:
     name = {"full": "full FT", "lora": "LoRA", "spa": "SpA", "rosa": "RoSA"}[spec["method"]]
     if _other_mask(spec):
         name += f" ({spec['mask_method']}, {spec['allocation']})"
+    if spec.get("rank") is not None:
+        name += f" (r {spec['rank']} + density)"
     if spec.get("fixed_lr") is not None and kind(spec) == "diagnostic":
         name += f" [diagnostic: lr {spec['fixed_lr']:g} set by hand]"
     if spec.get("mask_at_start"):
@@ -584,12 +608,22 @@ def kind(spec: dict[str, Any]) -> str:
         return "schedule candidate" if candidate else "diagnostic"
     if _other_mask(spec):
         return "mask study"
+    if spec.get("rank") is not None:
+        return "split study"
     if spec["method"] == "rosa" and schedule_of(spec) == FIRST_SCHEDULE:
         return "first schedule"
     return "comparison"
 
 
-KINDS = ("comparison", "longer run", "schedule candidate", "first schedule", "mask study", "diagnostic")
+KINDS = (
+    "comparison",
+    "longer run",
+    "schedule candidate",
+    "first schedule",
+    "mask study",
+    "split study",
+    "diagnostic",
+)
 METHOD_ORDER = {"full": 0, "lora": 1, "spa": 2, "rosa": 3}
 
 
@@ -1019,10 +1053,14 @@ def _mean(values: list[float]) -> float:
 def _short(run: dict[str, Any]) -> str:
     """A bar label: the method, then what differs from the comparison run."""
     spec = run["spec"]
-    name = label({"spec": {**spec, "mask_method": "fisher", "allocation": "layer", "fixed_lr": None}})
+    name = label(
+        {"spec": {**spec, "mask_method": "fisher", "allocation": "layer", "fixed_lr": None, "rank": None}}
+    )
     name = name.replace(" [diagnostic: mask before step 0]", "")
     if kind(spec) == "mask study":
         name += f" {spec['mask_method']}" + (" global" if spec["allocation"] == "global" else "")
+    if kind(spec) == "split study":
+        name += f" r{spec['rank']}"
     if spec.get("mask_at_start"):
         name += " mask at step 0"
     if kind(spec) == "schedule candidate":
@@ -1045,6 +1083,7 @@ KIND_COLORS = {
     "schedule candidate": "C3",
     "first schedule": "C7",
     "mask study": "C1",
+    "split study": "C5",
     "diagnostic": "C2",
 }
 
@@ -1096,7 +1135,7 @@ def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
         right.set_ylabel("exact match, %")
         right.set_title(
             f"{task}: blue comparison, purple longer run, red schedule candidate, grey first schedule, orange mask study, "
-            "green diagnostic",
+            "brown split study, green diagnostic",
             fontsize=8,
         )
         right.grid(alpha=0.3, axis="y")
@@ -1125,8 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--part",
         default="all",
-        choices=("main", "studies", "all", "diagnostics", "candidates"),
+        choices=("main", "studies", "all", "diagnostics", "candidates", "splits"),
         help="main: the method comparison; studies: magnitude/random masks, global allocation; "
+        "splits: RoSA at 3/4 of LoRA's rank (density filling the rest); "
         "diagnostics: RoSA at LoRA's chosen rate, and RoSA with its mask scored before step 0",
     )
     parser.add_argument(

@@ -199,6 +199,35 @@ def test_the_rate_check_sets_a_hand_set_rate_beside_the_policy_run(accuracy):
     assert "(not lower than 0.096" in accuracy._rate_checks(runs)[0]
 
 
+def test_a_split_study_moves_budget_between_rank_and_density(accuracy, tmp_path):
+    """A split study keeps the budget, gives RoSA another rank, has its own key and kind, borrows the default
+    split's rate, and cannot ask for more rank than the budget holds."""
+    schedule = accuracy.CANDIDATES[0]
+    default = accuracy.Spec("viggo", "rosa", **schedule)
+    split = accuracy.Spec("viggo", "rosa", rank=3, **schedule)
+    model = _tiny_llama()
+    shapes = accuracy.linear_shapes(model)
+    per_rank, weights = sum(o + i for o, i in shapes), sum(o * i for o, i in shapes)
+    for spec, rank in ((default, 2), (split, 3)):
+        got = accuracy.budget_split(model, spec)
+        assert got["r"] == rank
+        assert math.isclose(rank * per_rank + got["density"] * weights, 4 * per_rank)  # LoRA r 4's budget
+    assert split.key != default.key and "/r3/" in split.key
+    assert accuracy.kind(asdict(split)) == "split study"
+    assert accuracy.kind(asdict(default)) == "comparison"
+    assert split.lr_source() == default
+    with pytest.raises(ValueError, match="rank 5 does not fit"):
+        accuracy.budget_split(model, replace(split, rank=5))
+    path = tmp_path / "acc.json"
+    results = accuracy.load_results(path)
+    _, chosen, results["runs"] = _two_candidates_beside_lora(accuracy)
+    accuracy.save_results(results, path)
+    specs = accuracy.specs_for(["viggo"], ["rosa"], ["low", "mid"], "splits", 150, path)
+    assert [s.rank for s in specs] == [3, 12]
+    assert all(accuracy.kind(asdict(s)) == "split study" for s in specs)
+    assert all(accuracy.schedule_of(asdict(s)) == chosen for s in specs)  # the default schedule
+
+
 def _fake_run(accuracy, spec, val_loss):
     return {"spec": asdict(spec), "val_loss": val_loss, "lr": spec.fixed_lr or 1e-3}
 
