@@ -837,6 +837,11 @@ def _rate_checks(runs: list[dict[str, Any]]) -> list[str]:
         for r in runs
         if kind(r["spec"]) == "comparison" and r["spec"]["method"] == "rosa"
     }
+    lora = {
+        (r["spec"]["task"], r["spec"]["budget"], r["spec"].get("seed", 0)): r
+        for r in runs
+        if kind(r["spec"]) == "comparison" and r["spec"]["method"] == "lora"
+    }
     lines = []
     for run in runs:
         spec = run["spec"]
@@ -850,7 +855,12 @@ def _rate_checks(runs: list[dict[str, Any]]) -> list[str]:
             f"- Rate check (diagnostic, outside the policy), {spec['task']}, budget {spec['budget']}, seed "
             f"{spec.get('seed', 0)}: RoSA's default schedule at lr {spec['fixed_lr']:g} has val loss "
             f"{run['val_loss']:.3f} ({better} than {ref['val_loss']:.3f} at the policy's lr {ref['lr']:g}); "
-            f"exact match {100 * run['exact_match']:.1f}% vs {100 * ref['exact_match']:.1f}%."
+            f"exact match {100 * run['exact_match']:.1f}% vs {100 * ref['exact_match']:.1f}%"
+            + (
+                f" (LoRA: val loss {other['val_loss']:.3f}, {100 * other['exact_match']:.1f}% at lr {other['lr']:g})."
+                if (other := lora.get(same_training(spec)[:3]))
+                else "."
+            )
         )
     return lines
 

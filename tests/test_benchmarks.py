@@ -194,7 +194,11 @@ def test_the_rate_check_sets_a_hand_set_rate_beside_the_policy_run(accuracy):
     (line,) = accuracy._rate_checks(runs)
     assert "viggo, budget mid, seed 0" in line
     assert "lr 0.003 has val loss 0.070 (lower than 0.096 at the policy's lr 0.009)" in line
-    assert "exact match 30.0% vs 21.0%" in line
+    assert line.endswith("exact match 30.0% vs 21.0%.")
+    lora = accuracy.Spec("viggo", "lora", "mid")
+    runs.append({**_fake_run(accuracy, lora, 0.059), "lr": 3e-3, "exact_match": 0.41})
+    (line,) = accuracy._rate_checks(runs)
+    assert line.endswith("exact match 30.0% vs 21.0% (LoRA: val loss 0.059, 41.0% at lr 0.003).")
     runs[1]["val_loss"] = 0.2
     assert "(not lower than 0.096" in accuracy._rate_checks(runs)[0]
 
