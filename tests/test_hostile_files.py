@@ -535,3 +535,13 @@ def test_an_uncached_hub_adapter_offline_names_the_cache(genuine, fake_hub, monk
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(AdapterFileError, match="not in the local hub cache"):
         rosa.RosaConfig.from_pretrained("good/adapter")
+
+
+def test_an_unreachable_hub_adapter_fails_once_with_the_reason(fake_hub):
+    """A hub id whose config cannot be fetched (no such repo, offline) is refused by rosa in one message, before
+    PEFT retries the same download; a missing local path is left to PEFT's own message."""
+    with pytest.raises(AdapterFileError, match=r"nosuch/adapter: no local folder .*EntryNotFoundError"):
+        rosa.RosaConfig.from_pretrained("nosuch/adapter")
+    assert not fake_hub.downloads
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+        rosa.RosaConfig.from_pretrained("/nonexistent/folder/adapter")

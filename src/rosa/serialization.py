@@ -21,6 +21,7 @@ PREFIX = "rosa_"  # every adapter attribute of a RoSA layer, hence every tensor 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+HUB_ID = re.compile(r"[\w][\w.-]*/[\w.-]+")  # 'owner/name': a path that does not exist may be one
 
 
 class AdapterFileError(ValueError):
@@ -64,8 +65,9 @@ def check_adapter_dir(path: str | os.PathLike, load_config: dict | None = None) 
 
 def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> Path | None:
     """Download a hub adapter's config and safetensors file (into the cache PEFT reads them from next) and return
-    their folder, so that ``check_adapter_dir`` sees what PEFT will load; ``None`` when the config cannot be
-    fetched (PEFT then reports that itself). A repo without the safetensors file is refused: PEFT would fall back
+    their folder, so that ``check_adapter_dir`` sees what PEFT will load; ``None`` for an id that cannot be a hub
+    repo (a missing local path, which PEFT reports). A config that cannot be fetched is refused with the reason,
+    once (PEFT would retry the same download). A repo without the safetensors file is refused: PEFT would fall back
     to unpickling ``adapter_model.bin``. ``kwargs``: whatever of ``hf_hub_download``'s arguments PEFT passes on
     (``revision``, ``cache_dir``, ``token``, ...); pin ``revision`` to a commit so both reads see the same files."""
     import inspect
@@ -73,13 +75,19 @@ def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> P
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    if not HUB_ID.fullmatch(repo_id):
+        return None  # a local path that does not exist: PEFT's loader says so
     accepted = inspect.signature(hf_hub_download).parameters
     hub_kwargs = {k: v for k, v in kwargs.items() if k in accepted and k != "filename"}  # not config=, ...
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
     try:
         hf_hub_download(repo_id, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-    except Exception:  # not found, offline, not a repo id: PEFT's own loader raises its message
-        return None
-    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    except Exception as e:  # no such repo or file, offline: said once here rather than retried by PEFT
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise AdapterFileError(
+            f"{where}: no local folder of that name, and {CONFIG_NAME} cannot be fetched from the hub "
+            f"({type(e).__name__}: {reason})"
+        ) from None
     try:
         weights = hf_hub_download(repo_id, SAFETENSORS_NAME, subfolder=subfolder, **hub_kwargs)
     except LocalEntryNotFoundError:
@@ -200,7 +208,7 @@ def check_adapter_folder(
     be a hub id ('owner/name') passes here; its files are checked once fetched (``fetch_hub_adapter``)."""
     local = Path(path, subfolder or "")
     if not local.exists():
-        if isinstance(path, str) and re.fullmatch(r"[\w][\w.-]*/[\w.-]+", path):
+        if isinstance(path, str) and HUB_ID.fullmatch(path):
             return
         raise AdapterFileError(f"{local}: adapter folder not found")
     if not local.is_dir():
