@@ -543,5 +543,5 @@ def test_an_unreachable_hub_adapter_fails_once_with_the_reason(fake_hub):
     with pytest.raises(AdapterFileError, match=r"nosuch/adapter: no local folder .*EntryNotFoundError"):
         rosa.RosaConfig.from_pretrained("nosuch/adapter")
     assert not fake_hub.downloads
-    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config\.json'"):
         rosa.RosaConfig.from_pretrained("/nonexistent/folder/adapter")
