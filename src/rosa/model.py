@@ -200,8 +200,8 @@ def load_rosa_model(
     subfolder, config = kwargs.get("subfolder"), kwargs.get("config")
     load_config = None if config is None else config.to_dict()  # given config=, PEFT loads under it
     check_adapter_folder(path, subfolder, load_config)
-    if not os.path.exists(os.path.join(path, subfolder or "")):
-        # a hub id: checked here as well as in RosaConfig.from_pretrained, which PEFT skips when given config=
+    if config is not None and not os.path.exists(os.path.join(path, subfolder or "")):
+        # a hub id given with config=: PEFT skips RosaConfig.from_pretrained, which checks hub ids otherwise
         folder = fetch_hub_adapter(str(path), **kwargs)
         if folder is not None:
             check_adapter_dir(folder, load_config)
