@@ -825,6 +825,15 @@ def _longer_verdict(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _lora_comparison(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """LoRA's comparison runs by (task, budget, seed): the reference the other tables set RoSA beside."""
+    return {
+        (r["spec"]["task"], r["spec"]["budget"], r["spec"].get("seed", 0)): r
+        for r in runs
+        if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison"
+    }
+
+
 def _rate_checks(runs: list[dict[str, Any]]) -> list[str]:
     """RoSA's comparison run beside the same schedule at a hand-set rate (a diagnostic of the rate policy, not
     part of the target): does the policy's rate also win on validation loss over the full run?"""
@@ -837,11 +846,7 @@ def _rate_checks(runs: list[dict[str, Any]]) -> list[str]:
         for r in runs
         if kind(r["spec"]) == "comparison" and r["spec"]["method"] == "rosa"
     }
-    lora = {
-        (r["spec"]["task"], r["spec"]["budget"], r["spec"].get("seed", 0)): r
-        for r in runs
-        if kind(r["spec"]) == "comparison" and r["spec"]["method"] == "lora"
-    }
+    lora = _lora_comparison(runs)
     lines = []
     for run in runs:
         spec = run["spec"]
@@ -937,11 +942,7 @@ def _candidate_table(results: dict[str, Any], runs: list[dict[str, Any]]) -> str
         "| task | RoSA schedule (A/B at LoRA's chosen rate) | lr | val loss | val loss / LoRA's | exact match | chosen |",
         "|---|---|---|---|---|---|---|",
     ]
-    lora = {
-        (r["spec"]["task"], r["spec"]["budget"]): r["val_loss"]
-        for r in runs
-        if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
-    }
+    lora = {key[:2]: r["val_loss"] for key, r in _lora_comparison(runs).items() if key[2] == 0}
     for run in rows:
         task, budget = run["spec"]["task"], run["spec"]["budget"]
         rel = f"{run['val_loss'] / lora[task, budget]:.3f}" if (task, budget) in lora else "-"
@@ -1002,11 +1003,8 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
     batches (every method sees the same batches in the same order, so the ratio removes the batch-to-batch
     noise): a rise after the mask means the first updates of the sparse values hurt. With a restart the loss
     returns towards the pretrained model's by design; the question is how far above that it goes."""
-    lora = {  # the reference at each task and budget: LoRA's seed-0 comparison run (the same batches)
-        (r["spec"]["task"], r["spec"]["budget"]): r
-        for r in runs
-        if r["spec"]["method"] == "lora" and kind(r["spec"]) == "comparison" and r["spec"].get("seed", 0) == 0
-    }
+    # the reference at each task and budget: LoRA's seed-0 comparison run (the same batches)
+    lora = {key[:2]: r for key, r in _lora_comparison(runs).items() if key[2] == 0}
 
     def reference(run: dict[str, Any]) -> dict[str, Any] | None:
         return lora.get((run["spec"]["task"], run["spec"]["budget"]))
