@@ -1184,8 +1184,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only the specs whose key contains one of these strings"
     )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="train the selected runs at this rate instead of the policy's (recorded under a key ending /lr<rate>)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr < 1):
+        parser.error(f"--lr must be a rate between 0 and 1, got {args.lr}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report:
@@ -1201,6 +1209,8 @@ def main(argv: list[str] | None = None) -> int:
         tuple(args.seeds),
         args.epochs,
     )
+    if args.lr is not None:
+        specs = [replace(s, fixed_lr=args.lr) for s in specs]
     if args.only:
         specs = [s for s in specs if any(part in s.key for part in args.only)]
     results = run_suite(specs, args.out)
