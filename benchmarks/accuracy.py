@@ -85,6 +85,8 @@ WARMUP_FRACTION = 0.1
 BUDGETS = {"low": 4, "mid": 16}  # LoRA rank that defines the budget
 LR_GRIDS = {"full": (1e-5, 3e-5, 1e-4), "adapter": (3e-4, 1e-3, 3e-3)}
 MAX_EXTENSIONS = 2
+FINALISTS = 2  # probe rates trained for the full length at seed 0; the lower full-run val loss is kept
+RATE_POLICY = "finalists"  # recorded on every policy run; runs without it were kept on the probe alone
 METHODS = ("lora", "rosa", "spa", "full")  # run order: the comparison that matters most first
 STUDIES = (("rosa", "magnitude", "layer"), ("rosa", "random", "layer"), ("rosa", "fisher", "global"))
 SPLIT_RANKS = {
@@ -119,6 +121,7 @@ class Spec:
     seed: int = 0  # training order and adapter init
     rank: int | None = None  # RoSA's rank when not half of LoRA's (a split study); the density fills the rest
     epochs: float | None = None  # set when ``steps`` was computed as this many passes over the training rows
+    finalist: bool = False  # a full-length run at one of the probes' best rates (not part of the key)
 
     @property
     def key(self) -> str:
@@ -149,6 +152,7 @@ class Spec:
         the same schedule shape whatever the run's length, so this is the same probe under its first key)."""
         return replace(
             self,
+            finalist=False,
             mask_method="fisher",
             allocation="layer",
             seed=0,
@@ -407,13 +411,19 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
 
 
 def choose_lr(spec: Spec, results: dict[str, Any], path: Path) -> float:
-    """The learning rate with the lowest validation loss after ``PROBE_STEPS`` steps (probes cached in the JSON).
+    """The probes' best rate (the first finalist), or the rate set by hand."""
+    if spec.fixed_lr is not None:
+        return spec.fixed_lr
+    return probe_finalists(spec, results, path)[0]
+
+
+def probe_finalists(spec: Spec, results: dict[str, Any], path: Path) -> list[float]:
+    """The ``FINALISTS`` rates with the lowest validation loss after ``PROBE_STEPS`` steps, best first (probes
+    cached in the JSON).
 
     Starts from the method family's 3-point grid; while the best rate sits at an edge of what was probed, the
     grid is extended one step (x3 or /3) past that edge, at most ``MAX_EXTENSIONS`` times, so that the rate
-    chosen is an interior minimum for every method alike."""
-    if spec.fixed_lr is not None:
-        return spec.fixed_lr
+    chosen is an interior minimum for every method alike. A diverged probe (nan) is never a finalist."""
     source = spec.lr_source()
     grid = list(LR_GRIDS[source.lr_family])
     for _ in range(MAX_EXTENSIONS + 1):
@@ -426,7 +436,7 @@ def choose_lr(spec: Spec, results: dict[str, Any], path: Path) -> float:
             grid.insert(0, float(f"{best / 3:.3g}"))
         else:
             break
-    return best
+    return sorted(finite, key=finite.get)[:FINALISTS] or [best]
 
 
 def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> float:
@@ -440,23 +450,98 @@ def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> floa
 
 
 def run_suite(specs: list[Spec], path: Path) -> dict[str, Any]:
+    """Train what is missing. A run at a hand-set rate is stored under its own key (``.../lr<rate>``); a policy
+    run's key holds a copy of the run at the rate the policy chose, marked ``same_run_as`` that run."""
     for spec in specs:
         results = load_results(path)  # another suite sharing the file may have finished this spec meanwhile
-        if spec.key in results["runs"]:
+        if spec.fixed_lr is not None:
+            _run_at(spec, results, path)
+            continue
+        done = results["runs"].get(spec.key)
+        if done is not None and done.get("rate_policy") == RATE_POLICY:
             print(f"done already: {spec.key}")
             continue
-        lr = choose_lr(spec, results, path)
-        twin = replace(spec, fixed_lr=lr).key  # the same training, already run with the rate set by hand
-        if spec.fixed_lr is None and twin in results["runs"]:
-            run = {**results["runs"][twin], "spec": asdict(spec), "same_run_as": twin}
-            record_result(results, path, "runs", spec.key, run)
-            print(f"  {spec.key}: the same run as {twin} (the policy chose its rate)", flush=True)
-            continue
-        print(f"run {spec.key} at lr {lr:g}", flush=True)
-        run = train_once(spec, lr, spec.steps, score_test=True, desc=spec.key)
-        record_result(results, path, "runs", spec.key, run)
-        print(f"  {spec.key}: exact match {run['exact_match']:.1%} ({run['wall_seconds']:.0f} s)", flush=True)
+        lr = policy_rate(spec, results, path)
+        if spec == spec.lr_source():
+            continue  # policy_rate recorded it
+        _keep_earlier_run(spec, results, path)
+        twin = replace(spec, fixed_lr=lr)
+        _run_at(twin, results, path)
+        _record_policy_run(spec, twin, results, path)
     return load_results(path)
+
+
+def policy_rate(spec: Spec, results: dict[str, Any], path: Path) -> float:
+    """The rate the policy keeps for ``spec``, decided once at seed 0 and the standard length (``lr_source``):
+    the probes' ``FINALISTS`` best rates each train the full length, and the lower validation loss wins (the
+    probes are short, and a rate that learns fastest in 25 steps is not always the best over 150)."""
+    source = spec.lr_source()
+    decided = results["runs"].get(source.key)
+    if decided is not None and decided.get("rate_policy") == RATE_POLICY:
+        return decided["lr"]
+    finalists = [replace(source, fixed_lr=lr, finalist=True) for lr in probe_finalists(source, results, path)]
+    for finalist in finalists:
+        _run_at(finalist, results, path)
+    results = load_results(path)
+    val = {f: results["runs"][f.key]["val_loss"] for f in finalists}
+    finite = [f for f in finalists if not math.isnan(val[f])]
+    kept = min(finite, key=val.get) if finite else finalists[0]
+    _keep_earlier_run(source, results, path)
+    _record_policy_run(source, kept, results, path, {f"{f.fixed_lr:g}": val[f] for f in finalists})
+    return kept.fixed_lr
+
+
+def _run_at(spec: Spec, results: dict[str, Any], path: Path) -> None:
+    """Make sure the run of ``spec`` (a hand-set rate) exists: an earlier policy's run of the same training at
+    the same rate is that run (copied under this key, not trained again); otherwise train it."""
+    if spec.key in results["runs"]:
+        print(f"done already: {spec.key}")
+        return
+    policy_key = replace(spec, fixed_lr=None, finalist=False).key
+    earlier = results["runs"].get(policy_key)
+    if (
+        earlier is not None
+        and earlier.get("rate_policy") is None
+        and math.isclose(earlier["lr"], spec.fixed_lr)
+    ):
+        run = {**earlier, "spec": asdict(spec), "first_recorded_as": policy_key}
+        run.pop("same_run_as", None)
+        record_result(results, path, "runs", spec.key, run)
+        print(f"  {spec.key}: the run first recorded as {policy_key}", flush=True)
+        return
+    print(f"run {spec.key}", flush=True)
+    run = train_once(spec, spec.fixed_lr, spec.steps, score_test=True, desc=spec.key)
+    record_result(results, path, "runs", spec.key, run)
+    print(f"  {spec.key}: exact match {run['exact_match']:.1%} ({run['wall_seconds']:.0f} s)", flush=True)
+
+
+def _keep_earlier_run(spec: Spec, results: dict[str, Any], path: Path) -> None:
+    """Before a policy key is rewritten, the run an earlier policy kept there moves to its hand-set-rate key
+    (unless it is already a copy of a run stored there): nothing measured is lost."""
+    earlier = results["runs"].get(spec.key)
+    if earlier is None or earlier.get("rate_policy") is not None:
+        return
+    if earlier.get("same_run_as") in results["runs"]:
+        return
+    _run_at(replace(spec, fixed_lr=earlier["lr"]), results, path)
+
+
+def _record_policy_run(
+    spec: Spec, chosen: Spec, results: dict[str, Any], path: Path, finalists: dict[str, float] | None = None
+) -> None:
+    run = {
+        **results["runs"][chosen.key],
+        "spec": asdict(spec),
+        "same_run_as": chosen.key,
+        "rate_policy": RATE_POLICY,
+    }
+    run.pop("first_recorded_as", None)
+    if finalists is not None:
+        run["finalists"] = finalists  # rate -> full-run val loss
+    else:
+        run.pop("finalists", None)
+    record_result(results, path, "runs", spec.key, run)
+    print(f"  {spec.key}: the policy keeps lr {chosen.fixed_lr:g} ({chosen.key})", flush=True)
 
 
 def specs_for(
@@ -596,16 +681,29 @@ def _other_mask(spec: dict[str, Any]) -> bool:
 
 
 def kind(spec: dict[str, Any]) -> str:
-    """comparison (the policy's runs of each method), longer run (the same at another length), schedule
-    candidate, first schedule (superseded RoSA runs), mask study, or diagnostic."""
+    """comparison (the policy's runs of each method), longer run (the same at another length), rate run (a
+    rate set by hand: the policy's finalists), schedule candidate, first schedule (superseded RoSA runs), mask
+    study, split study, or diagnostic."""
     if spec.get("steps", STEPS) != STEPS:  # the comparison at another length, or a one-off at another length
         standard = kind({**spec, "steps": STEPS})
         return "longer run" if standard == "comparison" else standard
     if spec.get("mask_at_start"):
         return "diagnostic"
-    if spec["method"] == "rosa" and spec.get("fixed_lr") is not None:  # candidates choose at the low budget
-        candidate = schedule_of(spec) in CANDIDATES and spec.get("budget", "low") == "low"
-        return "schedule candidate" if candidate else "diagnostic"
+    if spec.get("fixed_lr") is not None and not spec.get("finalist"):
+        if spec["method"] == "rosa" and schedule_of(spec) == FIRST_SCHEDULE:
+            return "diagnostic"  # the first schedule at LoRA's rate (why RoSA trailed at first)
+        candidate = (  # the candidates ran at the low budget, seed 0, before the finalists existed
+            spec["method"] == "rosa"
+            and schedule_of(spec) in CANDIDATES
+            and spec.get("budget", "low") == "low"
+            and spec.get("seed", 0) == 0
+            and not _other_mask(spec)
+            and spec.get("rank") is None
+        )
+        if candidate:
+            return "schedule candidate"
+    if spec.get("fixed_lr") is not None:
+        return "rate run"
     if _other_mask(spec):
         return "mask study"
     if spec.get("rank") is not None:
@@ -618,6 +716,7 @@ def kind(spec: dict[str, Any]) -> str:
 KINDS = (
     "comparison",
     "longer run",
+    "rate run",
     "schedule candidate",
     "first schedule",
     "mask study",
@@ -628,9 +727,9 @@ METHOD_ORDER = {"full": 0, "lora": 1, "spa": 2, "rosa": 3}
 
 
 def ordered_runs(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs by task, then kind, then method, then seed."""
+    """Runs by task, then kind, then method, then seed; each with its ``key``."""
     return sorted(
-        results["runs"].values(),
+        ({**run, "key": key} for key, run in results["runs"].items()),
         key=lambda r: (
             r["spec"]["task"],
             KINDS.index(kind(r["spec"])),
@@ -651,31 +750,39 @@ def choose_schedule(results: dict[str, Any], tasks: tuple[str, ...] = ("viggo", 
         and r["spec"]["budget"] == "low"
         and r["spec"]["task"] in tasks
     ]
-    lora = {
-        r["spec"]["task"]: r["val_loss"]
-        for r in results["runs"].values()
-        if r["spec"]["method"] == "lora"
-        and kind(r["spec"]) == "comparison"  # the 150-step run the candidates ran beside, not a longer one
-        and r["spec"].get("seed", 0) == 0
-        and r["spec"]["budget"] == "low"
-    }
+    lora = _lora_at_rate(list(results["runs"].values()))
     scores = {}
     for schedule in CANDIDATES:
-        rel = [
-            r["val_loss"] / lora[r["spec"]["task"]]
+        beside = [  # a candidate counts where LoRA's run at its rate exists to compare it with
+            (r, lora[_rate_key(r)])
             for r in runs
-            if schedule_of(r["spec"]) == schedule and r["spec"]["task"] in lora
+            if schedule_of(r["spec"]) == schedule and _rate_key(r) in lora
         ]
-        tasks_done = {  # a candidate counts where LoRA's val loss exists to compare it with
-            r["spec"]["task"]
-            for r in runs
-            if schedule_of(r["spec"]) == schedule and r["spec"]["task"] in lora
-        }
+        rel = [r["val_loss"] / ref["val_loss"] for r, ref in beside]
+        tasks_done = {r["spec"]["task"] for r, _ in beside}
         if set(tasks) <= tasks_done:
             scores[json.dumps(schedule, sort_keys=True)] = sum(rel) / len(rel)
     if not scores:
         return None
     return json.loads(min(scores, key=scores.get))
+
+
+def _rate_key(run: dict[str, Any]) -> tuple[str, str, str]:
+    return run["spec"]["task"], run["spec"].get("budget", ""), f"{run['lr']:g}"
+
+
+def _lora_at_rate(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """LoRA's seed-0 runs of the standard length by (task, budget, rate): the reference a RoSA run at the same
+    rate is compared with (the candidates ran at the rate the first policy chose for LoRA, and stay compared
+    with that run whatever rate a later policy keeps)."""
+    return {
+        _rate_key(r): r
+        for r in runs
+        if r["spec"]["method"] == "lora"
+        and kind(r["spec"]) in ("comparison", "rate run")
+        and r["spec"].get("seed", 0) == 0
+        and r["spec"]["steps"] == STEPS
+    }
 
 
 def report(results: dict[str, Any], plot: Path | None) -> str:
@@ -686,6 +793,7 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
         _verdict(results, runs),
         _comparison_table(runs),
         _longer_table(runs),
+        _finalist_table(runs),
         _candidate_table(results, runs),
         _runs_table(runs),
         _mask_window_table(runs),
@@ -696,8 +804,15 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
     text = "\n\n".join(line for line in lines if line) + "\n"
     print(text)
     if plot is not None and runs:
-        _plot(runs, plot)
+        _plot(_each_training_once(runs), plot)
     return text
+
+
+def _each_training_once(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Without the runs a policy key holds a copy of (``same_run_as``): each training once, under its policy
+    name."""
+    copied = {r["same_run_as"] for r in runs if "same_run_as" in r}
+    return [r for r in runs if r["key"] not in copied]
 
 
 def _protocol(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
@@ -723,8 +838,10 @@ def _protocol(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     grids = ", ".join(f"{k} {v[0]:g}..{v[-1]:g}" for k, v in st["lr_grids"].items())
     text += (
         f" Learning rate, the same policy for every method: a 3-point grid ({grids}), {st['probe_steps']}-step "
-        "probes, lowest validation loss wins, the grid extended by x3 past an edge while the winner sits on it "
-        f"(at most {st['lr_grid_extensions']} times); other seeds reuse seed 0's rate."
+        "probes ranked by validation loss, the grid extended by x3 past an edge while the best sits on it "
+        f"(at most {st['lr_grid_extensions']} times); the {FINALISTS} best rates then train the full run at seed "
+        "0 and the lower validation loss is kept; other seeds and longer runs reuse that rate. Rows marked "
+        '"probe only" were kept on the probes alone (the first policy) and are not in the target.'
     )
     return text
 
@@ -744,8 +861,12 @@ def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             f"{schedule_label({'method': 'rosa', **chosen})}."
         )
     groups: dict[tuple, dict[int, float]] = {}
-    for run in runs:
-        if kind(run["spec"]) == "comparison" and run["spec"]["method"] in ("lora", "rosa"):
+    for run in runs:  # only rows whose rate the current policy kept
+        if (
+            kind(run["spec"]) == "comparison"
+            and run["spec"]["method"] in ("lora", "rosa")
+            and run.get("rate_policy") == RATE_POLICY
+        ):
             spec = run["spec"]
             key = (spec["task"], spec["budget"], spec["method"])
             groups.setdefault(key, {})[spec.get("seed", 0)] = run["exact_match"]
@@ -773,7 +894,6 @@ def _verdict(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
             )
         lines.append(text + ".")
     lines += _longer_verdict(runs)
-    lines += _rate_checks(runs)
     missing = [
         f"{t} {b}" for t, b in TARGET_CELLS if (t, b) not in status or status[(t, b)][1] < TARGET_SEEDS[b]
     ]
@@ -834,42 +954,6 @@ def _lora_comparison(runs: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     }
 
 
-def _rate_checks(runs: list[dict[str, Any]]) -> list[str]:
-    """RoSA's comparison run beside the same schedule at a hand-set rate (a diagnostic of the rate policy, not
-    part of the target): does the policy's rate also win on validation loss over the full run?"""
-
-    def same_training(spec: dict[str, Any]) -> tuple:
-        return spec["task"], spec["budget"], spec.get("seed", 0), json.dumps(schedule_of(spec))
-
-    policy = {
-        same_training(r["spec"]): r
-        for r in runs
-        if kind(r["spec"]) == "comparison" and r["spec"]["method"] == "rosa"
-    }
-    lora = _lora_comparison(runs)
-    lines = []
-    for run in runs:
-        spec = run["spec"]
-        if kind(spec) != "diagnostic" or spec["method"] != "rosa" or spec.get("fixed_lr") is None:
-            continue
-        ref = policy.get(same_training(spec))
-        if ref is None or spec.get("mask_at_start"):
-            continue
-        better = "lower" if run["val_loss"] < ref["val_loss"] else "not lower"
-        lines.append(
-            f"- Rate check (diagnostic, outside the policy), {spec['task']}, budget {spec['budget']}, seed "
-            f"{spec.get('seed', 0)}: RoSA's default schedule at lr {spec['fixed_lr']:g} has val loss "
-            f"{run['val_loss']:.3f} ({better} than {ref['val_loss']:.3f} at the policy's lr {ref['lr']:g}); "
-            f"exact match {100 * run['exact_match']:.1f}% vs {100 * ref['exact_match']:.1f}%"
-            + (
-                f" (LoRA: val loss {other['val_loss']:.3f}, {100 * other['exact_match']:.1f}% at lr {other['lr']:g})."
-                if (other := lora.get(same_training(spec)[:3]))
-                else "."
-            )
-        )
-    return lines
-
-
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / len(values)
     sd = (
@@ -902,11 +986,44 @@ def _comparison_table(runs: list[dict[str, Any]]) -> str:
         spread = f" ± {100 * sd:.1f}" if len(em) > 1 else ""
         rows.append(
             f"| {task} | {label(first)} | {budget if method != 'full' else '-'} | {_share(first)} "
-            f"| {schedule_label(first['spec'])} | {_rates(first)} "
+            f"| {schedule_label(first['spec'])} | {_rates(first)}{_how_chosen(group)} "
             f"| {', '.join(str(r['spec'].get('seed', 0)) for r in group)} "
             f"| {_mean_sd([r['val_loss'] for r in group])[0]:.3f} | **{100 * mean:.1f}%**{spread} ({per_seed}) |"
         )
     return "\n".join(rows)
+
+
+def _how_chosen(group: list[dict[str, Any]]) -> str:
+    """How the rows' rate was chosen: among the finalists (the current policy), or on the probes alone."""
+    probe_only = [str(r["spec"].get("seed", 0)) for r in group if r.get("rate_policy") != RATE_POLICY]
+    if not probe_only:
+        finalists = next((r["finalists"] for r in group if "finalists" in r), None)
+        return f" (kept of {' / '.join(finalists)})" if finalists else ""
+    if len(probe_only) == len(group):
+        return " (probe only)"
+    return f" (probe only: seed {', '.join(probe_only)})"
+
+
+def _finalist_table(runs: list[dict[str, Any]]) -> str:
+    """The policy's decisions: each finalist rate's full run at seed 0 (validation loss decides)."""
+    decided = [r for r in runs if "finalists" in r]
+    if not decided:
+        return ""
+    out = [
+        "| task | method | budget | finalist lr (probe rank) | full-run val loss | exact match | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_key = {r["key"]: r for r in runs}
+    for run in decided:
+        spec = run["spec"]
+        for rank, rate in enumerate(run["finalists"], 1):
+            finalist = by_key[Spec(**{**spec, "fixed_lr": float(rate), "finalist": True}).key]
+            out.append(
+                f"| {spec['task']} | {label(run)} | {spec['budget'] if spec['method'] != 'full' else '-'} "
+                f"| {_rates(finalist)} ({rank}) | {finalist['val_loss']:.4f} | {_em(finalist)} "
+                f"| {'yes' if finalist['key'] == run['same_run_as'] else ''} |"
+            )
+    return "\n".join(out)
 
 
 def _longer_table(runs: list[dict[str, Any]]) -> str:
@@ -942,13 +1059,13 @@ def _candidate_table(results: dict[str, Any], runs: list[dict[str, Any]]) -> str
         "| task | RoSA schedule (A/B at LoRA's chosen rate) | lr | val loss | val loss / LoRA's | exact match | chosen |",
         "|---|---|---|---|---|---|---|",
     ]
-    lora = {key[:2]: r["val_loss"] for key, r in _lora_comparison(runs).items() if key[2] == 0}
+    lora = _lora_at_rate(runs)
     for run in rows:
-        task, budget = run["spec"]["task"], run["spec"]["budget"]
-        rel = f"{run['val_loss'] / lora[task, budget]:.3f}" if (task, budget) in lora else "-"
+        ref = lora.get(_rate_key(run))
+        rel = f"{run['val_loss'] / ref['val_loss']:.3f}" if ref else "-"
         mark = "yes" if chosen is not None and schedule_of(run["spec"]) == chosen else ""
         out.append(
-            f"| {task} | {schedule_label(run['spec'])} | {_rates(run)} | {run['val_loss']:.4f} | {rel} "
+            f"| {run['spec']['task']} | {schedule_label(run['spec'])} | {_rates(run)} | {run['val_loss']:.4f} | {rel} "
             f"| {_em(run)} | {mark} |"
         )
     return "\n".join(out)
@@ -960,7 +1077,7 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
         "| wall / CPU min | threads | commit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in runs:
+    for run in _each_training_once(runs):
         spec = run["spec"]
         out.append(
             f"| {spec['task']} | {kind(spec)} | {label(run)} | {spec.get('seed', 0)} | {_share(run)} "
@@ -1088,6 +1205,7 @@ def _short(run: dict[str, Any]) -> str:
 KIND_COLORS = {
     "comparison": "C0",
     "longer run": "C4",
+    "rate run": "C9",
     "schedule candidate": "C3",
     "first schedule": "C7",
     "mask study": "C1",
@@ -1103,6 +1221,7 @@ def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     tasks = sorted({run["spec"]["task"] for run in runs})
     fig, axes = plt.subplots(len(tasks), 2, figsize=(14, 4.5 * len(tasks)), squeeze=False)
@@ -1141,10 +1260,9 @@ def _plot(runs: list[dict[str, Any]], plot: Path) -> None:
             range(len(variants)), [_short(r) for r in variants], fontsize=6, rotation=35, ha="right"
         )
         right.set_ylabel("exact match, %")
-        right.set_title(
-            f"{task}: blue comparison, purple longer run, red schedule candidate, grey first schedule, orange mask study, "
-            "brown split study, green diagnostic",
-            fontsize=8,
+        right.set_title(f"{task}: every LoRA / SpA / RoSA training, coloured by kind", fontsize=8)
+        right.legend(
+            handles=[Patch(color=color, label=name) for name, color in KIND_COLORS.items()], fontsize=6
         )
         right.grid(alpha=0.3, axis="y")
     fig.tight_layout()

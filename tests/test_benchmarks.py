@@ -71,14 +71,16 @@ def test_held_out_rows_never_reach_training(accuracy):
 
 def test_results_are_kept_and_skipped(accuracy, tmp_path, monkeypatch):
     """A finished run in the JSON is never trained again (the suite resumes across sittings)."""
-    spec = accuracy.Spec("viggo", "lora")
+    policy, by_hand = accuracy.Spec("viggo", "lora"), accuracy.Spec("viggo", "lora", fixed_lr=3e-3)
     path = tmp_path / "acc.json"
     results = accuracy.load_results(path)
-    results["runs"][spec.key] = {"exact_match": 0.5}
+    done = {"exact_match": 0.5, "rate_policy": accuracy.RATE_POLICY}
+    results["runs"] = {policy.key: done, by_hand.key: {"exact_match": 0.4}}
     accuracy.save_results(results, path)
     monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: pytest.fail("trained a finished run"))
-    assert accuracy.run_suite([spec], path)["runs"][spec.key] == {"exact_match": 0.5}
-    assert json.loads(path.read_text())["runs"][spec.key] == {"exact_match": 0.5}
+    monkeypatch.setattr(accuracy, "_probe", lambda *a, **k: pytest.fail("probed a finished run"))
+    assert accuracy.run_suite([policy, by_hand], path)["runs"] == results["runs"]
+    assert json.loads(path.read_text())["runs"] == results["runs"]
 
 
 def test_two_suites_sharing_one_file_keep_each_others_results(accuracy, tmp_path):
@@ -173,34 +175,19 @@ def test_schedule_kinds_and_keys(accuracy):
         assert seeded.lr_source() == policy  # other seeds use seed 0's rate
     assert accuracy.kind(asdict(first)) == "first schedule"
     assert accuracy.kind(asdict(accuracy.Spec("viggo", "lora", seed=1))) == "comparison"
-    # candidates choose the default at the low budget; the same schedule at a hand-set rate elsewhere is a
-    # diagnostic, so it can neither be marked "chosen" nor enter the choice
-    mid = accuracy.Spec("viggo", "rosa", "mid", fixed_lr=3e-3, **accuracy.CANDIDATES[0])
-    assert accuracy.kind(asdict(mid)) == "diagnostic"
-
-
-def test_the_rate_check_sets_a_hand_set_rate_beside_the_policy_run(accuracy):
-    """A diagnostic of RoSA's default schedule at another rate is reported beside the comparison run of the
-    same task, budget, seed and schedule, and says which has the lower validation loss."""
-    chosen = accuracy.CANDIDATES[0]
-    policy = accuracy.Spec("viggo", "rosa", "mid", **chosen)
-    hand = accuracy.Spec("viggo", "rosa", "mid", fixed_lr=3e-3, **chosen)
-    other_seed = accuracy.Spec("viggo", "rosa", "mid", fixed_lr=1e-3, seed=1, **chosen)
-    runs = [
-        {**_fake_run(accuracy, policy, 0.096), "lr": 9e-3, "exact_match": 0.21},
-        {**_fake_run(accuracy, hand, 0.07), "exact_match": 0.3},
-        {**_fake_run(accuracy, other_seed, 0.01), "exact_match": 0.9},  # no policy run of seed 1: no line
-    ]
-    (line,) = accuracy._rate_checks(runs)
-    assert "viggo, budget mid, seed 0" in line
-    assert "lr 0.003 has val loss 0.070 (lower than 0.096 at the policy's lr 0.009)" in line
-    assert line.endswith("exact match 30.0% vs 21.0%.")
-    lora = accuracy.Spec("viggo", "lora", "mid")
-    runs.append({**_fake_run(accuracy, lora, 0.059), "lr": 3e-3, "exact_match": 0.41})
-    (line,) = accuracy._rate_checks(runs)
-    assert line.endswith("exact match 30.0% vs 21.0% (LoRA: val loss 0.059, 41.0% at lr 0.003).")
-    runs[1]["val_loss"] = 0.2
-    assert "(not lower than 0.096" in accuracy._rate_checks(runs)[0]
+    # candidates choose the default at the low budget, seed 0; the same schedule at a hand-set rate elsewhere,
+    # or marked as a finalist of the rate policy, is a rate run: never marked "chosen", never in the choice
+    schedule = accuracy.CANDIDATES[0]
+    for spec in (
+        accuracy.Spec("viggo", "rosa", "mid", fixed_lr=3e-3, **schedule),
+        accuracy.Spec("viggo", "rosa", fixed_lr=0.027, finalist=True, **schedule),
+        accuracy.Spec("viggo", "rosa", fixed_lr=3e-3, seed=1, **schedule),
+        accuracy.Spec("viggo", "lora", fixed_lr=3e-3),
+        accuracy.Spec("viggo", "full", fixed_lr=1e-4),
+    ):
+        assert accuracy.kind(asdict(spec)) == "rate run", spec
+    finalist = accuracy.Spec("viggo", "rosa", fixed_lr=0.027, finalist=True, **schedule)
+    assert finalist.key == replace(finalist, finalist=False).key  # the same training, whoever asked for it
 
 
 def test_a_split_study_moves_budget_between_rank_and_density(accuracy, tmp_path):
@@ -232,8 +219,11 @@ def test_a_split_study_moves_budget_between_rank_and_density(accuracy, tmp_path)
     assert all(accuracy.schedule_of(asdict(s)) == chosen for s in specs)  # the default schedule
 
 
-def _fake_run(accuracy, spec, val_loss):
-    return {"spec": asdict(spec), "val_loss": val_loss, "lr": spec.fixed_lr or 1e-3}
+def _fake_run(accuracy, spec, val_loss, lr=1e-3):
+    return {"spec": asdict(spec), "val_loss": val_loss, "lr": spec.fixed_lr or lr, **_SCORED}
+
+
+_SCORED = {"exact_match": 0.1, "correct": 20, "count": 200, "trainable": {"total": 10}, "params": {}}
 
 
 def _two_candidates_beside_lora(accuracy):
@@ -243,7 +233,7 @@ def _two_candidates_beside_lora(accuracy):
     runs = {}
     for task, lora_loss, loss_a, loss_b in (("viggo", 0.1, 0.09, 0.095), ("sql", 0.2, 0.25, 0.19)):
         lora = accuracy.Spec(task, "lora")
-        runs[lora.key] = _fake_run(accuracy, lora, lora_loss)
+        runs[lora.key] = _fake_run(accuracy, lora, lora_loss, lr=3e-3)  # the candidates ran at LoRA's rate
         for schedule, loss in ((a, loss_a), (b, loss_b)):
             spec = accuracy.Spec(task, "rosa", fixed_lr=3e-3, **schedule)
             runs[spec.key] = _fake_run(accuracy, spec, loss)
@@ -266,25 +256,114 @@ def test_the_default_schedule_is_chosen_on_validation_loss_relative_to_lora(accu
     assert accuracy.choose_schedule({"runs": runs}) is None
 
 
-def test_a_policy_run_reuses_the_identical_hand_set_run(accuracy, tmp_path, monkeypatch):
-    """When the policy picks the rate a candidate ran at, the candidate is the same training: it is recorded
-    once more under the policy's key (marked as such), not trained again."""
+def _fake_training(accuracy, monkeypatch, probe_loss, run_loss):
+    """Probes and runs whose validation loss is ``probe_loss(lr)`` / ``run_loss(lr)``; returns the list of the
+    keys trained, in order."""
+    trained = []
+    monkeypatch.setattr(accuracy, "_probe", lambda source, lr, results, path: probe_loss(lr))
+
+    def train(spec, lr, steps, score_test, desc):
+        trained.append(spec.key)
+        return {
+            "spec": asdict(spec),
+            "lr": lr,
+            "val_loss": run_loss(lr),
+            "wall_seconds": 1,
+            **_SCORED,
+        }
+
+    monkeypatch.setattr(accuracy, "train_once", train)
+    return trained
+
+
+PROBES = {3e-4: 1.0, 1e-3: 0.5, 3e-3: 0.6}  # an interior best (1e-3), then 3e-3
+
+
+def test_the_rate_policy_trains_two_finalists_and_keeps_the_lower_val_loss(accuracy, tmp_path, monkeypatch):
+    """The probes' two best rates each train the full run; the policy key holds a copy of the one with the lower
+    full-run val loss (even when the probes ranked it second); other seeds reuse that rate without probing."""
+    full_run = {1e-3: 0.30, 3e-3: 0.20}
+    trained = _fake_training(accuracy, monkeypatch, PROBES.get, full_run.get)
+    path = tmp_path / "acc.json"
+    policy = accuracy.Spec("viggo", "lora")
+    results = accuracy.run_suite([policy], path)
+    at = {lr: replace(policy, fixed_lr=lr).key for lr in (1e-3, 3e-3)}
+    assert trained == [at[1e-3], at[3e-3]]
+    kept = results["runs"][policy.key]
+    assert kept["lr"] == 3e-3 and kept["same_run_as"] == at[3e-3]
+    assert kept["rate_policy"] == accuracy.RATE_POLICY
+    assert kept["finalists"] == {"0.001": 0.30, "0.003": 0.20}
+    assert accuracy.kind(kept["spec"]) == "comparison"
+    assert all(accuracy.kind(results["runs"][k]["spec"]) == "rate run" for k in at.values())
+    accuracy.run_suite([policy], path)
+    assert len(trained) == 2  # decided once
+    monkeypatch.setattr(accuracy, "_probe", lambda *a: pytest.fail("another seed probed"))
+    seed1 = replace(policy, seed=1)
+    results = accuracy.run_suite([seed1], path)
+    assert trained[2:] == [replace(seed1, fixed_lr=3e-3).key]
+    assert results["runs"][seed1.key]["lr"] == 3e-3
+    assert "finalists" not in results["runs"][seed1.key]
+    # the report: the decision table, and the comparison row says how its rate was chosen
+    runs = accuracy.ordered_runs(results)
+    table = accuracy._finalist_table(runs)
+    assert "| 1e-03 (1) | 0.3000 | 10.0% (" in table and table.rstrip().endswith("| yes |")
+    assert "3e-03 (kept of 0.001 / 0.003)" in accuracy._comparison_table(runs)
+    shown = {r["key"] for r in accuracy._each_training_once(runs)}  # each training once, by its policy name
+    assert shown == {policy.key, seed1.key, at[1e-3]}
+
+
+def test_a_diverged_finalist_is_not_kept(accuracy, tmp_path, monkeypatch):
+    _fake_training(accuracy, monkeypatch, PROBES.get, {1e-3: float("nan"), 3e-3: 0.9}.get)
+    policy = accuracy.Spec("sql", "lora")
+    assert accuracy.run_suite([policy], tmp_path / "a.json")["runs"][policy.key]["lr"] == 3e-3
+
+
+def test_the_rate_policy_reuses_and_keeps_the_earlier_policys_runs(accuracy, tmp_path, monkeypatch):
+    """A run the probe-only policy kept is the finalist at its rate (copied, not trained again); a seed's run at
+    a rate the policy no longer keeps moves to its own key; a policy key that was already a copy of a candidate
+    reuses the candidate, which keeps its kind."""
     schedule = accuracy.CANDIDATES[0]
-    policy = accuracy.Spec("viggo", "rosa", **schedule)
-    candidate = accuracy.Spec("viggo", "rosa", fixed_lr=9e-3, **schedule)
+    lora, lora1 = accuracy.Spec("viggo", "lora"), accuracy.Spec("viggo", "lora", seed=1)
+    rosa = accuracy.Spec("viggo", "rosa", **schedule)
+    candidate = replace(rosa, fixed_lr=1e-3)
     path = tmp_path / "acc.json"
     results = accuracy.load_results(path)
-    results["runs"][candidate.key] = {**_fake_run(accuracy, candidate, 0.1), "exact_match": 0.4}
+    results["runs"] = {
+        lora.key: {**_fake_run(accuracy, lora, 0.30), "exact_match": 0.35},
+        lora1.key: {**_fake_run(accuracy, lora1, 0.31), "exact_match": 0.40},
+        candidate.key: {**_fake_run(accuracy, candidate, 0.25), "exact_match": 0.3},
+        rosa.key: {
+            **_fake_run(accuracy, candidate, 0.25),
+            "spec": asdict(rosa),
+            "same_run_as": candidate.key,
+        },
+    }
     accuracy.save_results(results, path)
-    monkeypatch.setattr(accuracy, "choose_lr", lambda *a: 9e-3)
-    monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: pytest.fail("trained an identical run again"))
-    run = accuracy.run_suite([policy], path)["runs"][policy.key]
-    assert run["same_run_as"] == candidate.key and run["exact_match"] == 0.4
-    assert accuracy.kind(run["spec"]) == "comparison"
-    monkeypatch.setattr(accuracy, "choose_lr", lambda *a: 3e-3)  # another rate: a new run
-    monkeypatch.setattr(accuracy, "train_once", lambda *a, **k: {"exact_match": 0.2, "wall_seconds": 1})
-    other = accuracy.Spec("sql", "rosa", **schedule)
-    assert accuracy.run_suite([other], path)["runs"][other.key]["exact_match"] == 0.2
+    trained = _fake_training(accuracy, monkeypatch, PROBES.get, {1e-3: 0.5, 3e-3: 0.2}.get)
+    results = accuracy.run_suite([lora, lora1, rosa], path)["runs"]
+    assert trained == [replace(s, fixed_lr=3e-3).key for s in (lora, lora1, rosa)]
+    earlier = results[replace(lora, fixed_lr=1e-3).key]
+    assert earlier["exact_match"] == 0.35 and earlier["first_recorded_as"] == lora.key
+    assert results[replace(lora1, fixed_lr=1e-3).key]["exact_match"] == 0.40  # seed 1's earlier run, kept
+    assert results[lora.key]["lr"] == results[lora1.key]["lr"] == results[rosa.key]["lr"] == 3e-3
+    assert results[candidate.key]["exact_match"] == 0.3
+    assert accuracy.kind(results[candidate.key]["spec"]) == "schedule candidate"
+    assert accuracy.kind(results[replace(rosa, fixed_lr=3e-3).key]["spec"]) == "rate run"  # a finalist
+
+
+def test_the_candidates_stay_compared_with_lora_at_their_rate(accuracy):
+    """The schedule choice compares each candidate with LoRA's run at the candidate's rate: LoRA's policy moving
+    to another rate (with a much lower val loss) changes neither the choice nor the candidate table."""
+    _, b, runs = _two_candidates_beside_lora(accuracy)
+    before = accuracy._candidate_table({"runs": runs}, accuracy.ordered_runs({"runs": runs}))
+    for task in ("viggo", "sql"):
+        lora = accuracy.Spec(task, "lora")
+        at_rate = replace(lora, fixed_lr=3e-3, finalist=True)
+        runs[at_rate.key] = {**runs[lora.key], "spec": asdict(at_rate)}
+        runs[lora.key] = {**_fake_run(accuracy, lora, 0.001, lr=9e-3), "rate_policy": accuracy.RATE_POLICY}
+    assert accuracy.choose_schedule({"runs": runs}) == b
+    after = accuracy._candidate_table({"runs": runs}, accuracy.ordered_runs({"runs": runs}))
+    assert after == before and "| 0.950 |" in after
 
 
 def test_the_verdict_pairs_seeds_and_says_what_is_not_measured(accuracy):
@@ -296,7 +375,11 @@ def test_the_verdict_pairs_seeds_and_says_what_is_not_measured(accuracy):
         for method, em in (("rosa", rosa_em), ("lora", lora_em)):
             extra = chosen if method == "rosa" else {}
             spec = accuracy.Spec("viggo", method, seed=seed, **extra)
-            runs[spec.key] = {**_fake_run(accuracy, spec, 0.1), "exact_match": em}
+            runs[spec.key] = {
+                **_fake_run(accuracy, spec, 0.1),
+                "exact_match": em,
+                "rate_policy": accuracy.RATE_POLICY,
+            }
     lora3 = accuracy.Spec("sql", "lora", seed=0)
     runs[lora3.key] = {**_fake_run(accuracy, lora3, 0.2), "exact_match": 0.3}
     results = {"runs": runs, "settings": {"test_rows": 200}}
@@ -309,6 +392,9 @@ def test_the_verdict_pairs_seeds_and_says_what_is_not_measured(accuracy):
     del runs[accuracy.Spec("viggo", "rosa", seed=2, **chosen).key]  # LoRA's seed 2 has no RoSA partner
     text = accuracy._verdict(results, list(runs.values()))
     assert "seeds 0, 1: RoSA 35.0% vs LoRA 34.0%" in text
+    del runs[accuracy.Spec("viggo", "lora", seed=1).key]["rate_policy"]  # kept on the probes alone
+    text = accuracy._verdict(results, list(runs.values()))
+    assert "seed 0: RoSA 40.0% vs LoRA 35.0%" in text and "measured in full: viggo low," in text
 
 
 def test_a_longer_run_is_its_own_kind_and_borrows_the_standard_rate(accuracy, tmp_path, monkeypatch):
@@ -319,7 +405,7 @@ def test_a_longer_run_is_its_own_kind_and_borrows_the_standard_rate(accuracy, tm
     results = accuracy.load_results(tmp_path / "r.json")
     for task in ("viggo", "sql"):  # choose_schedule needs the candidate and LoRA on both tasks
         for spec in (accuracy.Spec(task, "rosa", fixed_lr=3e-3, **chosen), accuracy.Spec(task, "lora")):
-            results["runs"][spec.key] = _fake_run(accuracy, spec, 0.1)
+            results["runs"][spec.key] = _fake_run(accuracy, spec, 0.1, lr=3e-3)
     accuracy.save_results(results, tmp_path / "r.json")
     specs = accuracy.specs_for(
         ["viggo", "sql"], ["lora", "rosa"], ["low"], "main", 150, tmp_path / "r.json", epochs=1
