@@ -33,8 +33,11 @@ r=2 (0.61M) + density 0.575%; SpA density 1.15%. ``mid`` is LoRA r=16 (4.6%).
 Learning rate: the same policy for every method. Each method family has one 3-point grid (``LR_GRIDS``: full
 fine-tuning around its usual 1e-5..1e-4, the adapters around theirs); each grid point trains ``PROBE_STEPS``
 steps (the same schedule shape, compressed) and the lowest held-out loss on the ``VAL_ROWS`` validation rows
-wins; while the winner is at an edge of the grid the grid grows by one x3 step past it (at most twice); the
-full run then uses that rate. The mask studies reuse the ``rosa`` rate.
+wins; while the winner is at an edge of the grid the grid grows by one x3 step past it (at most twice). The
+``FINALISTS`` best probe rates then each train the full run at seed 0, and the lower validation loss is kept (a
+25-step probe favours the rate that learns fastest early, which is not always the best over 150 steps: both
+4.6%-budget RoSA cells showed it). Other seeds, longer runs and the mask studies reuse the kept rate. Runs kept
+by the first, probe-only policy are reused as the finalist at their rate, never trained again or dropped.
 
 Resumable: every finished probe and run is added to the JSON at once (atomically, under a lock, so two suites may
 share the file, e.g. one per task with ``--threads 1`` each) and skipped on the next call; Ctrl-C loses at most
@@ -45,6 +48,7 @@ CPU for SpA and RoSA on ViGGO (LoRA: 24 CPU-minutes over 2 threads); each probe 
     python benchmarks/accuracy.py --tasks viggo --methods lora rosa
     python benchmarks/accuracy.py --part studies             # mask studies only
     python benchmarks/accuracy.py --tasks viggo --part diagnostics --only mask-at-start
+    python benchmarks/accuracy.py --tasks sql --methods lora --part main --lr 1e-3   # one run at a set rate
     python benchmarks/accuracy.py --report                   # table + plot from the JSON, no training
 """
 
