@@ -690,6 +690,8 @@ def kind(spec: dict[str, Any]) -> str:
     study, split study, or diagnostic."""
     if spec.get("steps", STEPS) != STEPS:  # the comparison at another length, or a one-off at another length
         standard = kind({**spec, "steps": STEPS})
+        if standard == "schedule candidate":  # candidates are compared at the standard length only
+            return "rate run"
         return "longer run" if standard == "comparison" else standard
     if spec.get("mask_at_start"):
         return "diagnostic"
@@ -751,6 +753,7 @@ def choose_schedule(results: dict[str, Any], tasks: tuple[str, ...] = ("viggo", 
         r
         for r in results["runs"].values()
         if kind(r["spec"]) == "schedule candidate"
+        and r["spec"]["steps"] == STEPS
         and r["spec"]["budget"] == "low"
         and r["spec"]["task"] in tasks
     ]
@@ -1101,8 +1104,8 @@ def _share(run: dict[str, Any]) -> str:
 def _rates(run: dict[str, Any]) -> str:
     ratio = run["spec"].get("sparse_lr_ratio", 1.0)
     if run["spec"]["method"] in ("spa", "rosa") and ratio != 1.0:
-        return f"{run['lr']:.0e} (sparse {run['lr'] / ratio:.1e})"
-    return f"{run['lr']:.0e}"
+        return f"{run['lr']:g} (sparse {run['lr'] / ratio:.2g})"
+    return f"{run['lr']:g}"
 
 
 def _em(run: dict[str, Any]) -> str:

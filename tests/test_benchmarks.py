@@ -306,8 +306,8 @@ def test_the_rate_policy_trains_two_finalists_and_keeps_the_lower_val_loss(accur
     # the report: the decision table, and the comparison row says how its rate was chosen
     runs = accuracy.ordered_runs(results)
     table = accuracy._finalist_table(runs)
-    assert "| 1e-03 (1) | 0.3000 | 10.0% (" in table and table.rstrip().endswith("| yes |")
-    assert "3e-03 (kept of 0.001 / 0.003)" in accuracy._comparison_table(runs)
+    assert "| 0.001 (1) | 0.3000 | 10.0% (" in table and table.rstrip().endswith("| yes |")
+    assert "| 0.003 (kept of 0.001 / 0.003) |" in accuracy._comparison_table(runs)
     shown = {r["key"] for r in accuracy._each_training_once(runs)}  # each training once, by its policy name
     assert shown == {policy.key, seed1.key, at[1e-3]}
 
@@ -453,8 +453,10 @@ def test_a_longer_lora_run_does_not_move_the_schedule_choice_or_the_candidates_k
     longer = accuracy.Spec("sql", "lora", steps=400, epochs=1.0)
     runs[longer.key] = _fake_run(accuracy, longer, 0.01)  # after sql's 150-step LoRA in the file
     assert accuracy.choose_schedule({"runs": runs}) == b
-    short_candidate = asdict(accuracy.Spec("viggo", "rosa", steps=20, fixed_lr=3e-3, **a))
-    assert accuracy.kind(short_candidate) == "schedule candidate"
+    longer_candidate = accuracy.Spec("viggo", "rosa", steps=600, fixed_lr=3e-3, **a)
+    runs[longer_candidate.key] = _fake_run(accuracy, longer_candidate, 0.001)  # would make a the choice
+    assert accuracy.kind(asdict(longer_candidate)) == "rate run"  # candidates compare at the standard length
+    assert accuracy.choose_schedule({"runs": runs}) == b
     study = asdict(accuracy.Spec("viggo", "rosa", mask_method="random", steps=600, **a))
     assert accuracy.kind(study) == "mask study"
 
