@@ -414,13 +414,6 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
 # ------------------------------------------------------------------------------------------------ suite
 
 
-def choose_lr(spec: Spec, results: dict[str, Any], path: Path) -> float:
-    """The probes' best rate (the first finalist), or the rate set by hand."""
-    if spec.fixed_lr is not None:
-        return spec.fixed_lr
-    return probe_finalists(spec, results, path)[0]
-
-
 def probe_finalists(spec: Spec, results: dict[str, Any], path: Path) -> list[float]:
     """The ``FINALISTS`` rates with the lowest validation loss after ``PROBE_STEPS`` steps, best first (probes
     cached in the JSON).
@@ -501,7 +494,7 @@ def _run_at(spec: Spec, results: dict[str, Any], path: Path) -> None:
     if spec.key in results["runs"]:
         print(f"done already: {spec.key}")
         return
-    policy_key = replace(spec, fixed_lr=None, finalist=False).key
+    policy_key = replace(spec, fixed_lr=None).key
     earlier = results["runs"].get(policy_key)
     if (
         earlier is not None
@@ -695,20 +688,19 @@ def kind(spec: dict[str, Any]) -> str:
         return "longer run" if standard == "comparison" else standard
     if spec.get("mask_at_start"):
         return "diagnostic"
-    if spec.get("fixed_lr") is not None and not spec.get("finalist"):
-        if spec["method"] == "rosa" and schedule_of(spec) == FIRST_SCHEDULE:
-            return "diagnostic"  # the first schedule at LoRA's rate (why RoSA trailed at first)
-        candidate = (  # the candidates ran at the low budget, seed 0, before the finalists existed
-            spec["method"] == "rosa"
-            and schedule_of(spec) in CANDIDATES
-            and spec.get("budget", "low") == "low"
-            and spec.get("seed", 0) == 0
-            and not _other_mask(spec)
-            and spec.get("rank") is None
-        )
-        if candidate:
-            return "schedule candidate"
     if spec.get("fixed_lr") is not None:
+        if not spec.get("finalist") and spec["method"] == "rosa":
+            if schedule_of(spec) == FIRST_SCHEDULE:
+                return "diagnostic"  # the first schedule at LoRA's rate (why RoSA trailed at first)
+            candidate = (  # the candidates ran at the low budget, seed 0, before the finalists existed
+                schedule_of(spec) in CANDIDATES
+                and spec.get("budget", "low") == "low"
+                and spec.get("seed", 0) == 0
+                and not _other_mask(spec)
+                and spec.get("rank") is None
+            )
+            if candidate:
+                return "schedule candidate"
         return "rate run"
     if _other_mask(spec):
         return "mask study"

@@ -110,7 +110,14 @@ def test_diagnostics_are_separate_runs_that_skip_the_policy(accuracy, tmp_path, 
     kinds = [accuracy.kind(asdict(spec)) for spec in (plain, by_hand, at_start)]
     assert kinds == ["first schedule", "diagnostic", "diagnostic"]
     monkeypatch.setattr(accuracy, "_probe", lambda *a: pytest.fail("probed a hand-set rate"))
-    assert accuracy.choose_lr(by_hand, {"probes": {}}, tmp_path / "x.json") == 9e-3
+    trained = []
+    monkeypatch.setattr(
+        accuracy,
+        "train_once",
+        lambda spec, lr, *a, **k: trained.append(lr) or {**_fake_run(accuracy, spec, 0.1), "wall_seconds": 1},
+    )
+    accuracy.run_suite([by_hand], tmp_path / "x.json")
+    assert trained == [9e-3]
     _, schedule, _ = accuracy.build(_tiny_llama(), at_start, warmup_steps=0)
     assert schedule is None  # the mask is scored before the first step, as for SpA
 
@@ -124,8 +131,8 @@ def test_learning_rate_grid_extends_past_an_edge(accuracy, tmp_path, monkeypatch
         return abs(math.log(lr / 0.02))  # best near 2e-2: above the 3e-4..3e-3 grid
 
     monkeypatch.setattr(accuracy, "_probe", fake_probe)
-    lr = accuracy.choose_lr(accuracy.Spec("viggo", "lora"), {"probes": {}}, tmp_path / "x.json")
-    assert lr == pytest.approx(0.027)  # two extensions (9e-3, 2.7e-2), then the policy stops
+    finalists = accuracy.probe_finalists(accuracy.Spec("viggo", "lora"), {"probes": {}}, tmp_path / "x.json")
+    assert finalists == pytest.approx([0.027, 9e-3])  # two extensions (9e-3, 2.7e-2), then the policy stops
     assert sorted(set(calls)) == pytest.approx([3e-4, 1e-3, 3e-3, 9e-3, 0.027])
 
 
