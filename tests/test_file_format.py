@@ -1,6 +1,10 @@
 """The file formats users hold: an adapter folder and a mask file written by an earlier version of rosa
-(``tests/fixtures``, see ``make_fixtures.py``) load into a fresh model and give bitwise the logits they gave then,
-and saving them again writes the same tensors."""
+(``tests/fixtures``, see ``make_fixtures.py``) load into a fresh model and give the logits they gave then, and
+saving them again writes the same tensors (bitwise: tensors are stored, not computed).
+
+The logits were recorded on another machine: a different CPU (Intel or AMD) may pick other kernels and round the
+last bits differently, so they are compared within fp32 rounding, never bitwise. The adapter's own effect on the
+logits is checked to be far above that tolerance, so a wrong or missing adapter still fails."""
 
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ from rosa.masks import load_mask, save_mask
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One intra-op thread: the logits were written with one, and bitwise equality needs the same reductions."""
+    """One intra-op thread, as when the logits were written: the same reduction order where the CPU allows."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# torch.testing's fp32 defaults: a few units in the last place, the spread seen between Intel and AMD CPUs
+FP32_RTOL, FP32_ATOL = 1.3e-6, 1e-5
 
 
 def _expected() -> dict[str, torch.Tensor]:
@@ -41,7 +49,11 @@ def test_saved_adapter_gives_the_same_logits(loader):
     expected = _expected()
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"]).logits
-    assert torch.equal(logits, expected["logits"])
+        with model.disable_adapter():
+            base_logits = model(input_ids=expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=FP32_RTOL, atol=FP32_ATOL)
+    # the adapter moves the logits by far more than the tolerance: the comparison above can fail
+    assert (expected["logits"] - base_logits).abs().max() > 1000 * FP32_ATOL
 
 
 def test_saved_adapter_is_written_again_unchanged(tmp_path):
