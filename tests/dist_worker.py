@@ -131,6 +131,7 @@ def scenario_ddp(scenario: str, rank: int, world: int, out: Path) -> dict:
     from safetensors.torch import load_file
 
     from rosa.app.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer
+    from rosa.masks import collect_mask
     from rosa.scheduler import RosaScheduler
 
     results: dict = {"warmup_values_grad_none": True}
@@ -146,6 +147,18 @@ def scenario_ddp(scenario: str, rank: int, world: int, out: Path) -> dict:
         results["micro_batches"] = stats["micro_batches"]
         return stats["fisher"]
 
+    def micro_batch_recording(name, layer, stats):  # the other granularity, from the same first batches
+        recorded[f"stats_micro_batch.{name}.fisher"] = stats["fisher"].clone()
+        return stats["fisher"]
+
+    first = [shard(ids, rank, world) for ids in global_batches(2)]
+    collect_mask(
+        model,
+        [{"input_ids": ids, "labels": ids} for ids in first],
+        method=micro_batch_recording,
+        fisher_granularity="micro_batch",
+        apply=False,
+    )
     mask_path = out / f"mask.rank{rank}.safetensors"  # per-rank name: shows which ranks write
     sched = RosaScheduler(
         ddp, config, method=fisher_recording, stats=("fisher", "grad"), save_mask_path=mask_path

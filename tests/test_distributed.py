@@ -127,13 +127,17 @@ def test_ddp_masks_are_identical_and_equal_the_single_process_mask(runs):
         assert torch.equal(ranks[0][key], ref[key]), key
 
 
-def test_ddp_fisher_is_the_global_batch_fisher_not_a_sum_of_per_rank_squares(runs):
-    """fisher = mean_b (G_b)^2 with G_b the gradient of the *global* micro-batch: masks.py all-reduces G_b
-    before squaring (summing per-rank squares gave a different statistic and a different mask)."""
+@pytest.mark.parametrize("granularity", ["example", "micro_batch"])
+def test_ddp_fisher_is_the_single_process_fisher(runs, granularity):
+    """Per example (the default): each rank squares its own examples' share of the DDP gradient and the sums
+    are added over ranks. Per micro-batch: G_b of the *global* micro-batch is all-reduced before squaring
+    (summing per-rank squares gave a different statistic and a different mask). Either way every rank holds
+    what one process computes over the global batches."""
+    prefix = "stats." if granularity == "example" else "stats_micro_batch."
     ref = tensors(runs["root"] / "single", "ddp", 0)
     ranks = [tensors(runs["root"] / "ddp", "ddp", r) for r in range(2)]
-    stats = [k for k in ref if k.startswith("stats.")]
-    assert len(stats) == 28
+    stats = [k for k in ref if k.startswith(prefix)]
+    assert len(stats) == (28 if granularity == "example" else 14)
     for key in stats:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         assert _close(ranks[0][key], ref[key]), key

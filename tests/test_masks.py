@@ -88,9 +88,10 @@ def pair():
 
 @pytest.mark.parametrize("method", ["fisher", "grad"])
 def test_data_methods_match_brute_force(pair, method):
+    """Micro-batch statistics: the top-k of mean_b G_b^2 (fisher) or |mean_b G_b| (grad)."""
     rosa, plain = pair
     batches = make_batches()
-    supports = collect_mask(rosa, batches, method=method)
+    supports = collect_mask(rosa, batches, method=method, fisher_granularity="micro_batch")
     layers = mask_layers(rosa)
     assert len(layers) == 14
     grads = brute_force_grads(merged_dense_copy(rosa, plain), list(layers), batches)
@@ -114,13 +115,74 @@ def test_fisher_statistic_values_match_brute_force(pair):
         seen[name] = (stats["fisher"].clone(), stats["grad"].clone(), stats["micro_batches"])
         return stats["fisher"]
 
-    collect_mask(rosa, batches, method=keep, stats=("fisher", "grad"))
+    collect_mask(rosa, batches, method=keep, stats=("fisher", "grad"), fisher_granularity="micro_batch")
     grads = brute_force_grads(merged_dense_copy(rosa, plain), list(seen), batches)
     for name, (fisher, grad, count) in seen.items():
         g = torch.stack(grads[name])
         assert count == len(batches)
         torch.testing.assert_close(fisher, (g**2).mean(0), rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(grad, g.mean(0), rtol=1e-4, atol=1e-7)
+
+
+def per_example_grads_float64(plain: nn.Module, names: list[str], batches: list[dict]) -> dict[str, list]:
+    """Each example's share of its micro-batch's loss gradient, by autograd in float64: the example run alone
+    (a causal LM without padding: examples do not interact), the cross-entropy of its own tokens summed and
+    divided by the micro-batch's token count (the mean the model's loss takes over the whole micro-batch)."""
+    plain = plain.double()
+    modules = dict(plain.named_modules())
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for batch in batches:
+        ids, labels = batch["input_ids"], batch["labels"]
+        tokens = (labels[:, 1:] != -100).sum()
+        for i in range(ids.shape[0]):
+            plain.zero_grad(set_to_none=True)
+            logits = plain(input_ids=ids[i : i + 1]).logits[0, :-1]
+            loss = nn.functional.cross_entropy(logits, labels[i, 1:], reduction="sum") / tokens
+            loss.backward()
+            for n in names:
+                grads[n].append(modules[n].weight.grad.detach().clone())
+    return grads
+
+
+def _fisher_of(model: nn.Module, batches: list[dict], granularity: str) -> dict[str, torch.Tensor]:
+    seen = {}
+
+    def keep(name, layer, stats):
+        seen[name] = (stats["fisher"].clone(), stats.get("examples"))
+        return stats["fisher"]
+
+    collect_mask(model, batches, method=keep, fisher_granularity=granularity)
+    return seen
+
+
+def test_per_example_fisher_matches_float64_autograd(pair):
+    """The default statistic (the reference's): mean over examples of each example's squared gradient."""
+    rosa, plain = pair
+    batches = make_batches(n=3, batch=3)
+    seen = _fisher_of(rosa, batches, "example")
+    grads = per_example_grads_float64(merged_dense_copy(rosa, plain), list(seen), batches)
+    for name, (fisher, examples) in seen.items():
+        assert examples == 9
+        expected = torch.stack(grads[name]).pow(2).mean(0)
+        torch.testing.assert_close(fisher.double(), expected, rtol=2e-4, atol=1e-12)
+    # not the micro-batch statistic: the examples disagree, so the two rank entries differently
+    micro = _fisher_of(rosa, batches, "micro_batch")
+    name = next(iter(seen))
+    assert not torch.allclose(seen[name][0], micro[name][0], rtol=0.05)
+
+
+def test_per_example_fisher_is_the_same_one_example_at_a_time(pair, monkeypatch):
+    """Bounded memory: per-example gradients formed one at a time give the same statistic."""
+    from rosa.mask import statistics
+
+    rosa, _ = pair
+    batches = make_batches(n=2, batch=4)
+    whole = _fisher_of(rosa, batches, "example")
+    monkeypatch.setattr(statistics, "EXAMPLE_CHUNK_BYTES", 1)
+    assert statistics.example_chunk(64, 64) == 1
+    chunked = _fisher_of(rosa, batches, "example")
+    for name, (fisher, _) in whole.items():
+        torch.testing.assert_close(chunked[name][0], fisher, rtol=1e-5, atol=1e-12)
 
 
 def test_collect_mask_leaves_no_gradients_and_restores_requires_grad(pair):
@@ -184,7 +246,7 @@ def test_user_callable_is_honoured(pair):
     supports = collect_mask(rosa, make_batches(1), method=first_entries)
     layers = mask_layers(rosa)
     assert [c[0] for c in calls] == list(layers)
-    assert all(c[1] == ["fisher", "micro_batches"] for c in calls)
+    assert all(c[1] == ["examples", "fisher", "micro_batches"] for c in calls)
     for name, layer in layers.items():
         assert supports[name].flat_index().tolist() == list(range(layer_budget(layer, ADAPTER)))
 
@@ -380,6 +442,35 @@ def test_layer_called_twice_squares_the_sum():
     assert supports["layer"].flat_index().tolist() == expected.tolist()
 
 
+def test_layer_called_twice_per_example_squares_each_examples_sum():
+    """Per example, an example's G_i sums over every call of the layer before it is squared."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8, bias=False)
+
+    class Twice(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(torch.tanh(self.layer(x)))
+
+    dense = Twice(copy.deepcopy(lin).double())
+    model = Twice(
+        RosaLinear(copy.deepcopy(lin).requires_grad_(False), ADAPTER, r=2, lora_alpha=2, density=0.25)
+    )
+    xs = [torch.randn(3, 4, 8) for _ in range(2)]  # (examples, tokens, features)
+    grads = []
+    for x in xs:
+        for example in x.double():
+            dense.zero_grad()
+            dense(example).pow(2).sum().backward()
+            grads.append(dense.layer.weight.grad.clone())
+    expected = reference_topk(torch.stack(grads).pow(2).mean(0), 16)
+    supports = collect_mask(model, xs, lambda m, x: m(x).pow(2).sum(), fisher_granularity="example")
+    assert supports["layer"].flat_index().tolist() == expected.tolist()
+
+
 def test_conv1d_layout_fisher_and_magnitude():
     """GPT-2 Conv1D stores (in, out); scores are still out x in."""
     from transformers.pytorch_utils import Conv1D
@@ -415,8 +506,8 @@ def test_sparse_only_layers_without_trainable_params():
     plain = tiny_llama()
     rosa = wrap_rosa(copy.deepcopy(plain), r=0)
     batches = make_batches(2)
-    supports = collect_mask(rosa, batches)
-    grads = brute_force_grads(merged_dense_copy(rosa, plain), list(supports), batches)
+    supports = collect_mask(rosa, batches)  # the default: per-example fisher
+    grads = per_example_grads_float64(merged_dense_copy(rosa, plain), list(supports), batches)
     for name, layer in mask_layers(rosa).items():
         expected = reference_topk(torch.stack(grads[name]).pow(2).mean(0), layer_budget(layer, ADAPTER))
         assert supports[name].flat_index().tolist() == expected.tolist()
@@ -456,7 +547,7 @@ def test_collection_with_bitsandbytes_4bit_base():
         seen[name] = stats["fisher"].clone()
         return stats["fisher"]
 
-    supports = collect_mask(rosa, batches, method=fisher)
+    supports = collect_mask(rosa, batches, method=fisher, fisher_granularity="micro_batch")
     # brute force on a dense copy holding the dequantised weights (+ s B A)
     grads = brute_force_grads(merged_dense_copy(rosa, plain), list(layers), batches)
     for name, layer in layers.items():

@@ -15,9 +15,11 @@ from .serialization import CONFIG_NAME, PEFT_TYPE, AdapterFileError, check_adapt
 
 MaskMethod = Literal["fisher", "grad", "magnitude", "random"]
 MaskAllocation = Literal["layer", "global"]
+FisherGranularity = Literal["example", "micro_batch"]
 SparseStrategy = Literal["auto", "spmm", "fold"]
 MASK_METHODS: tuple[str, ...] = get_args(MaskMethod)
 MASK_ALLOCATIONS: tuple[str, ...] = get_args(MaskAllocation)
+FISHER_GRANULARITIES: tuple[str, ...] = get_args(FisherGranularity)
 SPARSE_STRATEGIES: tuple[str, ...] = get_args(SparseStrategy)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +92,13 @@ class RosaConfig(PeftConfig):
     )
     # Mask selection and schedule (used by rosa.mask).
     mask_method: MaskMethod = field(default="fisher", metadata={"help": "How the sparse support is scored."})
+    fisher_granularity: FisherGranularity = field(
+        default="example",
+        metadata={
+            "help": "fisher squares each example's gradient ('example', the RoSA reference's statistic) or each "
+            "micro-batch's summed gradient ('micro_batch')."
+        },
+    )
     mask_allocation: MaskAllocation = field(
         default="layer",
         metadata={
@@ -165,6 +174,7 @@ class RosaConfig(PeftConfig):
             ("sparse_strategy", SPARSE_STRATEGIES),
             ("mask_method", MASK_METHODS),
             ("mask_allocation", MASK_ALLOCATIONS),
+            ("fisher_granularity", FISHER_GRANULARITIES),
         ):
             if getattr(self, name) not in allowed:
                 raise RosaConfigError(f"{name} must be {_one_of(allowed)}, got {getattr(self, name)!r}")

@@ -23,7 +23,7 @@ from ..layer import RosaLayer
 from ..sparse.support import Support, support_from_flat_index
 from .layers import MaskError, layer_budget
 from .selection import Method, _normaliser, default_stats, layer_scores, select_global, topk_flat_index
-from .statistics import STATS, StatCollector
+from .statistics import EXAMPLE_CHUNK_BYTES, STATS, StatCollector
 
 
 def plan_layer_groups(
@@ -32,12 +32,14 @@ def plan_layer_groups(
     *,
     n_stats: int = 1,
     accumulator_dtype: torch.dtype = torch.float32,
+    per_example: bool = False,
 ) -> list[list[str]]:
     """Split layers (module order) into groups whose accumulators fit ``memory_budget`` GiB.
 
     The budget covers ``n_stats`` accumulators per layer plus a reserve of two fp32 ``out x in`` buffers of
-    the largest layer (the micro-batch ``G`` and a scoring/pending temporary). ``None``: one group. A layer
-    that cannot fit even alone gets its own group, with a warning.
+    the largest layer (the micro-batch ``G`` and a scoring/pending temporary), and with ``per_example`` the
+    chunk of per-example gradients (``EXAMPLE_CHUNK_BYTES``, or one example of the largest layer). ``None``:
+    one group. A layer that cannot fit even alone gets its own group, with a warning.
     """
     names = list(layers)
     if memory_budget is None or not names:
@@ -47,6 +49,8 @@ def plan_layer_groups(
     element = torch.empty((), dtype=accumulator_dtype).element_size()
     sizes = {n: layers[n].out_features * layers[n].in_features for n in names}
     reserve = 2 * 4 * max(sizes.values())
+    if per_example:
+        reserve += max(EXAMPLE_CHUNK_BYTES, 4 * max(sizes.values()))
     room = memory_budget * 2**30 - reserve
     groups: list[list[str]] = []
     current: list[str] = []
@@ -96,6 +100,7 @@ class MaskBuilder:
         accumulator_dtype: torch.dtype = torch.float32,
         stats: Iterable[str] | None = None,
         max_micro_batches: int | None = None,
+        fisher_granularity: str = "example",
     ) -> None:
         if allocation not in MASK_ALLOCATIONS:
             raise MaskError(f"allocation must be one of {MASK_ALLOCATIONS}, got {allocation!r}")
@@ -109,6 +114,7 @@ class MaskBuilder:
             raise MaskError(f"method {method!r} needs the {method!r} statistic")
         self.accumulator_dtype = accumulator_dtype
         self.max_micro_batches = max_micro_batches
+        self.fisher_granularity = fisher_granularity
         self.budgets = {n: layer_budget(layer, adapter_name) for n, layer in self.layers.items()}
         # layers with no sparse values (density 0 there) are never observed or scored: their support stays empty
         self.selectable = {
@@ -116,7 +122,11 @@ class MaskBuilder:
         }
         self.groups = (
             plan_layer_groups(
-                self.selectable, memory_budget, n_stats=len(self.stats), accumulator_dtype=accumulator_dtype
+                self.selectable,
+                memory_budget,
+                n_stats=len(self.stats),
+                accumulator_dtype=accumulator_dtype,
+                per_example="fisher" in self.stats and fisher_granularity == "example",
             )
             if self.stats and self.selectable
             else []
@@ -153,6 +163,7 @@ class MaskBuilder:
             stats=self.stats,
             accumulator_dtype=self.accumulator_dtype,
             max_micro_batches=self.max_micro_batches,
+            fisher_granularity=self.fisher_granularity,
         ).attach()
         return self.collector
 

@@ -17,7 +17,7 @@ from .selection import Method, default_stats, method_name
 logger = logging.getLogger(__name__)
 
 
-def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if not isinstance(batch, Mapping):
         raise MaskError(
             "without loss_fn each batch must be a mapping of model keyword arguments (with labels)"
@@ -44,14 +44,14 @@ class FrozenParams:
             p.requires_grad_(True)
 
 
-def _rng_state() -> tuple:
+def rng_state() -> tuple:
     cuda = (
         torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     )
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple) -> None:
+def set_rng_state(state: tuple) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -72,6 +72,7 @@ def collect_mask(
     accumulator_dtype: torch.dtype = torch.float32,
     stats: Iterable[str] | None = None,
     apply: bool = True,
+    fisher_granularity: str | None = None,
 ) -> dict[str, Support]:
     """Score and select the sparse support of every adapted layer; set it on the model unless ``apply=False``.
 
@@ -81,9 +82,10 @@ def collect_mask(
     ``model.train()`` first to score with dropout as in training. Each group's pass starts from the same RNG
     state, so the groups see identical dropout and the capped collection gives exactly the uncapped mask.
 
-    ``method``, ``allocation``, ``memory_budget`` and ``seed`` default to ``config``'s ``mask_method``,
-    ``mask_allocation``, ``mask_memory_budget`` and ``mask_seed`` (a RosaConfig; found on a PeftModel's
-    ``peft_config`` when not given), else to fisher / layer / None / 0.
+    ``method``, ``allocation``, ``memory_budget``, ``seed`` and ``fisher_granularity`` default to ``config``'s
+    ``mask_method``, ``mask_allocation``, ``mask_memory_budget``, ``mask_seed`` and ``fisher_granularity`` (a
+    RosaConfig; found on a PeftModel's ``peft_config`` when not given), else to fisher / layer / None / 0 /
+    example.
     """
     adapter = resolve_adapter(model, adapter_name)
     config = config if config is not None else model_config(model, adapter)
@@ -92,6 +94,8 @@ def collect_mask(
     if memory_budget is None:
         memory_budget = getattr(config, "mask_memory_budget", None)
     seed = seed if seed is not None else getattr(config, "mask_seed", 0)
+    if fisher_granularity is None:
+        fisher_granularity = getattr(config, "fisher_granularity", "example")
     batches = list(batches) if batches is not None else []
     if stats is None:
         stats = default_stats(method, have_data=bool(batches))
@@ -104,16 +108,17 @@ def collect_mask(
         memory_budget=memory_budget,
         accumulator_dtype=accumulator_dtype,
         stats=stats,
+        fisher_granularity=fisher_granularity,
     )
     if builder.needs_data:
         if not batches:
             raise MaskError(f"mask method {method_name(method)!r} needs batches")
-        loss_fn = loss_fn or _default_loss
-        rng = _rng_state()
+        loss_fn = loss_fn or default_loss
+        rng = rng_state()
         with FrozenParams(model):
             while not builder.done:
                 collector = builder.start_group()
-                _set_rng_state(rng)
+                set_rng_state(rng)
                 for batch in batches:
                     loss = loss_fn(model, batch)
                     if not loss.requires_grad:

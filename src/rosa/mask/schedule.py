@@ -263,6 +263,7 @@ class RosaScheduler:
             accumulator_dtype=self.accumulator_dtype,
             stats=self.stats,
             max_micro_batches=self.mask_steps,
+            fisher_granularity=getattr(self.config, "fisher_granularity", "example"),
         )
         if self.builder.needs_data and self.mask_steps < 1:
             raise MaskError(f"mask method {method_name(self.method)!r} needs mask_steps >= 1")

@@ -6,7 +6,7 @@ Methods (``method=``):
 - ``"magnitude"``: ``|W0|`` (no data; a 4-bit base is dequantized).
 - ``"random"``: uniform scores from a generator seeded by ``(seed, layer name)``: deterministic, device-free.
 - a callable ``(layer_name, layer, stats) -> scores`` (``out x in``). ``stats`` holds the statistics named in
-  ``stats=`` (``"fisher"``, ``"grad"``: fp32 ``out x in`` means) and ``"micro_batches"``; with ``stats=()``
+  ``stats=`` (``"fisher"``, ``"grad"``: fp32 ``out x in`` means), ``"micro_batches"`` and, for the per-example fisher, ``"examples"``; with ``stats=()``
   no data is needed.
 
 Selection (``allocation=``):

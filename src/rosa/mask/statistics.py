@@ -7,8 +7,17 @@ bitsandbytes 4-bit and sharded base weights alike. ``G`` is taken at the layer's
 with respect to the layer's *effective* weight ``W0 + s B A (+ S)``, i.e. exactly what a dense fine-tune would
 see at the current (warmed-up) point.
 
-- ``"fisher"``: the mean over micro-batches of ``G_b ** 2``, where ``G_b`` is summed over all tokens (and all
-  calls of the layer) of micro-batch ``b``: a diagonal empirical Fisher estimate.
+- ``"fisher"``: a diagonal empirical Fisher estimate, at one of two granularities (``per_example``):
+
+  - per example (the RoSA reference's statistic): the mean over examples ``i`` of ``G_i ** 2``, where
+    ``G_i = dY_i^T X_i`` is example ``i``'s part of the micro-batch gradient (its own tokens, under the
+    micro-batch's loss). The examples are the inputs' leading dimension (a 2-D input is one example). Squaring
+    before averaging keeps the examples' disagreement: it ranks entries by ``mean^2 + variance``.
+  - per micro-batch: the mean over micro-batches of ``G_b ** 2``, where ``G_b`` is summed over all tokens (and
+    all calls of the layer) of micro-batch ``b``: ``mean^2 + variance / batch``.
+
+  Per-example gradients are formed a few examples at a time (at most ``EXAMPLE_CHUNK_BYTES`` of them at once),
+  squared and summed straight into the accumulator, so memory stays bounded whatever the batch size.
 - ``"grad"``: the mean over micro-batches of ``G_b``.
 
 ``accumulator_dtype=torch.bfloat16`` halves the accumulators (the per-micro-batch ``G`` is still computed in
@@ -16,26 +25,30 @@ fp32; only the running sum is rounded).
 
 Under ``torch.distributed`` (data parallel: every rank runs its share of each global micro-batch, with a
 mean-reduced loss, as DDP expects) every rank computes the statistic a single process would compute over the
-global micro-batches: for ``fisher`` each layer's ``G_b`` is all-reduced (averaged over ranks, as DDP averages
-gradients) when the layer's micro-batch closes, *before* it is squared (summing per-rank squares would be a
-different statistic); the ``grad`` accumulator is averaged over ranks once, at the end. These are collectives:
-every rank must run the same layers over the same number of micro-batches (checked).
+global micro-batches: for the micro-batch ``fisher`` each layer's ``G_b`` is all-reduced (averaged over ranks, as
+DDP averages gradients) when the layer's micro-batch closes, *before* it is squared (summing per-rank squares
+would be a different statistic); the per-example ``fisher`` needs no such step (each example lives on one rank:
+its gradient is scaled by ``1 / world``, as DDP's average scales it, and the squares and example counts are
+summed over ranks at the end); the ``grad`` accumulator is averaged over ranks once, at the end. These are
+collectives: every rank must run the same layers over the same number of micro-batches (checked).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from ..config import FISHER_GRANULARITIES
 from ..distributed import world_size
 from ..layer import RosaLayer
 from .layers import MaskError
 
 STATS = ("fisher", "grad")
+EXAMPLE_CHUNK_BYTES = 64 * 2**20  # per-example gradients held at once (at least one example)
 
 
 def _in_backward() -> bool:
@@ -45,14 +58,31 @@ def _in_backward() -> bool:
 
 
 class _LayerStats:
-    __slots__ = ("acc", "count", "expected", "pending", "received")
+    __slots__ = ("acc", "count", "examples", "expected", "pending", "received")
 
     def __init__(self, acc: dict[str, torch.Tensor]) -> None:
         self.acc = acc
         self.count = 0  # completed micro-batches
+        self.examples = 0  # examples squared into the per-example fisher accumulator
         self.expected = 0  # hooked forward calls in the current micro-batch
         self.received = 0  # output gradients received in the current micro-batch
-        self.pending: torch.Tensor | None = None  # partial G_b of a layer called more than once (fisher)
+        # partial G_b (per example: G_i stacked) of a layer called more than once, or under DDP (fisher)
+        self.pending: torch.Tensor | None = None
+
+
+def _examples(t: torch.Tensor) -> torch.Tensor:
+    """``(examples, tokens, features)`` fp32 view of a layer input or output gradient (2-D: one example)."""
+    t = t.detach().float()
+    return t.unsqueeze(0) if t.dim() == 2 else t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def example_chunk(out_features: int, in_features: int) -> int:
+    """How many per-example ``out x in`` fp32 gradients fit ``EXAMPLE_CHUNK_BYTES`` (at least one)."""
+    return max(1, EXAMPLE_CHUNK_BYTES // (4 * out_features * in_features))
+
+
+ExampleFactors = tuple[torch.Tensor, torch.Tensor]
+"""``(dY_i, X_i)`` of a block of examples (``examples, tokens, out`` / ``in``), with ``G_i = dY_i^T X_i``."""
 
 
 class StatCollector:
@@ -82,10 +112,20 @@ class StatCollector:
         stats: Iterable[str] = ("fisher",),
         accumulator_dtype: torch.dtype = torch.float32,
         max_micro_batches: int | None = None,
+        fisher_granularity: str = "example",
+        on_examples: Callable[[str, torch.Tensor, ExampleFactors | None], None] | None = None,
     ) -> None:
         self.layers = dict(layers)
         self.adapter_name = adapter_name
         self.stats = tuple(stats)
+        if fisher_granularity not in FISHER_GRANULARITIES:
+            raise MaskError(
+                f"fisher_granularity must be one of {FISHER_GRANULARITIES}, got {fisher_granularity!r}"
+            )
+        self.per_example = fisher_granularity == "example"
+        if on_examples is not None and not (self.per_example and "fisher" in self.stats):
+            raise MaskError("on_examples needs the per-example fisher statistic")
+        self.on_examples = on_examples
         for stat in self.stats:
             if stat not in STATS:
                 raise MaskError(f"unknown statistic {stat!r}: expected one of {STATS}")
@@ -176,22 +216,59 @@ class StatCollector:
             return
         state.received += 1
         with torch.autocast(grad.device.type, enabled=False):  # G in fp32 even under bf16 autocast
-            dy = grad.detach().reshape(-1, grad.shape[-1]).float()
-            g = dy.t() @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
-        if "grad" in state.acc:
-            state.acc["grad"].add_(g)
-        if "fisher" in state.acc:
-            if state.pending is not None:
-                state.pending.add_(g)
-            elif state.received < state.expected or world_size() > 1:
-                state.pending = g
-            else:
-                state.acc["fisher"].addcmul_(g, g)
+            dy, xs = _examples(grad), _examples(x)
+            if "grad" in state.acc or ("fisher" in state.acc and not self.per_example):
+                g = dy.reshape(-1, dy.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])  # (out, in)
+            if "grad" in state.acc:
+                state.acc["grad"].add_(g)
+            if "fisher" in state.acc:
+                if self.per_example:
+                    self._add_examples(name, state, dy, xs)
+                elif state.pending is not None:
+                    state.pending.add_(g)
+                elif state.received < state.expected or world_size() > 1:
+                    state.pending = g
+                else:
+                    state.acc["fisher"].addcmul_(g, g)
         if state.received >= state.expected:
-            self._close(state)
+            self._close(state, name)
 
-    def _close(self, state: _LayerStats) -> None:
-        if state.pending is not None:
+    def _add_examples(self, name: str, state: _LayerStats, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Per-example fisher: square each example's ``G_i`` into the accumulator, or keep the ``G_i`` while
+        the layer's micro-batch is still open (a layer called more than once per forward)."""
+        if state.pending is None and state.received >= state.expected:
+            if world_size() > 1:  # DDP averages the ranks' gradients: each example's share of it
+                dy = dy / world_size()
+            chunk = example_chunk(dy.shape[-1], x.shape[-1])
+            for start in range(0, dy.shape[0], chunk):
+                factors = (dy[start : start + chunk], x[start : start + chunk])
+                self._square_examples(name, state, torch.bmm(factors[0].transpose(1, 2), factors[1]), factors)
+            return
+        g = torch.bmm(dy.transpose(1, 2), x)
+        if state.pending is None:
+            state.pending = g
+        elif state.pending.shape != g.shape:
+            raise MaskError(
+                "per-example fisher: a layer called more than once per forward saw different batch sizes; "
+                "use fisher_granularity='micro_batch'"
+            )
+        else:
+            state.pending.add_(g)
+
+    def _square_examples(
+        self, name: str, state: _LayerStats, g: torch.Tensor, factors: ExampleFactors | None = None
+    ) -> None:
+        """Add a block of per-example gradients (``examples, out, in``; consumed) to the fisher accumulator.
+        ``on_examples`` sees it first, with its factors where the block came straight from one call."""
+        if self.on_examples is not None:
+            self.on_examples(name, g, factors)
+        state.acc["fisher"].add_(g.square_().sum(0))
+        state.examples += g.shape[0]
+
+    def _close(self, state: _LayerStats, name: str) -> None:
+        if state.pending is not None and self.per_example:
+            self._square_examples(name, state, state.pending.div_(world_size()))
+        elif state.pending is not None:
             world = world_size()
             if world > 1:
                 # G_b of the global micro-batch: each rank holds the gradient of its own mean loss, and DDP
@@ -206,8 +283,8 @@ class StatCollector:
 
     def end_micro_batch(self) -> None:
         """Close the current micro-batch of every layer (a no-op for layers already complete)."""
-        for state in self._state.values():
-            self._close(state)
+        for name, state in self._state.items():
+            self._close(state, name)
 
     # results
 
@@ -238,13 +315,24 @@ class StatCollector:
         if count == 0:
             warnings.warn(f"layer {name!r} received no gradient during mask collection", stacklevel=2)
         out: dict[str, Any] = {"micro_batches": count}
+        examples = state.examples
         for stat, acc in state.acc.items():
-            if world > 1 and stat == "grad":  # fisher was reduced per micro-batch, before squaring
+            per_example = stat == "fisher" and self.per_example
+            if world > 1 and (
+                stat == "grad" or per_example
+            ):  # the micro-batch fisher was reduced before squaring
                 acc = acc.float() if acc.dtype == torch.bfloat16 else acc
                 torch.distributed.all_reduce(acc)
-                acc.div_(world)
+                if per_example:  # a sum of squares over every rank's examples
+                    total = torch.tensor([float(examples)], device=acc.device)
+                    torch.distributed.all_reduce(total)
+                    examples = int(total.item())
+                else:
+                    acc.div_(world)
             acc = acc.float() if acc.dtype != torch.float32 else acc
-            out[stat] = acc.div_(max(count, 1))
+            out[stat] = acc.div_(max(examples if per_example else count, 1))
+        if self.per_example and "fisher" in state.acc:
+            out["examples"] = examples
         state.acc.clear()
         return out
 
