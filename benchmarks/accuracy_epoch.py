@@ -1,0 +1,559 @@
+"""RoSA against LoRA where the paper makes its claim: one epoch, 500 test rows per task, several seeds.
+
+SmolLM2-135M (the package's offline default: the Q4_1 GGUF release expanded to fp32, not the original bf16
+weights) is fine-tuned on ViGGO (sentence -> meaning representation) and SQL (question + tables -> query) from
+``../shared/data`` and scored by exact match of greedy generations.
+
+Rows (``splits``). This protocol extends the first one (``benchmarks/accuracy.py``, 150 steps, 200 test rows)
+so that no row that ever chose a setting is a test row: its 200 test rows stay test rows and 300 more are carved
+from its training rows (500 in all: one run's binomial standard error is about 2 points); its 64 validation rows
+stay validation rows on SQL (with 136 more carved from training, 200 in all) and are left out on ViGGO, whose own
+``valid.csv`` (714 rows) validates. Training uses every other row: 4,539 (ViGGO) and 2,800 (SQL).
+
+Budgets count trainable weights in the adapted linear layers (q, k, v, o, gate, up, down of the 30 decoder
+layers): ``low`` is LoRA rank 4's worth (1.15% of the linear weights), ``mid`` rank 16's (4.6%). LoRA is PEFT's
+own (``all-linear``, alpha = 2r); RoSA spends the same budget on a rank and the density that fills the rest.
+
+Learning rates: one rule for every method. Each (task, budget) trains at the rate the first protocol's policy
+kept at 150 steps (``RATES``: probes, then two finalists trained in full, lower validation loss; recorded in
+docs/benchmarks/accuracy.json, a test checks the table against it). At every cell the policy kept the same rate
+for LoRA and for RoSA. Every run: batches of 8 (length-grouped, seeded), linear warm-up over 10% of the steps
+then cosine, AdamW without weight decay, clipping at 1.0, fp32 weights; the same batches for both methods of a seed.
+
+RoSA's schedule is the library's (``rosa.scheduler.RosaScheduler``): the mask from the first 8 micro-batches of
+training, then A and B restart and everything that starts re-warms up over 10% of the steps; sparse values at
+``lr / sparse_lr_ratio``. A rank-0 split (sparse only) scores its mask on the same 8 batches before step 0.
+
+Parts:
+
+- ``candidates``: RoSA's defaults, chosen on validation loss only (no test rows): 150 steps, seed 0, budget
+  ``low``, both tasks, one coordinate at a time (each stage at the best value of the stages before): the fisher
+  granularity (per example / per micro-batch) at the first protocol's split (rank 2), then the split (rank 0,
+  1, 2, 3 with the density filling the budget, or ``auto``: ``rosa.mask.split.plan_split``), then the sparse
+  rate (lr / 3.5, lr, 2 lr). (The full granularity x split grid would cost four more runs per task, about
+  two CPU-hours: the CPU time went to seeds.) ``lora-reference`` trains LoRA at 150 steps (validation only),
+  the yardstick: a candidate's score is its validation loss over LoRA's on the same task, averaged over the
+  two tasks.
+- ``comparison``: one epoch, LoRA and RoSA (with the chosen defaults) at each budget and seed, test rows scored.
+
+Resumable: each finished run is added to the JSON at once (``results_store``), so two processes (one per core,
+``--threads 1``) can share it; a run already in the file is skipped.
+
+    python benchmarks/accuracy_epoch.py --part lora-reference candidates --threads 1
+    python benchmarks/accuracy_epoch.py --part comparison --methods lora --budgets low --seeds 0 1 2 --threads 1
+    python benchmarks/accuracy_epoch.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import provenance
+import results_store
+import torch
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "docs" / "benchmarks" / "accuracy_epoch.json"
+PLOT = OUT.with_suffix(".png")
+
+TASKS = ("viggo", "sql")
+TASK_FILES = {"viggo": "viggo/train.csv", "sql": "sql/train.jsonl"}
+FIRST_SPLIT_SEED, FIRST_TEST_ROWS, FIRST_VAL_ROWS = 1234, 200, 64  # the first protocol's carving
+MORE_TEST_ROWS, MORE_VAL_ROWS = 300, 136
+BATCH, MAX_LENGTH, MASK_STEPS, WARMUP_FRACTION = 8, 256, 8, 0.1
+CANDIDATE_STEPS = 150
+BUDGETS = {"low": 4, "mid": 16}  # the LoRA rank whose trainable count is the budget
+# The rate the first protocol's policy kept at 150 steps, the same for LoRA and RoSA at every cell.
+RATES = {("viggo", "low"): 9e-3, ("sql", "low"): 3e-3, ("viggo", "mid"): 3e-3, ("sql", "mid"): 3e-3}
+GRANULARITIES = ("example", "micro_batch")
+SPLITS = ("r2", "r1", "r3", "r0", "auto")  # the first protocol's split first: the granularity is chosen there
+SPARSE_RATIOS = (1.0, 0.5)  # the third stage, beside the first protocol's lr / 3.5
+DEFAULTS = {"granularity": "example", "split": "r2", "sparse_lr_ratio": 3.5}  # the library's, before any ran
+
+
+@dataclass(frozen=True)
+class Spec:
+    task: str
+    method: str  # "lora" or "rosa"
+    budget: str = "low"
+    steps: int | None = None  # None: one epoch
+    seed: int = 0
+    granularity: str = "example"
+    split: str = "r2"  # "r<rank>" (the density fills the budget) or "auto"
+    sparse_lr_ratio: float = 3.5
+    score_test: bool = True
+
+    @property
+    def key(self) -> str:
+        length = "epoch" if self.steps is None else f"{self.steps}"
+        variant = (
+            f"/{self.granularity}/{self.split}/sr{self.sparse_lr_ratio:g}" if self.method == "rosa" else ""
+        )
+        return f"{self.task}/{self.method}/{self.budget}/{length}{variant}/seed{self.seed}"
+
+    @property
+    def lr(self) -> float:
+        return RATES[(self.task, self.budget)]
+
+
+def empty_results() -> dict[str, Any]:
+    return {"settings": settings(), "runs": {}}
+
+
+def settings() -> dict[str, Any]:
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF expanded to fp32)",
+        "test_rows": FIRST_TEST_ROWS + MORE_TEST_ROWS,
+        "batch": BATCH,
+        "max_length": MAX_LENGTH,
+        "mask_steps": MASK_STEPS,
+        "warmup_fraction": WARMUP_FRACTION,
+        "candidate_steps": CANDIDATE_STEPS,
+        "budgets_lora_rank": BUDGETS,
+        "rates": {f"{t}/{b}": lr for (t, b), lr in RATES.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def splits(task: str) -> tuple[list, list, list]:
+    """(train, validation, test) examples; see the module docstring."""
+    from rosa.app.data import load_examples, split_rows
+
+    rows = load_examples(task, DATA / TASK_FILES[task], split="train")
+    rest, first_test = split_rows(rows, val_size=FIRST_TEST_ROWS, seed=FIRST_SPLIT_SEED)
+    first_train, first_val = split_rows(rest, val_size=FIRST_VAL_ROWS, seed=FIRST_SPLIT_SEED + 1)
+    train, more_test = split_rows(first_train, val_size=MORE_TEST_ROWS, seed=FIRST_SPLIT_SEED + 2)
+    if task == "viggo":
+        val = load_examples(task, DATA / "viggo" / "valid.csv", split="validation")
+    else:
+        train, more_val = split_rows(train, val_size=MORE_VAL_ROWS, seed=FIRST_SPLIT_SEED + 3)
+        val = first_val + more_val
+    return train, val, first_test + more_test
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer ``all-linear`` adapts (the output head excluded)."""
+    head = model.get_output_embeddings()
+    return [
+        (m.out_features, m.in_features)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    ]
+
+
+def rosa_config(model: torch.nn.Module, spec: Spec, warmup: int):
+    """RoSA at ``spec``'s split of the budget (rank ``r``, density filling the rest; alpha = 2r as LoRA's)."""
+    from rosa import RosaConfig
+
+    shapes = linear_shapes(model)
+    budget_rank = BUDGETS[spec.budget]
+    r = budget_rank // 2 if spec.split == "auto" else int(spec.split.removeprefix("r"))
+    if not 0 <= r <= budget_rank:
+        raise ValueError(f"split {spec.split} does not fit the budget of LoRA rank {budget_rank}")
+    density = (budget_rank - r) * sum(o + i for o, i in shapes) / sum(o * i for o, i in shapes)
+    return RosaConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=max(1, 2 * r),
+        density=density,
+        target_modules="all-linear",
+        fisher_granularity=spec.granularity,
+        warmup_steps=0,
+        mask_steps=MASK_STEPS,
+        restart_after_mask=True,
+        rewarmup_steps=warmup,
+    )
+
+
+def train_once(spec: Spec) -> dict[str, Any]:
+    """Fine-tune a fresh model as ``spec`` says; validation loss always, test exact match when asked."""
+    from peft import LoraConfig, get_peft_model
+
+    from rosa import get_rosa_model, sparse_parameter_count
+    from rosa.app.batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
+    from rosa.app.evaluate import evaluate_task, heldout_loss
+    from rosa.app.run_config import ModelSection
+    from rosa.app.train import load_model_and_tokenizer, warmup_cosine
+    from rosa.mask.split import plan_split
+    from rosa.masks import collect_mask
+    from rosa.optim import create_rosa_optimizer
+    from rosa.scheduler import RosaScheduler, needs_mask_before_training
+
+    started, cpu_started, load_before = time.perf_counter(), time.process_time(), provenance.load_average()
+    train, val, test = splits(spec.task)
+    steps = spec.steps or math.ceil(len(train) / BATCH)
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    torch.manual_seed(spec.seed)
+    model, tokenizer = load_model_and_tokenizer(ModelSection())
+    features = tokenize_examples(train, tokenizer, MAX_LENGTH)
+    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=spec.seed)
+    collate = CausalLMCollator(tokenizer)
+    first = [collate([features[i] for i in b]) for b in sampler.batches(0)[:MASK_STEPS]]
+    extra: dict[str, Any] = {}
+    schedule = None
+    if spec.method == "lora":
+        rank = BUDGETS[spec.budget]
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    else:
+        config = rosa_config(model, spec, warmup)
+        if spec.split == "auto":
+            plan = plan_split(model, config, first, budget_rank=BUDGETS[spec.budget])
+            config, extra["split_plan"] = plan.config, plan.summary()
+        model = get_rosa_model(model, config)
+        model.train()
+        if needs_mask_before_training(model, config):  # sparse only: the mask from the same first batches
+            collect_mask(model, first)
+        else:
+            schedule = RosaScheduler(model, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = create_rosa_optimizer(model, lr=spec.lr, sparse_lr_ratio=spec.sparse_lr_ratio)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
+    losses: list[float] = []
+    batches = iter(sampler)
+    model.train()
+    for _ in tqdm(range(steps), desc=spec.key, unit="step", leave=False):
+        batch = next(batches, None)
+        if batch is None:  # a fixed step count longer than an epoch
+            batches = iter(sampler)
+            batch = next(batches)
+        loss = model(**collate([features[i] for i in batch])).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            schedule.step(optimizer)
+        losses.append(round(loss.item(), 5))
+    if schedule is not None:
+        schedule.close()
+        extra["schedule_events"] = schedule.events
+    train_seconds = time.perf_counter() - started
+    # the validation loss is a token-weighted sum: length-sorted batches give it exactly, with little padding
+    val_features = sorted(tokenize_examples(val, tokenizer, MAX_LENGTH), key=lambda f: len(f["input_ids"]))
+    val_batches = [collate(val_features[i : i + 16]) for i in range(0, len(val_features), 16)]
+    result: dict[str, Any] = {
+        "spec": asdict(spec),
+        "lr": spec.lr,
+        "steps": steps,
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "val_loss": heldout_loss(model, val_batches),
+        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "losses": losses,
+        **extra,
+    }
+    if spec.method == "rosa":
+        counts = sparse_parameter_count(model)
+        result["trainable"] = {**counts, "total": counts["lora"] + counts["sparse_active"]}
+    else:
+        result["trainable"] = {"total": sum(p.numel() for p in params)}
+    result["linear_weights"] = sum(o * i for o, i in linear_shapes(model.get_base_model()))
+    if spec.score_test:
+        scored = evaluate_task(model, tokenizer, test, spec.task, batch_size=16, show_progress=True)
+        result.update(
+            exact_match=scored["exact_match"],
+            correct=scored["correct"],
+            count=scored["count"],
+            samples=scored["samples"][:5],
+        )
+    result.update(
+        threads=torch.get_num_threads(),
+        train_seconds=round(train_seconds, 1),
+        wall_seconds=round(time.perf_counter() - started, 1),
+        cpu_seconds=round(time.process_time() - cpu_started, 1),
+        load_before=load_before,
+        commit=provenance.git_commit(),
+        command=provenance.command_line(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the suite
+
+
+def lora_references(tasks: list[str]) -> list[Spec]:
+    return [Spec(t, "lora", steps=CANDIDATE_STEPS, score_test=False) for t in tasks]
+
+
+def candidates(results: dict[str, Any], tasks: list[str]) -> list[Spec]:
+    """The candidates of the next stage whose predecessors have all run (one coordinate at a time, each at the
+    best value of the ones before): the granularity at the first protocol's split, then the split at the
+    better granularity, then the sparse rate at the best split."""
+    base = Spec(TASKS[0], "rosa", steps=CANDIDATE_STEPS, score_test=False)
+    specs = [replace(base, task=t, granularity=g, split=SPLITS[0]) for g in GRANULARITIES for t in tasks]
+    best = chosen_defaults(results, stage=1)
+    if best is not None:
+        specs += [
+            replace(base, task=t, granularity=best["granularity"], split=s) for s in SPLITS[1:] for t in tasks
+        ]
+    best = chosen_defaults(results, stage=2)
+    if best is not None:
+        specs += [
+            replace(base, task=t, **{**best, "sparse_lr_ratio": r}) for r in SPARSE_RATIOS for t in tasks
+        ]
+    return specs
+
+
+def comparison(methods: list[str], budgets: list[str], seeds: list[int], defaults: dict) -> list[Spec]:
+    """One epoch; RoSA with the chosen defaults. Seeds outermost: each seed's pairs complete before the next."""
+    return [
+        Spec(task, method, budget, seed=seed, **(defaults if method == "rosa" else {}))
+        for seed in seeds
+        for budget in budgets
+        for task in TASKS
+        for method in methods
+    ]
+
+
+def run(specs: list[Spec], path: Path) -> None:
+    for spec in specs:
+        if spec.key in results_store.load(path, empty_results())["runs"]:
+            print(f"done already: {spec.key}", flush=True)
+            continue
+        print(f"run {spec.key} at lr {spec.lr:g}", flush=True)
+        result = train_once(spec)
+        results_store.record(path, "runs", spec.key, result, empty_results())
+        score = f"exact match {result['exact_match']:.1%}, " if "exact_match" in result else ""
+        print(
+            f"  {spec.key}: {score}val loss {result['val_loss']:.4f} ({result['wall_seconds']:.0f} s)",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ choosing
+
+
+def candidate_scores(results: dict[str, Any]) -> dict[tuple, float]:
+    """Mean over the tasks of a candidate's validation loss over LoRA's (150 steps, seed 0), for the candidates
+    run on every task."""
+    runs = results["runs"]
+    lora = {t: runs.get(s.key) for t, s in zip(TASKS, lora_references(list(TASKS)))}
+    scores: dict[tuple, list[float]] = {}
+    for run in runs.values():
+        s = run["spec"]
+        if s["method"] != "rosa" or s["steps"] != CANDIDATE_STEPS or lora.get(s["task"]) is None:
+            continue
+        variant = (s["granularity"], s["split"], s["sparse_lr_ratio"])
+        scores.setdefault(variant, []).append(run["val_loss"] / lora[s["task"]]["val_loss"])
+    return {v: sum(r) / len(r) for v, r in scores.items() if len(r) == len(TASKS)}
+
+
+def chosen_defaults(results: dict[str, Any], stage: int = 3) -> dict[str, Any] | None:
+    """The lowest mean relative validation loss after ``stage`` stages (1: the granularity, at the first
+    protocol's split; 2: the split, at that granularity; 3: the sparse rate, at that split), or None while a
+    candidate of those stages has not run on every task."""
+    scores = candidate_scores(results)
+    ratio = DEFAULTS["sparse_lr_ratio"]
+    stages = [
+        lambda best: [(g, SPLITS[0], ratio) for g in GRANULARITIES],
+        lambda best: [(best[0], s, ratio) for s in SPLITS],
+        lambda best: [(best[0], best[1], r) for r in (ratio, *SPARSE_RATIOS)],
+    ]
+    best = None
+    for choices in stages[:stage]:
+        grid = choices(best)
+        if any(v not in scores for v in grid):
+            return None
+        best = min(grid, key=scores.get)
+    return {"granularity": best[0], "split": best[1], "sparse_lr_ratio": best[2]}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def report(results: dict[str, Any], plot: Path | None = None) -> str:
+    """The markdown the docs show: the comparison with its verdict, then the candidates (all from the JSON)."""
+    text = "\n\n".join(p for p in (_comparison(results), _candidates(results)) if p) + "\n"
+    print(text)
+    if plot is not None:
+        _plot(results, plot)
+    return text
+
+
+def _cells(results: dict[str, Any]) -> dict[tuple, dict[str, dict[int, dict]]]:
+    cells: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for run in results["runs"].values():
+        s = run["spec"]
+        if s["steps"] is None and "exact_match" in run:
+            cells.setdefault((s["task"], s["budget"]), {}).setdefault(s["method"], {})[s["seed"]] = run
+    return cells
+
+
+def _comparison(results: dict[str, Any]) -> str:
+    cells = _cells(results)
+    if not cells:
+        return ""
+    rows = [
+        "| task | budget | lr | RoSA (defaults) | seeds | LoRA exact match | RoSA exact match | RoSA - LoRA, per seed "
+        "| mean difference ± paired SE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for (task, budget), methods in sorted(
+        cells.items(), key=lambda c: (list(BUDGETS).index(c[0][1]), c[0][0])
+    ):
+        lora, rosa = methods.get("lora", {}), methods.get("rosa", {})
+        seeds = sorted(set(lora) & set(rosa))
+        if not seeds:
+            continue
+        spec = rosa[seeds[0]]["spec"]
+        diffs = [rosa[s]["exact_match"] - lora[s]["exact_match"] for s in seeds]
+        mean = sum(diffs) / len(diffs)
+        se = _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        rows.append(
+            f"| {task} | {budget} | {RATES[(task, budget)]:g} | {spec['split']}, fisher per {spec['granularity']}, "
+            f"sparse lr / {spec['sparse_lr_ratio']:g} | {', '.join(map(str, seeds))} "
+            f"| {_pct([lora[s] for s in seeds])} | {_pct([rosa[s] for s in seeds])} "
+            f"| {', '.join(f'{100 * d:+.1f}' for d in diffs)} | {100 * mean:+.1f} ± {100 * se:.1f} |"
+        )
+        verdicts.append((task, budget, mean, se, len(seeds)))
+    at_least = [v for v in verdicts if v[2] >= -1e-9]
+    ahead = [v for v in verdicts if v[4] > 1 and v[2] > v[3]]
+    target = (
+        f"Target (one epoch: RoSA's mean >= LoRA's in all four cells, ahead by at least one paired SE in two): "
+        f"{len(at_least)} of {len(verdicts)} cells measured have RoSA >= LoRA, {len(ahead)} ahead by more than "
+        f"one paired SE; "
+        + (
+            "**met**."
+            if len(verdicts) == 4 and len(at_least) == 4 and len(ahead) >= 2
+            else "**not met**."
+            if len(verdicts) == 4
+            else "not all cells measured yet."
+        )
+    )
+    return "\n".join(rows) + "\n\n" + target
+
+
+def _pct(runs: list[dict]) -> str:
+    values = [100 * r["exact_match"] for r in runs]
+    mean = sum(values) / len(values)
+    return (
+        f"{mean:.1f}%"
+        + (f" ± {_sd(values):.1f}" if len(values) > 1 else "")
+        + f" ({', '.join(f'{v:.1f}' for v in values)})"
+    )
+
+
+def _sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _candidates(results: dict[str, Any]) -> str:
+    scores = candidate_scores(results)
+    if not scores:
+        return ""
+    chosen = chosen_defaults(results)
+    runs = results["runs"]
+    lines = [
+        "| fisher per | split | sparse lr | "
+        + " | ".join(f"{t} val loss" for t in TASKS)
+        + " | mean val loss / LoRA's | chosen |",
+        "|---|---|---|" + "---|" * len(TASKS) + "---|---|",
+    ]
+    lora = " | ".join(f"{runs[s.key]['val_loss']:.4f}" for s in lora_references(list(TASKS)))
+    lines.append(f"| LoRA (reference) | r {BUDGETS['low']} | - | {lora} | 1 | |")
+    for (g, s, r), score in sorted(scores.items(), key=lambda kv: kv[1]):
+        spec = Spec(TASKS[0], "rosa", steps=CANDIDATE_STEPS, granularity=g, split=s, sparse_lr_ratio=r)
+        losses = " | ".join(f"{runs[replace(spec, task=t).key]['val_loss']:.4f}" for t in TASKS)
+        mark = "yes" if chosen == {"granularity": g, "split": s, "sparse_lr_ratio": r} else ""
+        lines.append(f"| {g} | {s} | lr / {r:g} | {losses} | {score:.4f} | {mark} |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, Any], plot: Path) -> None:
+    """Per cell: each seed's exact match for LoRA and RoSA (lines pair a seed), means as bars."""
+    cells = _cells(results)
+    if not cells:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(cells, key=lambda c: (list(BUDGETS).index(c[1]), c[0]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
+    for ax, cell in zip(axes[0], names):
+        lora, rosa = cells[cell].get("lora", {}), cells[cell].get("rosa", {})
+        for x, runs in ((0, lora), (1, rosa)):
+            values = [100 * r["exact_match"] for r in runs.values()]
+            if values:
+                ax.bar(x, sum(values) / len(values), color=("C0", "C3")[x], alpha=0.5)
+                ax.scatter([x] * len(values), values, color=("C0", "C3")[x], zorder=3)
+        for seed in set(lora) & set(rosa):
+            ax.plot(
+                [0, 1], [100 * lora[seed]["exact_match"], 100 * rosa[seed]["exact_match"]], "k-", alpha=0.3
+            )
+        ax.set_xticks([0, 1], ["LoRA", "RoSA"])
+        ax.set_title(f"{cell[0]}, budget {cell[1]}", fontsize=9)
+        ax.set_ylabel("exact match, % (500 test rows)")
+    fig.suptitle("SmolLM2-135M, one epoch: each dot a seed, lines pair a seed's runs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    print(f"wrote {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--part", nargs="+", default=[], choices=("lora-reference", "candidates", "comparison")
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--methods", nargs="+", default=["lora", "rosa"], choices=("lora", "rosa"))
+    parser.add_argument("--budgets", nargs="+", default=["low"], choices=sorted(BUDGETS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only specs whose key contains one of these"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--report", action="store_true", help="print the tables and draw the plot; no training"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.report or not args.part:
+        report(
+            results_store.load(args.out, empty_results()),
+            PLOT if args.out == OUT else args.out.with_suffix(".png"),
+        )
+        return 0
+    for part in args.part:
+        results = results_store.load(args.out, empty_results())
+        if part == "lora-reference":
+            specs = lora_references(args.tasks)
+        elif part == "candidates":
+            specs = candidates(results, args.tasks)
+        else:
+            defaults = chosen_defaults(results) if "rosa" in args.methods else {}
+            if defaults is None:
+                raise SystemExit("RoSA's defaults come from the candidates: run --part candidates first")
+            specs = comparison(args.methods, args.budgets, args.seeds, defaults)
+            specs = [s for s in specs if s.task in args.tasks]
+        if args.only:
+            specs = [s for s in specs if any(part in s.key for part in args.only)]
+        run(specs, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

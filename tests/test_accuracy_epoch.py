@@ -1,0 +1,136 @@
+"""benchmarks/accuracy_epoch.py: its rows, its rates, how it chooses RoSA's defaults and how it reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+from helpers import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("accuracy_epoch")
+
+
+@pytest.fixture(scope="module")
+def first_protocol():
+    return load_benchmark("accuracy")
+
+
+def _rows(examples) -> set[tuple[str, str]]:
+    return {(e.prompt, e.response) for e in examples}
+
+
+@pytest.mark.parametrize("task", ["viggo", "sql"])
+def test_test_rows_never_chose_a_setting_or_trained(bench, first_protocol, task):
+    """The 500 test rows hold the first protocol's 200 and none of its validation rows; no test or validation
+    row is trained on (texts shared across parts are rows the source file itself holds twice: ViGGO has some)."""
+    if not bench.DATA.is_dir():
+        pytest.skip("../shared/data is not here")
+    from collections import Counter
+
+    from rosa.app.data import load_examples
+
+    parts = bench.splits(task)
+    assert [len(p) for p in parts] == {"viggo": [4539, 714, 500], "sql": [2800, 200, 500]}[task]
+    source = Counter((e.prompt, e.response) for e in load_examples(task, bench.DATA / bench.TASK_FILES[task]))
+    twice = {row for row, n in source.items() if n > 1}
+    train, val, test = map(_rows, parts)
+    first_train, first_val, first_test = map(_rows, first_protocol.splits(task))
+    assert first_test <= test and not (first_val & test) - twice
+    assert not (train & test) - twice and not (train & val) - twice and not (val & test) - twice
+    assert train <= first_train
+    if task == "sql":
+        assert first_val <= val
+    assert [_rows(p) for p in bench.splits(task)] == [train, val, test]  # fixed seeds: the same every call
+
+
+def test_rates_are_what_the_first_protocols_policy_kept(bench, first_protocol):
+    """RATES is a copy of decisions recorded in docs/benchmarks/accuracy.json: the same rate for LoRA and RoSA."""
+    runs = json.loads(first_protocol.OUT.read_text())["runs"]
+    policy = first_protocol.RATE_POLICY
+    for (task, budget), rate in bench.RATES.items():
+        kept = {
+            run["spec"]["method"]: run["lr"]
+            for run in runs.values()
+            if run.get("rate_policy") == policy
+            and run["spec"]["task"] == task
+            and run["spec"].get("budget") == budget
+            and run["spec"]["method"] in ("lora", "rosa")
+            and run["spec"].get("seed", 0) == 0
+            and run["spec"]["steps"] == first_protocol.STEPS
+            and first_protocol.kind(run["spec"]) == "comparison"
+        }
+        assert kept == {"lora": rate, "rosa": rate}, (task, budget, kept)
+
+
+def _result(bench, spec, val_loss):
+    return {"spec": asdict(spec), "val_loss": val_loss}
+
+
+def _with(bench, results, spec, val_loss):
+    results["runs"][spec.key] = _result(bench, spec, val_loss)
+
+
+def test_defaults_are_chosen_one_stage_at_a_time_on_validation_loss(bench):
+    results = bench.empty_results()
+    for spec in bench.lora_references(list(bench.TASKS)):
+        _with(bench, results, spec, {"viggo": 0.10, "sql": 0.20}[spec.task])
+    assert bench.chosen_defaults(results, stage=1) is None
+    stage1 = bench.candidates(results, list(bench.TASKS))
+    assert {(s.granularity, s.split) for s in stage1} == {("example", "r2"), ("micro_batch", "r2")}
+    # relative val loss: example 0.9 / 1.1 (mean 1.0), micro_batch 0.95 / 1.0 (mean 0.975): micro_batch wins
+    for spec, loss in zip(stage1, (0.09, 0.22, 0.095, 0.20)):
+        _with(bench, results, spec, loss)
+    assert bench.chosen_defaults(results, stage=1)["granularity"] == "micro_batch"
+    stage2 = [s for s in bench.candidates(results, list(bench.TASKS)) if s.split != "r2"]
+    assert {s.split for s in stage2} == set(bench.SPLITS[1:])
+    assert {s.granularity for s in stage2} == {"micro_batch"} and not any(s.score_test for s in stage2)
+    assert bench.chosen_defaults(results, stage=2) is None  # not every split has run yet
+    for spec in stage2:
+        _with(bench, results, spec, 0.05 if spec.split == "r0" else 0.5)
+    assert bench.chosen_defaults(results, stage=2)["split"] == "r0"
+    stage3 = bench.candidates(results, list(bench.TASKS))[len(stage1) + len(stage2) :]
+    assert {(s.split, s.sparse_lr_ratio) for s in stage3} == {("r0", r) for r in bench.SPARSE_RATIOS}
+    for spec in stage3:
+        _with(bench, results, spec, 0.01 if spec.sparse_lr_ratio == 1.0 else 0.5)
+    assert bench.chosen_defaults(results) == {
+        "granularity": "micro_batch",
+        "split": "r0",
+        "sparse_lr_ratio": 1.0,
+    }
+    assert "| micro_batch | r0 | lr / 1 |" in bench._candidates(results)
+
+
+def test_comparison_pairs_seeds_and_reports_the_paired_difference(bench):
+    results = bench.empty_results()
+    defaults = {"granularity": "example", "split": "r1", "sparse_lr_ratio": 3.5}
+    specs = bench.comparison(["lora", "rosa"], ["low"], [0, 1, 2], defaults)
+    assert [s.seed for s in specs] == [0] * 4 + [1] * 4 + [2] * 4  # each seed's pairs before the next seed
+    scores = {("viggo", "lora"): (0.70, 0.72, 0.74), ("viggo", "rosa"): (0.73, 0.74, 0.75)}
+    for spec in specs:
+        if spec.task == "viggo":
+            run = {**_result(bench, spec, 0.1), "exact_match": scores[(spec.task, spec.method)][spec.seed]}
+            results["runs"][spec.key] = run
+    text = bench._comparison(results)
+    # differences +3, +2, +1 points: mean +2.0, paired SE 1 / sqrt(3) = 0.58
+    assert "| +3.0, +2.0, +1.0 | +2.0 ± 0.6 |" in text
+    assert "1 of 1 cells measured have RoSA >= LoRA, 1 ahead by more than one paired SE" in text
+    assert "not all cells measured yet" in text
+
+
+def test_a_finished_run_is_not_trained_again(bench, tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    spec = bench.Spec("viggo", "lora", steps=3)
+    bench.results_store.record(path, "runs", spec.key, {"val_loss": 1.0}, bench.empty_results())
+    monkeypatch.setattr(bench, "train_once", lambda spec: pytest.fail("trained a finished run"))
+    bench.run([spec], path)
+    monkeypatch.setattr(bench, "train_once", lambda spec: {"val_loss": 2.0, "wall_seconds": 1})
+    bench.run([replace(spec, seed=1)], path)
+    runs = json.loads(path.read_text())["runs"]
+    assert runs == {
+        spec.key: {"val_loss": 1.0},
+        replace(spec, seed=1).key: {"val_loss": 2.0, "wall_seconds": 1},
+    }
