@@ -324,13 +324,20 @@ def comparison(methods: list[str], budgets: list[str], seeds: list[int], default
 
 
 def run(specs: list[Spec], path: Path) -> None:
+    """Train what the file lacks; a spec another live process is training (its claim) is left to it."""
     for spec in specs:
         if spec.key in results_store.load(path, empty_results())["runs"]:
             print(f"done already: {spec.key}", flush=True)
             continue
-        print(f"run {spec.key} at lr {spec.lr:g}", flush=True)
-        result = train_once(spec)
-        results_store.record(path, "runs", spec.key, result, empty_results())
+        with results_store.claim(path, spec.key) as mine:
+            if not mine:
+                print(f"another process is training {spec.key}", flush=True)
+                continue
+            if spec.key in results_store.load(path, empty_results())["runs"]:  # finished while we looked
+                continue
+            print(f"run {spec.key} at lr {spec.lr:g}", flush=True)
+            result = train_once(spec)
+            results_store.record(path, "runs", spec.key, result, empty_results())
         score = f"exact match {result['exact_match']:.1%}, " if "exact_match" in result else ""
         print(
             f"  {spec.key}: {score}val loss {result['val_loss']:.4f} ({result['wall_seconds']:.0f} s)",

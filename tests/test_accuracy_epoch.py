@@ -134,3 +134,28 @@ def test_a_finished_run_is_not_trained_again(bench, tmp_path, monkeypatch):
         spec.key: {"val_loss": 1.0},
         replace(spec, seed=1).key: {"val_loss": 2.0, "wall_seconds": 1},
     }
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it(bench, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    path = tmp_path / "results.json"
+    spec = bench.Spec("viggo", "lora", steps=3)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder = path.with_name(f".{path.name}.claims")
+        with bench.results_store.claim(path, spec.key) as mine:
+            assert mine
+            marker = next(folder.iterdir())
+        marker.write_text(f"{holder.pid}\n{spec.key}\n")  # as if the other process held it
+        monkeypatch.setattr(bench, "train_once", lambda spec: pytest.fail("trained a claimed run"))
+        bench.run([spec], path)
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process gone, the claim is taken over
+    monkeypatch.setattr(bench, "train_once", lambda spec: {"val_loss": 1.0, "wall_seconds": 1})
+    bench.run([spec], path)
+    assert json.loads(path.read_text())["runs"][spec.key]["val_loss"] == 1.0
+    assert not any(folder.iterdir())
