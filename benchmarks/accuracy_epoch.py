@@ -70,6 +70,7 @@ FIRST_SPLIT_SEED, FIRST_TEST_ROWS, FIRST_VAL_ROWS = 1234, 200, 64  # the first p
 MORE_TEST_ROWS, MORE_VAL_ROWS = 300, 136
 BATCH, MAX_LENGTH, MASK_STEPS, WARMUP_FRACTION = 8, 256, 8, 0.1
 CANDIDATE_STEPS = 150
+EVAL_BATCH = 64  # rows per generation batch when scoring the test rows
 BUDGETS = {"low": 4, "mid": 16}  # the LoRA rank whose trainable count is the budget
 # The rate the first protocol's policy kept at 150 steps, the same for LoRA and RoSA at every cell.
 RATES = {("viggo", "low"): 9e-3, ("sql", "low"): 3e-3, ("viggo", "mid"): 3e-3, ("sql", "mid"): 3e-3}
@@ -266,7 +267,9 @@ def train_once(spec: Spec) -> dict[str, Any]:
         result["trainable"] = {"total": sum(p.numel() for p in params)}
     result["linear_weights"] = sum(o * i for o, i in linear_shapes(model.get_base_model()))
     if spec.score_test:
-        scored = evaluate_task(model, tokenizer, test, spec.task, batch_size=16, show_progress=True)
+        # greedy generation is bound by reading the weights once per token: 64 rows share each read (measured
+        # 2.4x faster than 16 on this CPU); every run of the comparison uses the same batch
+        scored = evaluate_task(model, tokenizer, test, spec.task, batch_size=EVAL_BATCH, show_progress=True)
         result.update(
             exact_match=scored["exact_match"],
             correct=scored["correct"],
