@@ -13,7 +13,7 @@ ops with the layer's own arguments: for spmm the forward ``spmm``, the input gra
 gradient ``sddmm``; for fold, ``fold`` (twice a step: forward and backward; its matmuls replace the base's) and
 ``sddmm`` (see ``_op_calls`` for dtypes and layouts).
 
-Goal (issue 16): RoSA <= 1.10x LoRA in every row. The JSON records its provenance; ``markdown(results)``
+Goal (issues 16 and 29): RoSA <= 1.10x LoRA in every row, fp32 and bf16. The JSON records its provenance; ``markdown(results)``
 renders the README section (``python benchmarks/report.py``).
 
     python benchmarks/layer.py                     # every row -> docs/benchmarks/layer.json
@@ -40,6 +40,7 @@ TOKENS = [512, 2048]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANK, DENSITY = 16, 0.01
 TARGET = 1.10  # RoSA layer step <= 1.10x LoRA's
+KERNELS = {"cpu": "rosa's own (compiled)", "cpu-mkl": "PyTorch's MKL"}
 OPS = {  # what each strategy adds to the base layer's own two matmuls, op by op (fold runs twice a step)
     "spmm": ("spmm", "spmm_t", "sddmm"),
     "fold": ("fold", "fold", "sddmm"),
@@ -90,10 +91,11 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
 
 def _op_calls(model: nn.Module, x: torch.Tensor, strategy: str) -> dict:
     """One dense GEMM of the shape, and the sparse ops the layer's strategy runs, with the arguments
-    RosaLinear gives them: spmm gets the layer's fp32 copy of x and a feature-major fp32 dy (the backward's one
-    shared transposing copy, not timed here); fold adds S into a copy of the weight and its SDDMM gets dy as
-    autograd hands it over (row-major, in the weight's dtype)."""
-    from rosa.sparse import ops
+    RosaLinear gives them: spmm gets the layer's fp32 copy of x and an fp32 dy, row-major as autograd hands it
+    over to rosa's own kernels (feature-major on MKL's: the backward's one shared transposing copy, not timed
+    here); fold adds S into a copy of the weight and its SDDMM gets dy as autograd hands it over (row-major, in
+    the weight's dtype)."""
+    from rosa.sparse import ops, torch_ops
 
     layer = model.base_model.model.proj
     delta = layer.sparse("default")
@@ -106,7 +108,9 @@ def _op_calls(model: nn.Module, x: torch.Tensor, strategy: str) -> dict:
         dy = torch.randn(x.shape[0], layer.out_features, dtype=weight.dtype)
         calls["fold"] = lambda: ops.fold(weight, values, flat)
     else:
-        dy = torch.randn(layer.out_features, x.shape[0], dtype=xs.dtype).t()
+        dy = torch.randn(x.shape[0], layer.out_features, dtype=xs.dtype)
+        if ops.backend_for(x.device) is torch_ops:
+            dy = dy.t().contiguous().t()
         calls["spmm"] = lambda: ops.spmm(xs, values, s.row_offsets, s.col_idx, layer.out_features)
         calls["spmm_t"] = lambda: ops.spmm_t(
             dy, values, s.t_row_offsets, s.t_col_idx, s.t_perm, layer.in_features
@@ -179,7 +183,14 @@ def markdown(results: dict) -> str:
         f"**One layer, forward + backward** (`{results['provenance']['command']}`; `docs/benchmarks/layer.json`): "
         f"RoSA r {settings['rank']} + {100 * settings['density']:g}% (random support, "
         f'`sparse_strategy="auto"`) against PEFT LoRA r {settings["rank"]} on the same frozen weight, '
-        f"median of {settings['rounds']} interleaved rounds, {settings['threads']} thread(s); goal RoSA <= "
+        f"median of {settings['rounds']} interleaved rounds"
+        + (
+            f" ({settings['bf16_rounds']} for bf16 rows)"
+            if settings.get("bf16_rounds", settings["rounds"]) != settings["rounds"]
+            else ""
+        )
+        + f", {settings['threads']} thread(s), sparse kernels: "
+        f"{KERNELS[settings.get('sparse_kernels', 'cpu-mkl')]}; goal RoSA <= "
         f"{results['target']:.2f}x LoRA. The last two columns time the sparse ops the chosen strategy adds to the "
         "base layer's two matmuls, each alone with the layer's own arguments, in units of one dense GEMM of the "
         "shape.",
@@ -223,9 +234,9 @@ def markdown(results: dict) -> str:
                 for a, b in pairs
             )
             out.append(
-                f" From fp32 to bf16 the dense GEMM gets {gemm:.1f}x faster (median over the shapes) and the "
-                f"sparse ops {sparse:.1f}x: they accumulate in fp32 (MKL has no bf16 CSR product), so in bf16 "
-                "they weigh more against the dense work."
+                f" From fp32 to bf16 the dense GEMM gets {gemm:.2f}x faster (median over the shapes) and the "
+                f"sparse ops {sparse:.2f}x: in a bf16 layer they read the fp32 copy of x the LoRA branch makes "
+                "and accumulate in fp32, so their work does not shrink with the dtype."
             )
     return "\n".join(out).replace("\n ", " ") + "\n"
 
@@ -233,6 +244,12 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--bf16-rounds",
+        type=int,
+        default=None,
+        help="rounds of a bf16 row (default: --rounds; a CPU without bf16 instructions makes them the slow rows)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="4096x4096 at 512 tokens only")
     parser.add_argument("--out", type=Path, default=None)
@@ -245,13 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    from rosa.sparse.strategy import cpu_kernels
+
     prov = provenance.provenance()
     shapes, tokens = (SHAPES[:1], TOKENS[:1]) if args.quick else (SHAPES, TOKENS)
     rows = []
     for out_features, in_features in shapes:
         for n in tokens:
             for dtype in DTYPES:
-                row = measure(out_features, in_features, n, dtype, args.rounds)
+                rounds = args.rounds if dtype == "fp32" else (args.bf16_rounds or args.rounds)
+                row = measure(out_features, in_features, n, dtype, rounds)
                 rows.append(row)
                 print(
                     f"{out_features}x{in_features} {n:5d} {dtype}: RoSA/LoRA {row['rosa_over_lora']:.2f}x "
@@ -266,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             "rank": RANK,
             "density": DENSITY,
             "rounds": args.rounds,
+            "bf16_rounds": args.bf16_rounds or args.rounds,
             "threads": torch.get_num_threads(),
+            "sparse_kernels": cpu_kernels(),
         },
         "target": TARGET,
         "rows": rows,

@@ -32,6 +32,7 @@ Rounds (``--rounds``) interleave the methods; ratios to LoRA are taken per round
 
     python benchmarks/step.py                      # everything -> docs/benchmarks/step.json, step.png
     python benchmarks/step.py --settings smollm2 --dtypes fp32 --steps 2
+    python benchmarks/step.py --groups block7b:fp32 block7b:bf16 smollm2:fp32 --methods lora supra rosa
 
 The JSON records its provenance (benchmarks/provenance.py); ``markdown(report)`` renders the README's section.
 """
@@ -54,9 +55,11 @@ from proc_memory import reset_peak_rss, status_kib
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "step.json"
 METHODS = ("full", "lora", "supra", "rosa_collect", "rosa")
+DTYPES = ("fp32", "bf16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Issue 16's goals: a RoSA step within 10% of LoRA's, memory within 5%, at least 2x faster than Supra (block).
-STEP_VS_LORA, MEMORY_VS_LORA, SPEEDUP_VS_SUPRA = 1.10, 1.05, 2.0
+# Issue 29's goals: a RoSA step within 15% of LoRA's, at least 1.8x faster than Supra (block); issue 16's memory
+# goal: within 5% of LoRA's.
+STEP_VS_LORA, MEMORY_VS_LORA, SPEEDUP_VS_SUPRA = 1.15, 1.05, 1.8
 STEP_TARGET = f"RoSA step <= {STEP_VS_LORA:.2f}x LoRA"
 SUPRA_TARGET = f"RoSA >= {SPEEDUP_VS_SUPRA:g}x faster than Supra"
 
@@ -648,6 +651,14 @@ def main() -> None:
         "--settings", nargs="+", default=["smollm2", "block7b"], choices=["smollm2", "block7b"]
     )
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        default=None,
+        metavar="SETTING:DTYPE",
+        help="the (setting, dtype) pairs to run, e.g. block7b:bf16 smollm2:fp32 (default: every --settings x "
+        "--dtypes pair)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -677,24 +688,28 @@ def main() -> None:
 
     import tempfile
 
+    groups = [(s, d) for s in args.settings for d in args.dtypes]
+    if args.groups:
+        groups = [tuple(g.split(":")) for g in args.groups]
+        bad = [g for g in groups if len(g) != 2 or g[0] not in ("smollm2", "block7b") or g[1] not in DTYPES]
+        if bad:
+            parser.error(f"--groups: {':'.join(bad[0])} is not SETTING:DTYPE (smollm2|block7b : fp32|bf16)")
     prov = provenance.provenance()
     args.mask_dir = tempfile.mkdtemp(prefix="rosa-step-masks-")
     if "rosa" in args.methods:
-        for setting in args.settings:
-            for dtype in args.dtypes:
-                scored = _child(setting, dtype, "score_mask", args)
-                if "error" in scored:
-                    raise SystemExit(f"scoring the {setting} {dtype} mask failed: {scored['error']}")
+        for setting, dtype in groups:
+            scored = _child(setting, dtype, "score_mask", args)
+            if "error" in scored:
+                raise SystemExit(f"scoring the {setting} {dtype} mask failed: {scored['error']}")
     rounds = []
     for r in range(args.rounds):
         results = []
-        for setting in args.settings:
-            for dtype in args.dtypes:
-                for method in args.methods:
-                    res = _child(setting, dtype, method, args)
-                    shown = {k: res.get(k) for k in ("step_s", "allocator_peak_bytes", "error")}
-                    print(f"round {r + 1}/{args.rounds} {setting} {dtype} {method}: {shown}", flush=True)
-                    results.append(res)
+        for setting, dtype in groups:
+            for method in args.methods:
+                res = _child(setting, dtype, method, args)
+                shown = {k: res.get(k) for k in ("step_s", "allocator_peak_bytes", "error")}
+                print(f"round {r + 1}/{args.rounds} {setting} {dtype} {method}: {shown}", flush=True)
+                results.append(res)
         rounds.append(results)
     rows = summarise(rounds)
     checks = targets(rows)

@@ -44,6 +44,15 @@ MASKS = {
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(params=["default", "mkl"])
+def cpu_path(request, monkeypatch):
+    """The CPU kernels a test runs on: the default (rosa's compiled kernels where they can be built) and
+    PyTorch's MKL ones, the fallback (tests/test_cpu_kernels.py checks that it is taken when it must be)."""
+    if request.param == "mkl":
+        monkeypatch.setenv("ROSA_SPARSE_BACKEND", "torch")
+    return request.param
+
+
 def _inputs(mask, tokens, dtype, seed, non_contiguous=False):
     out_features, in_features = mask.shape
     g = _gen(seed)
@@ -59,7 +68,7 @@ def _inputs(mask, tokens, dtype, seed, non_contiguous=False):
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(MASKS))
-def test_primitive_ops_match_reference(case, dtype, non_contiguous):
+def test_primitive_ops_match_reference(case, dtype, non_contiguous, cpu_path):
     mask = MASKS[case]()
     out_features, in_features = mask.shape
     csr = csr_of(mask)
@@ -92,7 +101,7 @@ def test_primitive_ops_match_reference(case, dtype, non_contiguous):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(MASKS))
 @pytest.mark.parametrize("op", ["sparse_linear", "folded_linear"])
-def test_differentiable_ops_match_reference(op, case, dtype):
+def test_differentiable_ops_match_reference(op, case, dtype, cpu_path):
     mask = MASKS[case]()
     out_features, in_features = mask.shape
     csr = csr_of(mask)
@@ -195,7 +204,7 @@ def _op_samples(mask, dtype, non_contiguous, requires_grad):
     ],
 )
 @pytest.mark.parametrize("op", ["spmm", "spmm_t", "sddmm", "fold", "sparse_linear", "folded_linear"])
-def test_opcheck(op, case, dtype, non_contiguous, requires_grad):
+def test_opcheck(op, case, dtype, non_contiguous, requires_grad, cpu_path):
     """Schema, fake-tensor (shapes, dtypes and strides), autograd registration and AOT dispatch."""
     args = _op_samples(MASKS[case](), dtype, non_contiguous, requires_grad)[op]
     torch.library.opcheck(getattr(ops, op), args)
@@ -263,8 +272,8 @@ def test_cost_rule_is_monotone_in_nnz_and_tokens():
     ]
     assert picks == sorted(picks, key=lambda p: p == "fold"), picks  # once fold, always fold as nnz grows
     assert choose_strategy("cpu", out_features, in_features, out_features * in_features, 512) == "fold"
-    model = COST_MODELS["cpu"]
-    assert model.spmm_cost(64, 64, 100, 8) < model.spmm_cost(64, 64, 100, 16)
+    for model in COST_MODELS.values():
+        assert model.spmm_cost(64, 64, 100, 8) < model.spmm_cost(64, 64, 100, 16)
     assert choose_strategy("unknown-device", 64, 64, 10, 8) == choose_strategy("cpu", 64, 64, 10, 8)
 
 
@@ -293,6 +302,7 @@ def test_sddmm_in_token_blocks_matches_reference(case, dtype, monkeypatch):
     block) must give the float64 reference, alone and inside sparse_linear's backward."""
     from rosa.sparse import torch_ops
 
+    monkeypatch.setenv("ROSA_SPARSE_BACKEND", "torch")  # the blocks are the MKL path's
     monkeypatch.setattr(torch_ops, "SDDMM_BLOCK_BYTES", 1)
     monkeypatch.setattr(torch_ops, "SDDMM_UNBLOCKED_BYTES", 0)
     monkeypatch.setattr(torch_ops, "SDDMM_MIN_BLOCK", 3)

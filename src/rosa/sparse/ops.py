@@ -9,9 +9,11 @@ Two differentiable ops cover the two strategies:
   their gradient by SDDMM. The copy is rebuilt in the backward instead of being kept, so it lives only
   for the duration of one matmul.
 
-Each op picks its backend by device: PyTorch's sparse kernels on CPU, Triton kernels on CUDA (falling back to
-cuSPARSE with a one-time warning where Triton is missing). ``ROSA_SPARSE_BACKEND=torch|triton`` forces one,
-which is how the Triton kernels are run on CPU under ``TRITON_INTERPRET=1`` in tests.
+Each op picks its backend by device: on CPU rosa's own compiled kernels (:mod:`rosa.sparse.cpu_ops`, built at
+first use; PyTorch's MKL kernels with a one-time warning where they cannot be built), Triton kernels on CUDA
+(falling back to cuSPARSE with a one-time warning where Triton is missing). ``ROSA_SPARSE_BACKEND=cpu|torch|triton``
+forces one: ``torch`` is PyTorch's own kernels (MKL on CPU), and ``triton`` is how the Triton kernels are run on CPU
+under ``TRITON_INTERPRET=1`` in tests.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import torch_ops
+from . import cpu_build, cpu_ops, torch_ops
 
 
 @cache
@@ -49,6 +51,11 @@ def backend_for(device: torch.device) -> ModuleType:
     forced = os.environ.get("ROSA_SPARSE_BACKEND", "").lower()
     if forced == "torch":
         return torch_ops
+    if forced == "cpu":
+        if not cpu_ops.available():
+            why = cpu_build.error() or "ROSA_CPU_KERNELS=0 turns them off"
+            raise RuntimeError(f"ROSA_SPARSE_BACKEND=cpu but the compiled CPU kernels are unavailable: {why}")
+        return cpu_ops
     if forced == "triton" or device.type == "cuda":
         backend = _triton_backend()
         if backend is not None:
@@ -56,6 +63,9 @@ def backend_for(device: torch.device) -> ModuleType:
         if forced == "triton":
             raise RuntimeError("ROSA_SPARSE_BACKEND=triton but Triton cannot be imported")
         _warn_no_triton()
+        return torch_ops
+    if device.type == "cpu" and cpu_ops.available():
+        return cpu_ops
     return torch_ops
 
 

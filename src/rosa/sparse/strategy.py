@@ -11,8 +11,10 @@ only what differs is compared:
     spmm_cost = 2 * (nnz * tokens / sparse_rate + tokens * (in + out) / stream_rate)
     fold_cost = 2 * out * in / fold_rate
 
-and fold is chosen when ``fold_cost < spmm_cost``. The rates are per device type and only measured ones are
-used: the CPU ones were fitted to ``benchmarks/sparse_ops.py`` on the 2-core development machine (see
+and fold is chosen when ``fold_cost < spmm_cost``. The rates are per kernel set and only measured ones are used:
+on CPU, ``"cpu"`` holds the rates of rosa's own compiled kernels (:mod:`rosa.sparse.cpu_ops`) and ``"cpu-mkl"``
+those of PyTorch's MKL kernels, used when the compiled ones are unavailable or ``ROSA_SPARSE_BACKEND=torch``; both
+were fitted to ``benchmarks/sparse_ops.py`` on the 2-core development machine (see
 docs/benchmarks/sparse_ops.json). CUDA has no measured rates until ``benchmarks/gpu.py`` has been run on a GPU,
 so on CUDA the rule always answers ``"spmm"``: nothing dense of size out x in is built there unless a user asks
 for ``sparse_strategy="fold"``. Other device types use the CPU rates.
@@ -42,8 +44,18 @@ class CostModel:
 
 
 COST_MODELS: dict[str, CostModel] = {  # measured rates only (see the module docstring)
-    "cpu": CostModel(sparse_rate=1.5e10, stream_rate=4.8e8, fold_rate=6.9e8),
+    "cpu": CostModel(sparse_rate=3.0e10, stream_rate=2.5e9, fold_rate=6.9e8),
+    "cpu-mkl": CostModel(sparse_rate=1.5e10, stream_rate=4.8e8, fold_rate=6.9e8),
 }
+
+
+def cpu_kernels() -> str:
+    """The key of COST_MODELS for the kernels CPU tensors run on now: 'cpu' (rosa's own) or 'cpu-mkl'."""
+    import torch  # here, not at import: `import rosa` stays light, and the kernels need not be built yet
+
+    from . import cpu_ops, ops
+
+    return "cpu" if ops.backend_for(torch.device("cpu")) is cpu_ops else "cpu-mkl"
 
 
 def choose_strategy(device_type: str, out_features: int, in_features: int, nnz: int, tokens: int) -> Strategy:
@@ -56,5 +68,7 @@ def choose_strategy(device_type: str, out_features: int, in_features: int, nnz: 
         ):  # no measured rates (benchmarks/gpu.py has not run): no guess, nothing dense
             return "spmm"
         model = COST_MODELS["cpu"]
+    if model is COST_MODELS["cpu"]:
+        model = COST_MODELS[cpu_kernels()]
     spmm = model.spmm_cost(out_features, in_features, nnz, tokens)
     return "fold" if model.fold_cost(out_features, in_features) < spmm else "spmm"
