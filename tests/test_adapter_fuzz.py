@@ -1,6 +1,8 @@
 """Fuzzing the adapter file: a genuine saved RoSA adapter, mutated in a fixed-seed set of ways (keys dropped, added,
 renamed; dtypes and shapes changed; row offsets and column indices out of range, negative, unsorted; NaN and inf
-values), is loaded through the three ways an adapter reaches a model, then run forward and backward.
+values; base model weights smuggled in; whole layers dropped or moved to layers the model lacks), is loaded through
+the four ways an adapter reaches a model (``PeftModel.from_pretrained`` with and without ``config=``,
+``load_adapter``, ``set_peft_model_state_dict``), then run forward and backward.
 
 Each mutant must either be refused with rosa's ``AdapterFileError`` or load and compute finite logits, loss and
 gradients: never another exception, never NaN, never a crash. The loads run in child processes (many mutants per
@@ -33,7 +35,14 @@ RANDOM_MUTANTS = 64
 CHILD_TIMEOUT_S = 240
 SAVED = ("rosa_A.weight", "rosa_B.weight", "rosa_values", "rosa_row_offsets", "rosa_col_idx")
 DERIVED = ("rosa_t_row_offsets", "rosa_t_col_idx", "rosa_t_perm")
-LOADS = ("from_pretrained", "load_adapter", "set_peft_model_state_dict")
+LOADS = ("from_pretrained", "from_pretrained_config", "load_adapter", "set_peft_model_state_dict")
+BASE_WEIGHTS = {  # base model tensors a file could name, with their shapes in the tiny LLaMA
+    "base_model.model.model.embed_tokens.weight": (128, 32),
+    "base_model.model.lm_head.weight": (128, 32),
+    "base_model.model.model.norm.weight": (32,),
+    "base_model.model.model.layers.0.input_layernorm.weight": (32,),
+    "base_model.model.model.layers.1.self_attn.q_proj.base_layer.weight": (32, 32),
+}
 
 Tensors = dict[str, torch.Tensor]
 
@@ -280,6 +289,42 @@ def non_finite(tensors: Tensors, rng: random.Random) -> str:
     return f"{key}: one {value}"
 
 
+def add_base_weight(tensors: Tensors, rng: random.Random) -> str:
+    """A base model weight (embedding, head, a norm, a wrapped layer's own weight): NaN, zeros, random values or
+    the wrong shape. PEFT would write any of them over the base model."""
+    key = rng.choice(sorted(BASE_WEIGHTS))
+    shape = BASE_WEIGHTS[key]
+    how = rng.choice(["nan", "zeros", "random", "wrong shape"])
+    g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    if how == "wrong shape":
+        shape = (shape[0] + 1, *shape[1:])
+    tensor = torch.randn(shape, generator=g)
+    if how == "nan":
+        tensor.view(-1)[0] = float("nan")
+    elif how == "zeros":
+        tensor.zero_()
+    tensors[key] = tensor
+    return f"add {key} ({how})"
+
+
+def drop_layer(tensors: Tensors, rng: random.Random) -> str:
+    layer = rng.choice(_layers(tensors))
+    for key in [k for k in tensors if k.startswith(f"{layer}.rosa_")]:
+        del tensors[key]
+    return f"drop every tensor of {layer}"
+
+
+def move_layer(tensors: Tensors, rng: random.Random) -> str:
+    """A layer's tensors under the name of a layer the model does not have (another index, a lookalike letter)."""
+    layer = rng.choice(_layers(tensors))
+    other = rng.choice(
+        [layer.replace("layers.", "layers.1"), layer.replace("proj", "pr\u043ej"), layer + "_x"]
+    )
+    for key in [k for k in tensors if k.startswith(f"{layer}.rosa_")]:
+        tensors[other + key[len(layer) :]] = tensors.pop(key)
+    return f"move {layer} to {other!r}"
+
+
 MUTATIONS: list[Callable[[Tensors, random.Random], str]] = [
     drop_key,
     drop_support,
@@ -292,6 +337,9 @@ MUTATIONS: list[Callable[[Tensors, random.Random], str]] = [
     corrupt_offsets,
     corrupt_columns,
     non_finite,
+    add_base_weight,
+    drop_layer,
+    move_layer,
 ]
 
 
@@ -340,12 +388,29 @@ def _load(how: str, folder: str, base, masked):
 
     if how == "from_pretrained":
         return PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    if how == "from_pretrained_config":
+        return PeftModel.from_pretrained(copy.deepcopy(base), folder, config=_config())
     model = copy.deepcopy(masked)
     if how == "load_adapter":
         model.load_adapter(folder, adapter_name="default")
     else:
         set_peft_model_state_dict(model, load_file(os.path.join(folder, WEIGHTS)), adapter_name="default")
     return model
+
+
+def _changed_base_weight(model, base) -> str | None:
+    """The first of the base model's own weights the load changed, if any (PEFT's strict=False load writes any
+    tensor a file names over the model)."""
+    original = dict(base.named_parameters())
+    for name, param in model.named_parameters():
+        if "rosa_" in name or "modules_to_save" in name:
+            continue
+        plain = (
+            name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+        )
+        if plain in original and not torch.equal(param.detach(), original[plain].detach()):
+            return name
+    return None
 
 
 def _outcome(how: str, folder: str, base, masked) -> str:
@@ -357,6 +422,9 @@ def _outcome(how: str, folder: str, base, masked) -> str:
         return f"refused: {e}"
     except Exception as e:
         return "error: " + "".join(traceback.format_exception_only(e)).strip()[-600:]
+    changed = _changed_base_weight(model, base)
+    if changed is not None:
+        return f"wrong: the load changed the base model's {changed}"
     try:
         problem = _forward_backward(model)
     except Exception as e:

@@ -7,6 +7,7 @@ about it is valid and the refusal can only come from the edited tensor.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -119,9 +120,17 @@ CASES = {
     "missing_col_idx": ("rosa_col_idx", r"missing"),
 }
 
+
+def _saved_config() -> rosa.RosaConfig:
+    """The settings rosa_llama() saves, as an object: for the ``config=`` load paths."""
+    return rosa.RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05)
+
+
 LOADERS = {
     "peft": lambda base, path: PeftModel.from_pretrained(base, path),
     "rosa": lambda base, path: rosa.load_rosa_model(base, path),
+    "peft_config": lambda base, path: PeftModel.from_pretrained(base, path, config=_saved_config()),
+    "rosa_config": lambda base, path: rosa.load_rosa_model(base, path, config=_saved_config()),
 }
 
 
@@ -221,13 +230,14 @@ def test_pickle_only_folder_via_load_adapter(genuine, pickle_only):
 
 
 def test_pickle_only_folder_with_an_explicit_config(genuine, pickle_only):
-    """Passing ``config=`` skips RosaConfig.from_pretrained (and so rosa's folder check) in PEFT; rosa's own
-    loader still refuses, and PEFT's fallback (torch.load with weights_only=True) does not run the payload."""
+    """Passing ``config=`` skips RosaConfig.from_pretrained (and so its folder check) in PEFT: RosaModel, which
+    PEFT builds first, checks the folder it is about to read, so PEFT's own path refuses the pickle as rosa's does
+    (before: PEFT reached torch's unpickler, whose weights_only=True was all that stood in the payload's way)."""
     folder, marker = pickle_only
     config = rosa.RosaConfig.from_pretrained(genuine)
     with pytest.raises(AdapterFileError, match="refusing to unpickle"):
         rosa.load_rosa_model(word_llama(), folder, config=config)
-    with pytest.raises(Exception):  # noqa: B017 - PEFT's own error (UnpicklingError); the point is the marker
+    with pytest.raises(AdapterFileError, match="refusing to unpickle"):
         PeftModel.from_pretrained(word_llama(), folder, config=config)
     assert not marker.exists()
 
@@ -333,13 +343,18 @@ def test_a_base_model_tensor_smuggled_into_the_file_is_refused(genuine, tmp_path
 
 
 def test_the_smuggled_tensor_would_have_landed_without_the_check(genuine, tmp_path, monkeypatch):
-    """The control for the test above: with the key check switched off, PEFT really writes the tensor into the
-    base model (so the refusal is what protects it)."""
+    """The control for the test above: two checks stand in the way, the folder's (before PEFT reads it, naming
+    the file) and the tensors' (against the model, before PEFT copies them in); each alone refuses the file, and
+    with both switched off PEFT really writes the tensor into the base model (so the refusal is what protects it)."""
+    import rosa.model
     import rosa.serialization
 
-    monkeypatch.setattr(rosa.serialization, "check_adapter_keys", lambda *a: None)
     key = LIVE_BASE_WEIGHTS["untargeted module"]
     dest = _with_extra_tensor(genuine, tmp_path / "smuggled", key, torch.zeros(32))
+    monkeypatch.setattr(rosa.serialization, "check_adapter_keys", lambda *a: None)
+    with pytest.raises(AdapterFileError, match=rf"tensor '{key}' is not a tensor of adapter 'default'"):
+        rosa.load_rosa_model(word_llama(), dest)
+    monkeypatch.setattr(rosa.model, "check_loaded_state_dict", lambda *a: None)
     model = rosa.load_rosa_model(word_llama(), dest)
     assert not model.base_model.model.model.norm.weight.any()
 
@@ -387,8 +402,13 @@ def test_tensors_the_config_declares_outside_rosa_layers_load(tmp_path, extra):
     model.save_pretrained(tmp_path / "ok")
     keys = list(load_file(tmp_path / "ok" / "adapter_model.safetensors"))
     assert any("rosa_" not in k for k in keys)
-    for loader in LOADERS.values():
-        loaded = dict(loader(word_llama(), tmp_path / "ok").named_parameters())
+    loads = [LOADERS["peft"], LOADERS["rosa"]]  # under the folder's own config, which declares them
+    loads += [  # under a config= that declares them too
+        lambda base, path: PeftModel.from_pretrained(base, path, config=copy.deepcopy(config)),
+        lambda base, path: rosa.load_rosa_model(base, path, config=copy.deepcopy(config)),
+    ]
+    for load in loads:
+        loaded = dict(load(word_llama(), tmp_path / "ok").named_parameters())
         for name, p in declared:
             assert torch.equal(loaded[name], p)
     key = "base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"
@@ -422,9 +442,11 @@ def test_an_explicit_config_decides_what_the_file_may_hold(tmp_path):
     assert torch.equal(loaded.base_model.model.model.norm.modules_to_save["default"].weight, trained)
 
 
-def test_resized_vocabulary_embeddings_load(tmp_path):
-    """PEFT saves the embedding and head weights of a model whose vocabulary was resized
-    (save_embedding_layers); they are not RoSA tensors, yet the file must load with them."""
+def test_resized_vocabulary_embeddings_load_only_where_declared(tmp_path):
+    """PEFT saves the embedding and head weights of a model whose vocabulary was resized (save_embedding_layers);
+    loaded as they are, they would replace the base model's own, exactly as a hostile file's would. So they are
+    refused, naming the way to load them: a config declaring the layers in modules_to_save, which loads them
+    into a trained copy (the logits then match the saved model's)."""
     base = word_llama()
     base.resize_token_embeddings(base.config.vocab_size + 8)
     model = rosa.get_rosa_model(base, rosa.RosaConfig(task_type="CAUSAL_LM", r=4, density=0.05))
@@ -432,10 +454,27 @@ def test_resized_vocabulary_embeddings_load(tmp_path):
     model.save_pretrained(tmp_path / "ad", save_embedding_layers=True)
     keys = list(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
     assert any(k.endswith("embed_tokens.weight") for k in keys)
-    other = word_llama()
-    other.resize_token_embeddings(other.config.vocab_size + 8)
-    loaded = rosa.load_rosa_model(other, tmp_path / "ad")
-    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+    def resized():
+        other = word_llama()
+        other.resize_token_embeddings(other.config.vocab_size + 8)
+        with torch.no_grad():  # other new rows than the saved model's: the file's must win
+            for layer in (other.get_input_embeddings(), other.get_output_embeddings()):
+                layer.weight[-8:] += 1.0
+        return other
+
+    for load in LOADERS.values():
+        with pytest.raises(
+            AdapterFileError,
+            match=r"(embed_tokens|lm_head)\.weight' belongs to no RoSA layer.*modules_to_save",
+        ):
+            load(resized(), tmp_path / "ad")
+    declared = {"modules_to_save": ["embed_tokens", "lm_head"]}
+    config = rosa.RosaConfig(task_type="CAUSAL_LM", r=4, density=0.05, **declared)
+    loaded = rosa.load_rosa_model(resized(), tmp_path / "ad", config=config)
+    ids = torch.randint(4, 72, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 # --- adapters named by hub id ---------------------------------------------------------------------------------

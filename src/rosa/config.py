@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,7 +12,14 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .serialization import CONFIG_NAME, PEFT_TYPE, AdapterFileError, check_adapter_dir, fetch_hub_adapter
+from .serialization import (
+    CONFIG_NAME,
+    PEFT_TYPE,
+    AdapterFileError,
+    check_adapter_dir,
+    fetch_hub_adapter,
+    mark_checked,
+)
 
 MaskMethod = Literal["fisher", "grad", "magnitude", "random"]
 MaskAllocation = Literal["layer", "global"]
@@ -23,6 +31,12 @@ FISHER_GRANULARITIES: tuple[str, ...] = get_args(FisherGranularity)
 SPARSE_STRATEGIES: tuple[str, ...] = get_args(SparseStrategy)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Sanity bounds: well above any real use, well below what overflows or exhausts memory before a layer exists.
+MAX_RANK = 1 << 16  # above any released model's hidden size; a layer's own bound is min(out, in)
+MAX_ALPHA = 1e6  # lora_alpha: the LoRA scale is alpha / r; typical values are 8 to 512
+MAX_CAPACITY_FACTOR = 1e6  # global_capacity_factor: a layer's values are capped at out * in anyway
+MAX_MEMORY_GIB = 1 << 20  # mask_memory_budget (GiB)
+MAX_NAME_LENGTH = 4096  # a module name or pattern
 
 
 class RosaConfigError(ValueError):
@@ -153,22 +167,34 @@ class RosaConfig(PeftConfig):
         self.validate()
 
     def validate(self) -> None:
+        """Every field's type and range, so that a bad value (from a file, a run setting or code) is one line here
+        rather than a NaN adapter, an allocator failure or a traceback deep in PEFT."""
         _check_rank(self.r, "r")
+        _check_alpha(self.lora_alpha, "lora_alpha")
         _check_density(self.density, "density")
+        for name in ("rank_pattern", "alpha_pattern", "density_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise RosaConfigError(
+                    f"{name} must be a mapping of module-name patterns, got {_short(getattr(self, name))}"
+                )
         for pattern, rank in self.rank_pattern.items():
-            _check_rank(rank, f"rank_pattern[{pattern!r}]")
+            _check_rank(rank, f"rank_pattern[{_short(pattern)}]")
+        for pattern, alpha in self.alpha_pattern.items():
+            _check_alpha(alpha, f"alpha_pattern[{_short(pattern)}]")
         for pattern, density in self.density_pattern.items():
-            _check_density(density, f"density_pattern[{pattern!r}]")
+            _check_density(density, f"density_pattern[{_short(pattern)}]")
         for pattern in (*self.rank_pattern, *self.density_pattern, *self.alpha_pattern):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise RosaConfigError(f"pattern {pattern!r} is not a valid regex: {e}") from None
+            _check_regex(pattern, f"pattern {_short(pattern)}")
+        for name in ("target_modules", "exclude_modules"):
+            _check_module_names(getattr(self, name), name, regex=True)
+        _check_module_names(self.modules_to_save, "modules_to_save", regex=False)
+        _check_module_names(self.layers_pattern, "layers_pattern", regex=False)
+        _check_number(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise RosaConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise RosaConfigError(f"lora_dropout must be in [0, 1), got {_short(self.lora_dropout)}")
         if self.adapter_dtype not in DTYPES:
             raise RosaConfigError(
-                f"adapter_dtype must be one of {sorted(DTYPES)}, got {self.adapter_dtype!r}"
+                f"adapter_dtype must be one of {sorted(DTYPES)}, got {_short(self.adapter_dtype)}"
             )
         for name, allowed in (
             ("sparse_strategy", SPARSE_STRATEGIES),
@@ -177,24 +203,38 @@ class RosaConfig(PeftConfig):
             ("fisher_granularity", FISHER_GRANULARITIES),
         ):
             if getattr(self, name) not in allowed:
-                raise RosaConfigError(f"{name} must be {_one_of(allowed)}, got {getattr(self, name)!r}")
-        if self.global_capacity_factor < 1.0:
-            raise RosaConfigError(f"global_capacity_factor must be >= 1, got {self.global_capacity_factor}")
-        for name in ("warmup_steps", "mask_steps", "rewarmup_steps"):
+                raise RosaConfigError(f"{name} must be {_one_of(allowed)}, got {_short(getattr(self, name))}")
+        _check_number(self.global_capacity_factor, "global_capacity_factor")
+        if not 1.0 <= self.global_capacity_factor <= MAX_CAPACITY_FACTOR:
+            raise RosaConfigError(
+                f"global_capacity_factor must be a number in [1, {MAX_CAPACITY_FACTOR:g}], got "
+                f"{_short(self.global_capacity_factor)}"
+            )
+        for name in ("warmup_steps", "mask_steps", "rewarmup_steps", "mask_seed"):
             value = getattr(self, name)
             if name == "rewarmup_steps" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise RosaConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.mask_memory_budget is not None and self.mask_memory_budget <= 0:
-            raise RosaConfigError(f"mask_memory_budget must be positive (GiB), got {self.mask_memory_budget}")
+                raise RosaConfigError(f"{name} must be a non-negative integer, got {_short(value)}")
+        if self.mask_memory_budget is not None:
+            _check_number(self.mask_memory_budget, "mask_memory_budget")
+            if not 0 < self.mask_memory_budget <= MAX_MEMORY_GIB:
+                raise RosaConfigError(
+                    f"mask_memory_budget must be a positive number of GiB (at most {MAX_MEMORY_GIB}), got "
+                    f"{_short(self.mask_memory_budget)}"
+                )
+        for name in ("use_rslora", "fan_in_fan_out", "restart_after_mask", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise RosaConfigError(f"{name} must be true or false, got {_short(getattr(self, name))}")
         if self.bias != "none":
-            raise RosaConfigError(f"bias must be 'none', got {self.bias!r}")
+            raise RosaConfigError(f"bias must be 'none', got {_short(self.bias)}")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise RosaConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} (PEFT's "
+                f"init_lora_weights must be True, False or 'gaussian', got {_short(self.init_lora_weights)} (PEFT's "
                 "data-driven initialisations such as pissa, olora, loftq, eva or corda are not supported by RoSA)"
             )
+        _check_layers_to_transform(self.layers_to_transform)
+        _check_token_indices(self.trainable_token_indices)
         if self.r == 0 and not any(self.rank_pattern.values()) and self.warmup_steps > 0:
             raise RosaConfigError(
                 f"r=0 (sparse only) has no low-rank part to warm up: warmup_steps={self.warmup_steps} would train "
@@ -210,9 +250,12 @@ class RosaConfig(PeftConfig):
             path = fetch_hub_adapter(pretrained_model_name_or_path, subfolder, **kwargs) or path
         check_adapter_dir(path)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (RosaConfigError, TypeError) as e:  # TypeError: a value of the wrong type, e.g. "r": [1]
-            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from e
+            raise AdapterFileError(f"{os.path.join(path, CONFIG_NAME)}: {e}") from None
+        # PeftModel.from_pretrained, building its RosaModel with this config, need not check the folder again
+        mark_checked(config, pretrained_model_name_or_path, subfolder)
+        return config
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype:
@@ -252,11 +295,97 @@ def _match_pattern(patterns: dict, module_name: str, default):
     return default
 
 
+def _short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that a message quoting a hostile value stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(value, name: str) -> None:
+    """A real number (not a bool, not a string such as "32"), and finite."""
+    if not _is_number(value):
+        raise RosaConfigError(f"{name} must be a number, got {_short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):  # an int is finite (and may not fit a float)
+        raise RosaConfigError(f"{name} must be a finite number, got {value!r}")
+
+
 def _check_rank(rank: int, name: str) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise RosaConfigError(f"{name} must be a non-negative integer, got {rank!r}")
+        raise RosaConfigError(f"{name} must be a non-negative integer, got {_short(rank)}")
+    if rank > MAX_RANK:
+        raise RosaConfigError(
+            f"{name}={rank} is larger than any layer rosa can adapt (at most {MAX_RANK}; a layer's own limit is "
+            "min(out_features, in_features))"
+        )
+
+
+def _check_alpha(alpha: float, name: str) -> None:
+    _check_number(alpha, name)
+    if not 0 < alpha <= MAX_ALPHA:
+        raise RosaConfigError(
+            f"{name} must be a number in (0, {MAX_ALPHA:g}] (the LoRA scale is {name} / r), got {_short(alpha)}"
+        )
 
 
 def _check_density(density: float, name: str) -> None:
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= float(density) <= 1.0:
-        raise RosaConfigError(f"{name} must be a number in [0, 1], got {density!r}")
+        raise RosaConfigError(f"{name} must be a number in [0, 1], got {_short(density)}")
+
+
+def _check_regex(pattern, name: str) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise RosaConfigError(f"{name} must be a non-empty string")
+    if len(pattern) > MAX_NAME_LENGTH:
+        raise RosaConfigError(f"{name} is {len(pattern)} characters long (at most {MAX_NAME_LENGTH})")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RosaConfigError(f"{name} is not a valid regex: {e}") from None
+
+
+def _check_module_names(value, name: str, regex: bool) -> None:
+    """None, a string (for target/exclude_modules a regex, as PEFT reads it) or a list of non-empty names."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if regex and value != "all-linear":
+            _check_regex(value, name)
+        elif not value:
+            raise RosaConfigError(f"{name} must not be an empty string")
+        return
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise RosaConfigError(f"{name} must be a module name, a list of them or null, got {_short(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH:
+            raise RosaConfigError(f"{name} must hold non-empty module names, got {_short(item)}")
+
+
+def _check_index_list(value, name: str) -> None:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        raise RosaConfigError(f"{name} must be a list of non-negative integers, got {_short(value)}")
+
+
+def _check_layers_to_transform(value) -> None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return
+    _check_index_list(value, "layers_to_transform")
+
+
+def _check_token_indices(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, dict):
+        for module, indices in value.items():
+            if not isinstance(module, str) or not module:
+                raise RosaConfigError(
+                    f"trainable_token_indices keys must be module names, got {_short(module)}"
+                )
+            _check_index_list(indices, f"trainable_token_indices[{_short(module)}]")
+        return
+    _check_index_list(value, "trainable_token_indices")

@@ -4,6 +4,21 @@ Everything user-facing is PEFT's own: ``get_peft_model`` returns a ``PeftModel``
 ``adapter_config.json`` + ``adapter_model.safetensors``, ``PeftModel.from_pretrained`` reads them back, and
 merge/unload, multiple adapters and disabling come from ``BaseTuner``. This module adds what is RoSA-specific:
 how a layer is built from the config, and the compact on-disk sparse support.
+
+Load checks on PEFT's own paths. ``PeftModel.from_pretrained(base, path)`` loads the config through
+``RosaConfig.from_pretrained``, which checks the folder first (:func:`rosa.serialization.check_adapter_dir`). Given
+``config=``, PEFT skips that call and reads the files itself, and the only RoSA code that runs before it does is
+this tuner's constructor. PEFT offers no extension point that sees the path before the files are opened (its
+``load_peft_weights`` is a module function, and rosa does not patch PEFT), so ``RosaModel.__init__`` finds the
+``PeftModel.from_pretrained`` call that is building it on the stack, by that function's code object (read-only: no
+PEFT function, attribute or instance is replaced), and checks the path it was given against the config it was
+given, as ``rosa.load_rosa_model`` does; ``tests/test_reliability_loading.py`` pins the PEFT behaviour this relies
+on. Whatever the path, the tensors themselves are checked against the model before PEFT copies them in, through
+the tuner classmethod PEFT calls on every load (``_remap_adapter_state_dict_for_load``, see
+:func:`rosa.serialization.check_loaded_state_dict`). One path is left: ``PeftModel.load_adapter(path, name)`` for an
+adapter ``name`` that is already loaded reads the file with no RoSA code before it; its tensors are still checked,
+but a FIFO in place of the file would block there, and a pickle-only folder reaches torch's ``weights_only``
+unpickler (which refuses code) before rosa can refuse it.
 """
 
 from __future__ import annotations
@@ -20,14 +35,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_feat
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from .config import RosaConfig
+from .config import RosaConfig, RosaConfigError
 from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget
 from .serialization import (
     PREFIX,
+    SAFETENSORS_NAME,
     AdapterFileError,
-    check_adapter_dir,
-    check_adapter_folder,
-    fetch_hub_adapter,
+    check_adapter_source,
+    check_loaded_state_dict,
 )
 from .sparse.delta import compact_state_dict
 
@@ -41,6 +56,7 @@ class RosaModel(BaseTuner):
 
     def __init__(self, model, config, adapter_name, *args, **kwargs) -> None:
         _refuse_transformers_load_adapter()
+        _check_peft_load_source(config.get(adapter_name) if isinstance(config, dict) else config)
         super().__init__(model, config, adapter_name, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -72,6 +88,22 @@ class RosaModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _check_new_adapter_config(self, config) -> None:
+        """Validate the config again as it is injected (every adapter, ``add_adapter`` included): a field changed
+        after construction (``config.lora_alpha = float("nan")``) is refused before PEFT reads it or any layer is
+        built."""
+        if isinstance(config, RosaConfig):
+            config.validate()
+        super()._check_new_adapter_config(config)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's remapping of a file's keys to the model's, then RoSA's check of every tensor against the model
+        before PEFT copies any in (PEFT calls this on every load, whatever the entry point)."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_loaded_state_dict(model, adapter_name, remapped)
+        return remapped
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         full = super()._get_adapter_state_dict(
@@ -97,6 +129,30 @@ def _refuse_transformers_load_adapter() -> None:
         frame = frame.f_back
 
 
+_PEFT_FROM_PRETRAINED = PeftModel.from_pretrained.__func__.__code__
+
+
+def _check_peft_load_source(peft_config) -> None:
+    """When ``PeftModel.from_pretrained`` is building this tuner, check the adapter it is about to read (PEFT
+    opens the files right after; with ``config=`` nothing of rosa's has seen them yet): see the module docstring.
+    Read-only: the caller's frame is found by the identity of PEFT's code object, and its locals are only read."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        if frame.f_code is _PEFT_FROM_PRETRAINED:
+            break
+        frame = frame.f_back
+    else:
+        return
+    caller = frame.f_locals
+    if caller.get("config") is not peft_config or "model_id" not in caller:
+        return  # not the tuner of that call's adapter
+    kwargs = dict(caller.get("kwargs") or {})
+    subfolder = kwargs.pop("subfolder", None)
+    check_adapter_source(caller["model_id"], subfolder, peft_config, **kwargs)
+
+
 def _warn_if_no_schedule(tuner: nn.Module) -> None:
     """Training a RoSA model with no mask and nothing that will choose one trains LoRA only, silently."""
     layers = [m for m in tuner.modules() if isinstance(m, RosaLayer)]
@@ -119,12 +175,25 @@ def _warn_if_no_schedule(tuner: nn.Module) -> None:
 
 
 def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dict:
-    """RosaLinear arguments for one module, with the per-module rank/alpha/density overrides applied."""
+    """RosaLinear arguments for one module, with the per-module rank/alpha/density overrides applied. Checked
+    against the layer before anything is allocated: a linear layer (anything else would fail at its first
+    forward), a rank no larger than the layer's own (a huge one would die in the allocator)."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     weight = getattr(base, "weight", None)
     if weight is None:
-        raise TypeError(f"RoSA cannot adapt {module_name} ({type(base).__name__}): it has no weight")
+        raise RosaConfigError(f"RoSA cannot adapt {module_name} ({type(base).__name__}): it has no weight")
+    if not isinstance(base, (nn.Linear, Conv1D)):  # bitsandbytes' 4- and 8-bit layers are nn.Linear too
+        raise RosaConfigError(
+            f"RoSA adapts linear layers only, and target_modules selects {module_name} ({type(base).__name__}); "
+            "leave it out of target_modules (modules_to_save trains a whole module)"
+        )
     out_features, in_features = _out_in(base)
+    rank = config.rank_for(module_name)
+    if rank > min(out_features, in_features):
+        raise RosaConfigError(
+            f"rank {rank} for {module_name} exceeds the layer's own rank min({out_features}, {in_features}) = "
+            f"{min(out_features, in_features)}; lower r, or set rank_pattern for this layer"
+        )
     _check_fan_in_fan_out(config, base, module_name)
     density = config.density_for(module_name)
     budget = nnz_budget(density, out_features, in_features)
@@ -132,7 +201,7 @@ def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dic
     if config.mask_allocation == "global":
         capacity = min(out_features * in_features, math.ceil(budget * config.global_capacity_factor))
     return {
-        "r": config.rank_for(module_name),
+        "r": rank,
         "lora_alpha": config.alpha_for(module_name),
         "lora_dropout": config.lora_dropout,
         "density": density,
@@ -197,17 +266,19 @@ def load_rosa_model(
     **kwargs,
 ) -> PeftModel:
     """Load a saved RoSA adapter onto ``model`` (``PeftModel.from_pretrained`` with RoSA's file checks)."""
-    subfolder, config = kwargs.get("subfolder"), kwargs.get("config")
-    load_config = None if config is None else config.to_dict()  # given config=, PEFT loads under it
-    check_adapter_folder(path, subfolder, load_config)
-    if config is not None and not os.path.exists(os.path.join(path, subfolder or "")):
-        # a hub id given with config=: PEFT skips RosaConfig.from_pretrained, which checks hub ids otherwise
-        folder = fetch_hub_adapter(str(path), **kwargs)
-        if folder is not None:
-            check_adapter_dir(folder, load_config)
-    return PeftModel.from_pretrained(
-        model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
-    )
+    hub_kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "config")}
+    # given config=, PEFT loads the file under it; otherwise RosaConfig.from_pretrained fetches a hub id (once)
+    check_adapter_source(path, kwargs.get("subfolder"), kwargs.get("config"), fetch=False, **hub_kwargs)
+    try:
+        return PeftModel.from_pretrained(
+            model, path, adapter_name=adapter_name, is_trainable=is_trainable, **kwargs
+        )
+    except KeyError as e:  # PEFT looks up each declared module's tensors in the file blindly
+        where = os.path.join(path, kwargs.get("subfolder") or "", SAFETENSORS_NAME)
+        raise AdapterFileError(
+            f"{where}: no tensor {e.args[0] if e.args else ''!r}, which the adapter config declares "
+            "(modules_to_save or trainable_token_indices): the file is incomplete"
+        ) from None
 
 
 RosaModel.from_pretrained = staticmethod(load_rosa_model)

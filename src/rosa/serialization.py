@@ -5,6 +5,20 @@ A folder written by ``save_pretrained`` holds ``adapter_config.json`` (``"peft_t
 start with ``PREFIX`` (``...q_proj.rosa_A.weight``, ``...q_proj.rosa_values``, ``...q_proj.rosa_col_idx``). The
 sparse part's own layout on disk is :mod:`rosa.sparse.delta`'s. Loading never unpickles: a folder holding only
 a pickle is refused.
+
+Two layers of checks, so that every way an adapter reaches a model is covered:
+
+- ``check_adapter_dir`` (a folder, before PEFT opens it): every file PEFT may open is a regular file (a FIFO or a
+  device would block or stream forever), the config is a RoSA config of sane size, the safetensors header is
+  intact, its tensors are what the config declares and every floating-point tensor is finite. Messages name the
+  file. ``RosaConfig.from_pretrained`` runs it (so ``PeftModel.from_pretrained`` and ``load_adapter`` do), as do
+  ``rosa.load_rosa_model``, the CLI, and ``RosaModel`` when PEFT builds it inside ``PeftModel.from_pretrained``
+  with ``config=`` (see :mod:`rosa.model`).
+- ``check_loaded_state_dict`` (the tensors, against the model they are about to be copied into): called by
+  ``RosaModel._remap_adapter_state_dict_for_load``, which PEFT's ``set_peft_model_state_dict`` calls on every load
+  (``from_pretrained`` with or without ``config=``, ``load_adapter``, ``set_peft_model_state_dict`` itself). Every
+  tensor must be one of this adapter's own (a RoSA layer's, a declared ``modules_to_save`` copy or trainable token
+  rows) of a module the model has, finite, and every RoSA layer of the adapter must be in it.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import torch
@@ -22,6 +37,7 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 HUB_ID = re.compile(r"[\w][\w.-]*/[\w.-]+")  # 'owner/name': a path that does not exist may be one
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few KB; PEFT would read any size into memory
 
 
 class AdapterFileError(ValueError):
@@ -43,24 +59,71 @@ def check_float_tensor(key: str, tensor: torch.Tensor, shape: torch.Size) -> Non
 
 def check_adapter_dir(path: str | os.PathLike, load_config: dict | None = None) -> None:
     """Refuse a local adapter folder PEFT would load unsafely or with a traceback, naming the file at fault:
-    pickle-only weights (loading must never unpickle), an adapter_config.json that is not a RoSA config, a
-    truncated or corrupt safetensors file. A folder holding only a config passes (``RosaConfig.from_pretrained``).
-    ``load_config``: the config PEFT will load the file under when it is not the folder's own (``config=``); the
-    file's tensors must be what that one declares."""
+    a file PEFT would open that is not a regular file (a FIFO blocks forever), pickle-only weights (loading must
+    never unpickle), an adapter_config.json that is not a RoSA config, a truncated or corrupt safetensors file,
+    a tensor the config does not declare, a NaN or infinite value. A folder holding only a config passes
+    (``RosaConfig.from_pretrained``). ``load_config``: the config PEFT will load the file under when it is not
+    the folder's own (``config=``); the file's tensors must be what that one declares."""
     path = Path(path)
     if not path.is_dir():
         return  # a hub id: ``fetch_hub_adapter`` brings its files here first
-    config = check_adapter_config(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
-    if (path / SAFETENSORS_NAME).is_file():
-        keys = _check_safetensors_file(path / SAFETENSORS_NAME)
-        check_adapter_keys(path / SAFETENSORS_NAME, keys, config if load_config is None else load_config)
+    present = {name: regular_file(path / name) for name in (CONFIG_NAME, SAFETENSORS_NAME, *PICKLE_NAMES)}
+    config = check_adapter_config(path / CONFIG_NAME) if present[CONFIG_NAME] else {}
+    if present[SAFETENSORS_NAME]:
+        weights = path / SAFETENSORS_NAME
+        keys = _check_safetensors_file(weights)
+        check_adapter_keys(weights, keys, config if load_config is None else load_config)
+        check_finite_file(weights)
         return
-    pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
+    pickles = [name for name in PICKLE_NAMES if present[name]]
     if pickles:
         raise AdapterFileError(
             f"{path / pickles[0]}: RoSA adapters are loaded from safetensors only, and this folder has no "
             f"{SAFETENSORS_NAME}; refusing to unpickle {pickles[0]}"
         )
+
+
+def regular_file(file: Path) -> bool:
+    """Whether ``file`` exists; refused when it exists but is not a regular file (after symbolic links): a FIFO,
+    socket or device would block or stream forever once opened, a folder or a dangling link gives an unclear
+    error. A link to a regular file elsewhere is fine (the hub cache links every file into its blobs)."""
+    if not os.path.lexists(file):
+        return False
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as e:
+        kind = "a symbolic link to nothing that can be read" if os.path.islink(file) else "unreadable"
+        raise AdapterFileError(f"{file}: {kind} ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise AdapterFileError(
+            f"{file}: {_file_kind(mode)}, not a regular file; refusing to open it (reading it could block forever "
+            "or never end)"
+        )
+    return True
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def check_finite_file(file: Path) -> None:
+    """Every floating-point tensor of a safetensors file is finite (one tensor in memory at a time)."""
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterFileError(f"{file}: {_name(key)}: contains NaN or infinite values")
 
 
 def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> Path | None:
@@ -105,27 +168,46 @@ def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> P
 
 def check_adapter_config(file: Path) -> dict:
     """The config must be a JSON object of a RoSA adapter; PEFT indexes it blindly (TypeError, KeyError)."""
+    size = file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterFileError(
+            f"{file}: {size} bytes, far larger than any adapter config (at most {MAX_CONFIG_BYTES}); not read"
+        )
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = json.loads(file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise AdapterFileError(f"{file}: not UTF-8 text, so not an adapter config") from None
     except json.JSONDecodeError as e:
         raise AdapterFileError(
             f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from None
+    except RecursionError:
+        raise AdapterFileError(f"{file}: JSON nested too deeply to be an adapter config") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{file}: expected a JSON object, got {_json_kind(config)}")
     if "peft_type" not in config:
         raise AdapterFileError(f"{file}: no 'peft_type' key, so not an adapter config written by PEFT")
     if config["peft_type"] != PEFT_TYPE:
         raise AdapterFileError(
-            f"{file}: peft_type is {config['peft_type']!r}, not {PEFT_TYPE!r}: not a RoSA adapter"
+            f"{file}: peft_type is {_short(config['peft_type'])}, not {PEFT_TYPE!r}: not a RoSA adapter"
         )
     return config
 
 
+def _name(key: str) -> str:
+    """A tensor name as messages print it: as it is, unless it holds characters that would break the line or hide
+    (then quoted, escaped and cut)."""
+    return key if key.isprintable() and len(key) <= 200 else _short(key)
+
+
+def _short(value, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quoting a hostile value stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
 TOKEN_DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's key for trainable_token_indices' rows
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's save_embedding_layers (a resized vocabulary)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what PEFT's save_embedding_layers writes
 # Parts that address a wrapper's other copies (the base layer under an adapter, a modules_to_save module's
 # original or another adapter's copy): never a name of its own in a saved file.
 WRAPPER_PARTS = frozenset({"base_layer", "original_module", "modules_to_save", "token_adapter"})
@@ -135,22 +217,35 @@ PEFT_PREFIX = ("base_model", "model")  # what PeftModel puts before the base mod
 def check_adapter_keys(file: Path, keys: list[str], config: dict) -> None:
     """Every tensor must be one a RoSA adapter saves: a RoSA layer's own (``<layer>.rosa_X`` or
     ``<layer>.rosa_X.weight``), a module the config lists in ``modules_to_save`` (matched as PEFT matches it: the
-    module's name ends with the entry), trainable token rows when the config has ``trainable_token_indices``, or
-    an embedding / output head weight (PEFT's ``save_embedding_layers``, written for a resized vocabulary). PEFT
-    loads any other tensor with ``strict=False`` straight into the model, so a file could otherwise overwrite
-    base weights, or another adapter's, that no adapter setting asked for."""
+    module's name ends with the entry), or trainable token rows when the config has ``trainable_token_indices``.
+    PEFT loads any other tensor with ``strict=False`` straight into the model, so a file could otherwise overwrite
+    base weights, or another adapter's, that no adapter setting asked for. That includes the embedding and output
+    head weights PEFT's ``save_embedding_layers`` writes for a resized vocabulary: they replace the base model's
+    own, so they load only where the config declares them in ``modules_to_save`` (into a trained copy, as PEFT
+    keys them the same way)."""
     saved = config.get("modules_to_save") or []
-    saved = [saved] if isinstance(saved, str) else [m for m in saved if isinstance(m, str) and m]
+    if isinstance(saved, str):
+        saved = [saved]
+    elif isinstance(saved, (list, tuple, set)):
+        saved = [m for m in saved if isinstance(m, str) and m]
+    else:
+        saved = []  # not a list of names: the config's own validation refuses it
     tokens = bool(config.get("trainable_token_indices"))
     for key in keys:
         parts = key.split(".")
         if _is_rosa_key(parts) or (tokens and _is_token_delta(key)):
             continue
-        if _plain(parts) and (_in_modules_to_save(parts, saved) or _is_embedding_weight(parts)):
+        if _plain(parts) and _in_modules_to_save(parts, saved):
             continue
+        hint = ""
+        if _is_embedding_weight(parts):
+            hint = (
+                f" (PEFT saves {parts[-2]} for a resized vocabulary; to load it as a trained copy, declare "
+                f"modules_to_save=[{parts[-2]!r}] in the adapter config or pass config= with it)"
+            )
         raise AdapterFileError(
-            f"{file}: tensor {key!r} belongs to no RoSA layer and to nothing the config declares "
-            "(modules_to_save, trainable_token_indices); refusing to load it over the model's weights"
+            f"{file}: tensor {_short(key)} belongs to no RoSA layer and to nothing the config declares "
+            f"(modules_to_save, trainable_token_indices); refusing to load it over the model's weights{hint}"
         )
 
 
@@ -221,3 +316,140 @@ def check_adapter_folder(
             raise AdapterFileError(
                 f"{local / name}: missing, so {local} is not an adapter folder written by save_pretrained"
             )
+
+
+def check_loaded_state_dict(model, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """The tensors PEFT is about to copy into ``model`` for ``adapter_name`` (keys as the model names them, adapter
+    name included: after PEFT's remapping), checked against the model before anything is copied: every tensor is
+    one of this adapter's own (a RoSA layer's, its ``modules_to_save`` copy, its trainable token rows) on a module
+    the model has; a non-RoSA tensor has the model's shape; every floating-point tensor is finite; and every RoSA
+    layer of the adapter is in the file (PEFT would only warn, and the layer would keep its fresh initialisation).
+    The RoSA tensors' own shapes and indices are the layers' load hooks' (``RosaLayer.check_state_dict``)."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    model_tensors = {_unwrapped(name): tensor for name, tensor in named}
+    # set_peft_model_state_dict on a model the adapter was injected into directly: no PeftModel prefix
+    unprefixed = not any(name.startswith("base_model.model.") for name in model_tensors)
+    for key, tensor in state_dict.items():
+        name = _unwrapped(key.removeprefix("base_model.model.") if unprefixed else key)
+        target = model_tensors.get(name)
+        if target is None:
+            raise AdapterFileError(
+                f"tensor {_short(key)}: the model has no such parameter (a layer it does not have, or a name rosa "
+                "never saves: was the adapter saved for another model?)"
+            )
+        if not _owned_by(name.split("."), adapter_name):
+            raise AdapterFileError(
+                f"tensor {_short(key)} is not a tensor of adapter {adapter_name!r} (a base model weight, or another "
+                "adapter's); refusing to load it over the model's weights"
+            )
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterFileError(f"tensor {_short(key)}: not a tensor ({type(tensor).__name__})")
+        rosa = any(part.startswith(PREFIX) for part in name.split("."))
+        if not rosa:  # a modules_to_save copy or token rows: nothing else sizes or validates them
+            check_float_tensor(key, tensor, target.shape)
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"{_name(key)}: contains NaN or infinite values")
+    layers = _adapter_layers(model, adapter_name)
+    state_dict = {_unwrapped(key): tensor for key, tensor in state_dict.items()}
+    missing = [name for name, keys in layers.items() if not any(k in state_dict for k in keys)]
+    if layers and len(missing) == len(layers):
+        raise AdapterFileError(
+            f"the adapter's tensors hold none of the {len(layers)} RoSA layers of adapter {adapter_name!r} "
+            f"({len(state_dict)} tensors, none of them RoSA's): an empty file, or one saved for another model"
+        )
+    if missing:
+        raise AdapterFileError(
+            f"no tensors for RoSA layer {missing[0]!r} of adapter {adapter_name!r} ({len(missing)} of "
+            f"{len(layers)} layers missing): the file is incomplete or was saved for another model"
+        )
+    for name, keys in layers.items():
+        lora, sparse = keys[3:], keys[:3]
+        # a sparse part given in part (values without their support, a transposed support alone) is the layer's
+        # load hook's to name precisely; here: a part that is not there at all
+        derived = [
+            f"{name}.{PREFIX}{part}.{adapter_name}" for part in ("t_row_offsets", "t_col_idx", "t_perm")
+        ]
+        absent = [k for k in lora if k not in state_dict]
+        if not any(k in state_dict for k in (*sparse, *derived)):
+            absent.append(sparse[0])
+        if absent:
+            raise AdapterFileError(
+                f"{absent[0]}: missing from the adapter's tensors (layer {name!r} lacks {len(absent)} of its "
+                f"{len(keys)}); the file is incomplete"
+            )
+
+
+# What FSDP, activation checkpointing and torch.compile put in module names (never in state-dict keys)
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped(name: str) -> str:
+    for part in WRAPPER_PREFIXES:
+        name = name.replace(part, "")
+    return name
+
+
+def _owned_by(parts: list[str], adapter_name: str) -> bool:
+    """A model key of ``adapter_name``'s own tensors: ``<layer>.rosa_X.<adapter>[.weight]``,
+    ``<module>.modules_to_save.<adapter>.<param>`` or ``<module>.token_adapter.trainable_tokens_delta.<adapter>``;
+    never below a wrapped base layer or a module's original copy."""
+    if "base_layer" in parts or "original_module" in parts:
+        return False
+    for i, part in enumerate(parts[:-1]):
+        owner = part.startswith(PREFIX) or part in ("modules_to_save", "trainable_tokens_delta")
+        if owner and parts[i + 1] == adapter_name:
+            return True
+    return False
+
+
+def _adapter_layers(model, adapter_name: str) -> dict[str, list[str]]:
+    """The model keys every RoSA layer of ``adapter_name`` must be given, by layer name (a RoSA layer is found by
+    its storage, ``rosa_values``: this module does not import the layer classes)."""
+    layers = {}
+    for name, module in model.named_modules():
+        name = _unwrapped(name)
+        values = getattr(module, f"{PREFIX}values", None)
+        if not isinstance(values, torch.nn.ParameterDict) or adapter_name not in values:
+            continue
+        keys = [f"{name}.{PREFIX}{part}.{adapter_name}" for part in ("values", "row_offsets", "col_idx")]
+        if adapter_name in getattr(module, f"{PREFIX}A", {}):
+            keys += [f"{name}.{PREFIX}{part}.{adapter_name}.weight" for part in ("A", "B")]
+        layers[name] = keys
+    return layers
+
+
+def check_adapter_source(
+    path: str | os.PathLike,
+    subfolder: str | None = None,
+    config=None,
+    fetch: bool = True,
+    **hub_kwargs,
+) -> None:
+    """Everything checked before an adapter is read, wherever it is: ``check_adapter_folder`` for a local folder
+    and, for a hub id given with a ``config`` (PEFT then skips ``RosaConfig.from_pretrained``, which checks hub
+    ids otherwise) or with ``fetch``, the files fetched into the cache PEFT reads them from. ``config``: the
+    RosaConfig PEFT loads the file under (None: the folder's own). A config that ``RosaConfig.from_pretrained``
+    loaded from this very source, unchanged since, was checked then and is not checked again."""
+    load_config = None if config is None else config.to_dict()
+    source = (os.fspath(path), subfolder)
+    if config is not None and getattr(config, "_rosa_checked", None) == (*source, _fingerprint(load_config)):
+        return
+    check_adapter_folder(path, subfolder, load_config)
+    if (config is not None or fetch) and not os.path.exists(os.path.join(path, subfolder or "")):
+        folder = fetch_hub_adapter(str(path), subfolder, **hub_kwargs)
+        if folder is not None:
+            check_adapter_dir(folder, load_config)
+    if config is not None:  # PeftModel.from_pretrained, building its RosaModel next, need not check again
+        mark_checked(config, path, subfolder)
+
+
+def mark_checked(config, path: str | os.PathLike, subfolder: str | None) -> None:
+    """Record on ``config`` that it was loaded from, and checked against, this source (see
+    ``check_adapter_source``)."""
+    config._rosa_checked = (os.fspath(path), subfolder, _fingerprint(config.to_dict()))
+
+
+def _fingerprint(settings: dict) -> str:
+    """What the folder check depends on in a config (``check_adapter_keys``): not, e.g., ``inference_mode``,
+    which PEFT sets between loading the config and the weights."""
+    return repr([settings.get(key) for key in ("modules_to_save", "trainable_token_indices")])
