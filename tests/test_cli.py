@@ -88,7 +88,7 @@ def test_generic_jsonl_and_csv_with_column_mapping(tmp_path, tiny_model_dir):
         (["data.task=sql", "data.path=/nonexistent/file.jsonl"], "not found|No such file|does not exist"),
         (["train.nonsense=1"], "unknown config key 'train.nonsense'"),
         (["rosa.density=2"], "density must be a number in \\[0, 1\\]"),
-        (["train.lr=fast"], "train.lr must be a float"),
+        (["train.lr=fast"], "train.lr must be a number"),
     ],
 )
 def test_bad_input_one_clear_message_nothing_written(tmp_path, tiny_model_dir, capsys, overrides, message):

@@ -85,8 +85,11 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    # the built-in model is a plain LLaMA: no code of its folder's is ever run, and transformers never prompts
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=name, dtype=torch.float32, trust_remote_code=False
+    )
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     for key in ("_name_or_path", "_model_name_or_path"):  # the GGUF's internal run name, not a usable path

@@ -63,7 +63,7 @@ def merge_adapter_to_disk(
 
     def write(folder: Path) -> None:
         if requantize:
-            _save_requantized(merged, folder, delta_norms)
+            _save_requantized(merged, folder, delta_norms, model_section.trust_remote_code)
         else:
             merged.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
@@ -151,7 +151,9 @@ def _delta_norms(peft_model: nn.Module) -> dict[str, float]:
     return norms
 
 
-def _save_requantized(merged: nn.Module, out: Path, delta_norms: dict[str, float]) -> None:
+def _save_requantized(
+    merged: nn.Module, out: Path, delta_norms: dict[str, float], trust_remote_code: bool = False
+) -> None:
     """Quantize ``merged`` to NF4 through transformers (save, reload with the NF4 config) and save it to ``out``.
     A checkpoint of unquantized weights with a ``quantization_config`` attached would not load: transformers
     takes such a config as a promise of pre-quantized weights."""
@@ -162,7 +164,11 @@ def _save_requantized(merged: nn.Module, out: Path, delta_norms: dict[str, float
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         quantized = AutoModelForCausalLM.from_pretrained(
-            staging, quantization_config=nf4_config(), dtype=merged.dtype, device_map=str(device)
+            staging,
+            quantization_config=nf4_config(),
+            dtype=merged.dtype,
+            device_map=str(device),
+            trust_remote_code=trust_remote_code,  # the base model's own setting: never a prompt
         )
         _warn_requantization_error(merged, quantized, delta_norms)
         quantized.save_pretrained(out, safe_serialization=True)

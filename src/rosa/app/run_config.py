@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RosaConfig
+from ..config import RosaConfig, RosaConfigError
 
 
 class RunConfigError(ValueError):
@@ -28,6 +28,9 @@ class ModelSection:
     load_in_4bit: bool = False  # QRoSA: bitsandbytes NF4 with double quantization
     dtype: str = "float32"  # compute dtype of the (non-quantized) base model: float32 or bfloat16
     gradient_checkpointing: bool = False
+    # Run the Python files a model folder or hub repo ships (its config's auto_map): off unless set, and never
+    # asked interactively (transformers would otherwise prompt [y/N] and run the code on 'y').
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -87,18 +90,104 @@ class RunConfig:
     )
 
     def rosa_config(self) -> RosaConfig:
+        fixed = ("task_type", "peft_type")  # set by rosa: a causal LM adapter of type ROSA
+        known = sorted(f.name for f in dataclasses.fields(RosaConfig) if f.init and f.name not in fixed)
+        unknown = sorted(str(key) for key in self.rosa if key not in known)
+        if unknown:
+            raise RunConfigError(
+                f"unknown config key 'rosa.{unknown[0]}'; known keys here: {', '.join(known)}"
+            )
         try:
             return RosaConfig(task_type="CAUSAL_LM", **self.rosa)
+        except RosaConfigError as e:  # its messages start with the field's name
+            name = re.match(r"[a-z_]+", str(e))
+            raise RunConfigError(
+                f"rosa.{e}" if name and name.group() in known else f"rosa settings: {e}"
+            ) from None
         except TypeError as e:
-            known = sorted(f.name for f in dataclasses.fields(RosaConfig))
-            raise RunConfigError(f"rosa: {e}; known keys: {', '.join(known)}") from None
+            raise RunConfigError(f"rosa settings: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few hundred bytes; PyYAML would read any size into memory
+
+
 class RunConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats: ``2e-4`` is a float, not the string YAML 1.1 makes it."""
+    """PyYAML's safe loader with YAML 1.2's floats (``2e-4`` is a float, not the string YAML 1.1 makes it), made
+    strict: no anchors or aliases (a kilobyte of nested aliases expands to gigabytes: the "billion laughs"), no
+    duplicate keys (PyYAML keeps the last silently), and keys are strings."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "anchors and aliases (&name, *name) are not allowed in a run config",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "merge keys (<<) are not allowed in a run config", key_node.start_mark
+                    )
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"keys must be plain names, got {key_node.value!r}"[:200],
+                        key_node.start_mark,
+                    )
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}"[:200], key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own message spans several, with a snippet)."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a run config file; every problem is a RunConfigError naming the file."""
+    if not path.exists():
+        raise RunConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise RunConfigError(f"config file {path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise RunConfigError(f"{path}: {size} bytes, too large for a run config (at most {MAX_CONFIG_BYTES})")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RunConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): a run config is a YAML file"
+        ) from None
+    bad = next((i for i, c in enumerate(text) if c == "\x00"), None)
+    if bad is not None:
+        raise RunConfigError(
+            f"{path}: binary data (a NUL character at offset {bad}): a run config is a YAML file"
+        )
+    try:
+        return yaml.load(text, Loader=RunConfigLoader)
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise RunConfigError(f"{path}: nested too deeply to be a run config") from None
 
 
 # A dot or an exponent, so plain integers stay ints; PyYAML's own float rule still handles .inf and .nan.
@@ -116,10 +205,11 @@ def parse_value(text: str) -> Any:
     try:
         return yaml.load(text, Loader=RunConfigLoader)
     except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RunConfigError(
-            f"cannot read the value {text!r}: {problem} (quote it to pass a string)"
+            f"cannot read the value {text[:200]!r}: {_yaml_problem(e)} (quote it to pass a string)"
         ) from None
+    except RecursionError:
+        raise RunConfigError(f"cannot read the value {text[:200]!r}: nested too deeply") from None
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -127,12 +217,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise RunConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.load(path.read_text(), Loader=RunConfigLoader) or {}
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = _read_yaml(path)
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise RunConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides or []:
@@ -155,7 +241,7 @@ def given_keys(path: str | Path | None = None, overrides: list[str] | None = Non
             keys.append(prefix.rstrip("."))
 
     if path is not None and Path(path).is_file():
-        walk(yaml.safe_load(Path(path).read_text()) or {}, "")  # keys only: value parsing does not matter
+        walk(_read_yaml(Path(path)) or {}, "")  # keys only (the file passed load_run_config already)
     keys += [item.partition("=")[0].strip() for item in overrides or []]
     return keys
 
@@ -194,6 +280,8 @@ def _build(cls, raw: dict[str, Any], where: str):
     return config
 
 
+MAX_LR = 1.0  # an AdamW learning rate of 1 or more diverges at once; benchmarks/accuracy.py --lr uses the same bound
+MAX_STRING_LENGTH = 4096  # PATH_MAX on Linux; no name or path setting is longer
 TASKS = ("synthetic", "gsm8k", "viggo", "sql", "jsonl", "csv", "generic")
 MIN_MAX_LENGTH = 32  # shorter sequences cut most prompts before their response starts
 
@@ -228,6 +316,20 @@ def validate(run: RunConfig) -> None:
     ):
         if not math.isfinite(value) or value < 0:
             raise RunConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not 0 < t.lr < MAX_LR:
+        raise RunConfigError(
+            f"train.lr must be a learning rate in (0, {MAX_LR:g}) (AdamW; typical RoSA rates are 1e-4 to 1e-2), "
+            f"got {t.lr!r}"
+        )
+    _check_strings(run)
+    if not isinstance(run.model.name, str) or not run.model.name.strip():
+        raise RunConfigError(
+            "model.name is empty: give a hub id, a local folder or smollm2-135m (the default)"
+        )
+    if not isinstance(run.model.trust_remote_code, bool):  # None would let transformers prompt [y/N]
+        raise RunConfigError(
+            f"model.trust_remote_code must be true or false, got {_short(run.model.trust_remote_code)}"
+        )
     if not math.isfinite(t.sparse_lr_ratio) or t.sparse_lr_ratio <= 0:
         raise RunConfigError(f"train.sparse_lr_ratio must be a positive number, got {t.sparse_lr_ratio!r}")
     if run.model.dtype not in ("float32", "bfloat16"):
@@ -240,6 +342,25 @@ def validate(run: RunConfig) -> None:
         )
     if Path(run.output_dir).exists() and not Path(run.output_dir).is_dir():
         raise RunConfigError(f"output_dir {run.output_dir} is an existing file, not a folder")
+
+
+def _check_strings(run: RunConfig) -> None:
+    """No setting holds a NUL or a line break (a path with one fails deep in the OS with an unclear message; a
+    name with one would split rosa's one-line messages), nor a string longer than any path or name."""
+    sections = {name: getattr(run, name) for name in ("model", "data", "train", "eval")}
+    values = [("output_dir", run.output_dir)]
+    values += [
+        (f"{section}.{f.name}", getattr(obj, f.name))
+        for section, obj in sections.items()
+        for f in dataclasses.fields(obj)
+    ]
+    for name, value in values:
+        if not isinstance(value, str):
+            continue
+        if any(c in value for c in "\x00\n\r"):
+            raise RunConfigError(f"{name} must not hold a NUL character or a line break, got {_short(value)}")
+        if len(value) > MAX_STRING_LENGTH:
+            raise RunConfigError(f"{name} is {len(value)} characters long (at most {MAX_STRING_LENGTH})")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -256,7 +377,19 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
             raise RunConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise RunConfigError(f"{name} must be a finite number, got {_short(value)}") from None
     if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
-        raise RunConfigError(f"{name} must be a {type(current).__name__}, got {value!r}")
+        raise RunConfigError(f"{name} must be {_KINDS[type(current)]}, got {_short(value)}")
     return value
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quoting a hostile value stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"

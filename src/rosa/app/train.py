@@ -62,25 +62,44 @@ def load_model_and_tokenizer(
     section: ModelSection, for_training: bool = True, device: torch.device | str | None = None
 ):
     """A causal LM and its tokenizer from a hub id, a local path or the built-in default, on ``device``
-    (default: the CPU)."""
+    (default: the CPU). ``trust_remote_code`` is passed explicitly (``model.trust_remote_code``, false by default),
+    so transformers never prompts, and never runs a model folder's own Python files unless the user said so."""
+    import os
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from .default_model import resolve_model_path
 
     path = resolve_model_path(section.name)
+    # transformers would block forever on a FIFO in the folder (config.json, a weight file, ...)
+    if os.path.isdir(path):
+        for entry in os.scandir(path):
+            if not (entry.is_file() or entry.is_dir()):
+                raise RunError(
+                    f"model {section.name!r}: {entry.path} is not a regular file (a FIFO, socket, device or broken "
+                    "link); refusing to read the folder"
+                )
+    remote = {"trust_remote_code": section.trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **remote)
     except (OSError, ValueError) as e:
-        raise RunError(f"model {section.name!r} not found or not a transformers model: {e}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if "trust_remote_code" in str(e):
+            raise RunError(
+                f"model {section.name!r} ships its own Python code (auto_map in its config), which rosa runs only "
+                "with model.trust_remote_code=true"
+            ) from None
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise RunError(f"model {section.name!r} not found or not a transformers model: {reason}") from None
+    custom = section.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
         raise RunError(
             f"model {section.name!r} is a {config.model_type!r} model, not a causal language model"
         )
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if section.dtype not in dtypes:
         raise RunConfigError(f"model.dtype must be float32 or bfloat16, got {section.dtype!r}")
-    kwargs: dict[str, Any] = {"dtype": dtypes[section.dtype]}
+    kwargs: dict[str, Any] = {"dtype": dtypes[section.dtype], **remote}
     if section.load_in_4bit:
         from ..merge import nf4_config
 
@@ -88,7 +107,7 @@ def load_model_and_tokenizer(
     if device is not None and torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}  # 4-bit weights are quantized on the way to the GPU
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     if section.load_in_4bit and for_training:
         from peft import prepare_model_for_kbit_training
 
