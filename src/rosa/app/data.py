@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -150,16 +151,60 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise DataFileError(
             f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
         ) from None
-    if path.suffix.lower() == ".csv":
-        try:
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        except csv.Error as e:
-            raise DataFileError(f"{path}: not valid CSV ({e})") from None
-    else:
-        rows = _json_rows(path, text)
+    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _json_rows(path, text)
     if not rows:
         raise DataFileError(f"{path}: the file has no rows" + (" (it is empty)" if not text.strip() else ""))
     return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """The records of a CSV file with a header line, parsed strictly: a record with more or fewer fields than the
+    header, or a quoted field never closed, is a ``DataFileError`` naming the line and the column (Python's csv
+    module would otherwise read an unclosed quote to the end of the file as one field, or fill a short record
+    with None)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    rows: list[dict[str, Any]] = []
+    end = 0  # the last line of the previous record
+    try:
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:
+                continue  # a blank line
+            if header is None:
+                header = record
+                twice = sorted({c for c in header if header.count(c) > 1})
+                if twice:
+                    raise DataFileError(f"{path}:{start}: the header names column {twice[0]!r} twice")
+                continue
+            if len(record) != len(header):
+                raise DataFileError(
+                    f"{path}:{start}: {len(record)} field{'s' if len(record) != 1 else ''}, but the header has "
+                    f"{len(header)} "
+                    f"({', '.join(repr(c) for c in header[:8])}{', ...' if len(header) > 8 else ''})"
+                )
+            rows.append(dict(zip(header, record)))
+    except csv.Error as e:
+        raise DataFileError(_csv_error(path, text, end + 1, header, e)) from None
+    return rows
+
+
+def _csv_error(path: Path, text: str, line: int, header: list[str] | None, error: csv.Error) -> str:
+    """Where a CSV record that cannot be parsed starts and, for a quote never closed, which field opened it."""
+    lines = text.splitlines() or [""]
+    start = lines[min(line, len(lines)) - 1]
+    unclosed = "unexpected end of data" in str(error) or (
+        "field larger than field limit" in str(error) and start.count('"') % 2 == 1
+    )
+    if not unclosed:
+        return f"{path}:{line}: not valid CSV ({error})"
+    fields = next(csv.reader([start]), [""])  # read leniently, the open field is the last one
+    index = max(len(fields) - 1, 0)
+    column = f"column {index + 1}" + (f" ({header[index]!r})" if header and index < len(header) else "")
+    return (
+        f"{path}:{line}: {column}: not valid CSV: a quoted field is never closed (its opening quote runs on to "
+        "the end of the file)"
+    )
 
 
 def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
@@ -169,6 +214,8 @@ def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None
+        except RecursionError:
+            raise DataFileError(f"{path}: JSON nested too deeply to be a data file") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if isinstance(data, list):
@@ -184,6 +231,8 @@ def _json_rows(path: Path, text: str) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataFileError(f"{path}:{lineno}: JSON nested too deeply to be a row") from None
             rows.append(_check_object(row, f"{path}:{lineno}"))
     return rows
 
@@ -297,7 +346,35 @@ def format_rows(
     """Turn raw rows into examples of ``task`` after checking the needed columns exist (see ``check_columns``)."""
     fmt = get_task(task) if isinstance(task, str) else task
     check_columns(rows, fmt, column_map, source=source, column_settings=column_settings)
+    check_values(rows, fmt, column_map, source=source)
     return [fmt.format(r, column_map) for r in rows]
+
+
+def check_values(
+    rows: Sequence[Mapping[str, Any]],
+    task: str | TaskFormat,
+    column_map: Mapping[str, str] | None = None,
+    *,
+    source: str | None = None,
+) -> None:
+    """Every value a task reads is text or a finite number: a null would be trained as the text "None", an object
+    or a list as its Python repr. Raises ``DataFileError`` naming the row and column."""
+    fmt = get_task(task) if isinstance(task, str) else task
+    columns = [(column_map or {}).get(f, f) for f in fmt.fields]
+    for i, row in enumerate(rows):
+        for column in columns:
+            value = row[column]
+            if isinstance(value, str) or (isinstance(value, (int, float)) and math.isfinite(value)):
+                continue
+            kind = {type(None): "null", dict: "an object", list: "a list"}.get(
+                type(value), type(value).__name__
+            )
+            if isinstance(value, float):
+                kind = repr(value)
+            raise DataFileError(
+                f"{source or 'the rows'}: row {i + 1}, column {column!r}: {kind}, not text (it would be trained as "
+                f"{str(value)[:40]!r})"
+            )
 
 
 def load_examples(

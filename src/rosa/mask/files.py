@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,6 +61,13 @@ def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, t
     """Metadata and tensors of a mask file, without checking them against any model."""
     from safetensors import safe_open
 
+    from ..serialization import AdapterFileError, regular_file
+
+    try:
+        if not regular_file(Path(path)):
+            raise FileNotFoundError(f"mask file not found: {os.fspath(path)}")
+    except AdapterFileError as e:  # a FIFO or device would block safetensors forever
+        raise MaskFileError(str(e)) from None
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -151,6 +159,11 @@ def load_mask(
                 f"{capacity} sparse values"
             )
         supports[name] = support
+    if supports and all(support.nnz == 0 for support in supports.values()):
+        raise MaskFileError(
+            f"{where}: every layer's support is empty: not a mask (save_mask never writes one; was it saved before "
+            "the mask was chosen?)"
+        )
     if apply:
         for name, layer in layers.items():
             layer.set_support(adapter, supports[name])
