@@ -189,6 +189,11 @@ def markdown(results: dict) -> str:
             if settings.get("bf16_rounds", settings["rounds"]) != settings["rounds"]
             else ""
         )
+        + (
+            f", bf16 rows at {', '.join(map(str, settings['bf16_tokens']))} tokens"
+            if settings.get("bf16_tokens") and {r["tokens"] for r in rows} - set(settings["bf16_tokens"])
+            else ""
+        )
         + f", {settings['threads']} thread(s), sparse kernels: "
         f"{KERNELS[settings.get('sparse_kernels', 'cpu-mkl')]}; goal RoSA <= "
         f"{results['target']:.2f}x LoRA. The last two columns time the sparse ops the chosen strategy adds to the "
@@ -251,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of a bf16 row (default: --rounds; a CPU without bf16 instructions makes them the slow rows)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--bf16-tokens",
+        default=None,
+        help="comma-separated token counts of the bf16 rows (default: those of the fp32 rows)",
+    )
     parser.add_argument("--quick", action="store_true", help="4096x4096 at 512 tokens only")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--report", action="store_true", help="print the README section from the JSON")
@@ -266,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
 
     prov = provenance.provenance()
     shapes, tokens = (SHAPES[:1], TOKENS[:1]) if args.quick else (SHAPES, TOKENS)
+    bf16_tokens = [int(n) for n in args.bf16_tokens.split(",")] if args.bf16_tokens else tokens
     rows = []
     for out_features, in_features in shapes:
         for n in tokens:
             for dtype in DTYPES:
+                if dtype == "bf16" and args.bf16_tokens and n not in bf16_tokens:
+                    continue
                 rounds = args.rounds if dtype == "fp32" else (args.bf16_rounds or args.rounds)
                 row = measure(out_features, in_features, n, dtype, rounds)
                 rows.append(row)
@@ -287,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "density": DENSITY,
             "rounds": args.rounds,
             "bf16_rounds": args.bf16_rounds or args.rounds,
+            "bf16_tokens": bf16_tokens,
             "threads": torch.get_num_threads(),
             "sparse_kernels": cpu_kernels(),
         },

@@ -232,7 +232,7 @@ def test_a_bounds_checked_build_refuses_a_bad_index():
     x = torch.randn(4, 29)
     out = torch.empty(4, 37)
     values = torch.randn(bad.numel())
-    args = (x.data_ptr(), 0, 29, 1, 4, 29, values.data_ptr(), None, csr.row_offsets.data_ptr())
+    args = (x.data_ptr(), 0, 29, 1, 4, 29, values.data_ptr(), csr.row_offsets.data_ptr())
     assert lib.rosa_spmm(*args, bad.data_ptr(), 37, out.data_ptr(), 0, 8, 64, 1) == 3
     assert lib.rosa_spmm(*args, csr.col_idx.data_ptr(), 37, out.data_ptr(), 0, 8, 64, 1) == 0
 

@@ -28,7 +28,7 @@ import threading
 import warnings
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).resolve().parent / "csrc" / "rosa_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 DEBUG_FLAGS = ("-DROSA_BOUNDS_CHECK",)
@@ -135,7 +135,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.rosa_cpu_abi_version.restype = i32
     lib.rosa_cpu_bounds_checked.restype = i32
     lib.rosa_spmm.restype = i32
-    lib.rosa_spmm.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i32, i32, i64, i32]
+    lib.rosa_spmm.argtypes = [ptr, i32, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i64, i32]
     lib.rosa_sddmm.restype = i32
     lib.rosa_sddmm.argtypes = [
         ptr,

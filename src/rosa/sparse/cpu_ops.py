@@ -78,7 +78,6 @@ def _spmm(
     lib: ctypes.CDLL,
     x: torch.Tensor,
     values: torch.Tensor,
-    perm: torch.Tensor | None,
     row_offsets: torch.Tensor,
     col_idx: torch.Tensor,
     rows: int,
@@ -89,7 +88,6 @@ def _spmm(
     if tokens == 0 or rows == 0:
         return out
     values, row_offsets, col_idx = _values(values), _index(row_offsets), _index(col_idx)
-    perm = None if perm is None else _index(perm)
     rc = lib.rosa_spmm(
         _ptr(x),
         SUPPORTED[x.dtype],
@@ -98,7 +96,6 @@ def _spmm(
         tokens,
         cols,
         _ptr(values),
-        None if perm is None else _ptr(perm),
         _ptr(row_offsets),
         _ptr(col_idx),
         rows,
@@ -118,7 +115,7 @@ def spmm(
     lib = _usable(x)
     if lib is None:
         return torch_ops.spmm(x, values, row_offsets, col_idx, out_features)
-    return _spmm(lib, x, values, None, row_offsets, col_idx, out_features, "spmm")
+    return _spmm(lib, x, values, row_offsets, col_idx, out_features, "spmm")
 
 
 def spmm_t(
@@ -129,12 +126,14 @@ def spmm_t(
     t_perm: torch.Tensor,
     in_features: int,
 ) -> torch.Tensor:
-    """``dy @ S`` through the prebuilt CSR of ``S^T`` (values gathered through ``t_perm`` inside the kernel);
-    returns (tokens, in) in dy.dtype."""
+    """``dy @ S`` through the prebuilt CSR of ``S^T`` (the values gathered into its order once, through
+    ``t_perm``: a kernel gathering them itself would do it again for every panel); returns (tokens, in) in
+    dy.dtype."""
     lib = _usable(dy)
     if lib is None:
         return torch_ops.spmm_t(dy, values, t_row_offsets, t_col_idx, t_perm, in_features)
-    return _spmm(lib, dy, values, t_perm, t_row_offsets, t_col_idx, in_features, "spmm_t")
+    values_t = _values(values).index_select(0, t_perm)  # index_select: an int32 index takes no slow path
+    return _spmm(lib, dy, values_t, t_row_offsets, t_col_idx, in_features, "spmm_t")
 
 
 def sddmm(

@@ -14,8 +14,8 @@ only what differs is compared:
 and fold is chosen when ``fold_cost < spmm_cost``. The rates are per kernel set and only measured ones are used:
 on CPU, ``"cpu"`` holds the rates of rosa's own compiled kernels (:mod:`rosa.sparse.cpu_ops`) and ``"cpu-mkl"``
 those of PyTorch's MKL kernels, used when the compiled ones are unavailable or ``ROSA_SPARSE_BACKEND=torch``; both
-were fitted to ``benchmarks/sparse_ops.py`` on the 2-core development machine (see
-docs/benchmarks/sparse_ops.json). CUDA has no measured rates until ``benchmarks/gpu.py`` has been run on a GPU,
+were fitted to ``benchmarks/sparse_ops.py`` on 2-core development machines (see docs/benchmarks/sparse_ops.json
+and the comments below). CUDA has no measured rates until ``benchmarks/gpu.py`` has been run on a GPU,
 so on CUDA the rule always answers ``"spmm"``: nothing dense of size out x in is built there unless a user asks
 for ``sparse_strategy="fold"``. Other device types use the CPU rates.
 """
@@ -44,7 +44,10 @@ class CostModel:
 
 
 COST_MODELS: dict[str, CostModel] = {  # measured rates only (see the module docstring)
-    "cpu": CostModel(sparse_rate=3.0e10, stream_rate=2.5e9, fold_rate=6.9e8),
+    # rosa's own kernels: fitted by benchmarks/sparse_ops.py on the 2-core AMD EPYC machine, one thread (the fit
+    # puts the streaming cost at zero: it is not separable from the multiply-adds at these shapes)
+    "cpu": CostModel(sparse_rate=3.98e9, stream_rate=1e30, fold_rate=2.49e8),
+    # PyTorch's MKL kernels: fitted on the earlier 2-core Intel Xeon machine, two threads
     "cpu-mkl": CostModel(sparse_rate=1.5e10, stream_rate=4.8e8, fold_rate=6.9e8),
 }
 

@@ -251,11 +251,11 @@ inline void row_axpy(vec* a, const float* p, const float* values, const int32_t*
   for (int q = 0; q < NV; ++q) a[q] = part[0][q];
 }
 
-// One spmm task: rows [ra, rb) of panel t0 (p: the packed panel; values[k - kbase]: nonzero k's value; acc:
-// (rb - ra) x TB floats when there are several column blocks).
+// One spmm task: rows [ra, rb) of panel t0 (p: the packed panel; acc: (rb - ra) x TB floats when there are several
+// column blocks).
 template <int TB, typename TOut>
-void spmm_task(const float* p, const float* values, int32_t kbase, const int32_t* ci, const Segments& s, int64_t ra,
-               int64_t rb, float* acc, TOut* out, int64_t out_stride, int64_t t0, int tb) {
+void spmm_task(const float* p, const float* values, const int32_t* ci, const Segments& s, int64_t ra, int64_t rb,
+               float* acc, TOut* out, int64_t out_stride, int64_t t0, int tb) {
   constexpr int NV = TB / kLanes;
   alignas(64) float buf[kRowBlock * TB];
   for (int64_t b = 0; b < s.blocks; ++b) {
@@ -268,7 +268,7 @@ void spmm_task(const float* p, const float* values, int32_t kbase, const int32_t
         vec a[NV];
         for (int q = 0; q < NV; ++q) a[q] = b == 0 ? vec{} : vload(run + q * kLanes);
         const int32_t k0 = s.begin(r, b);
-        row_axpy<NV>(a, p, values + (k0 - kbase), ci, k0, s.end(r, b));
+        row_axpy<NV>(a, p, values + k0, ci, k0, s.end(r, b));
         float* dst = last ? buf + i * TB : run;
         for (int q = 0; q < NV; ++q) vstore(dst + q * kLanes, a[q]);
       }
@@ -278,26 +278,20 @@ void spmm_task(const float* p, const float* values, int32_t kbase, const int32_t
 }
 
 template <int TB>
-int spmm_impl(const View& x, int64_t tokens, int64_t cols, const float* values, const int32_t* perm,
-              const int32_t* ro, const int32_t* ci, int64_t rows, void* out, int out_dtype, int64_t cb,
-              int nthreads) {
+int spmm_impl(const View& x, int64_t tokens, int64_t cols, const float* values, const int32_t* ro, const int32_t* ci,
+              int64_t rows, void* out, int out_dtype, int64_t cb, int nthreads) {
   const int64_t panels = (tokens + TB - 1) / TB;
   const int64_t blocks = std::max<int64_t>(1, (cols + cb - 1) / cb);
   // Tasks: every panel, its rows cut in enough ranges to give each thread about two tasks.
   const int64_t ranges = std::max<int64_t>(1, (2 * nthreads + panels - 1) / std::max<int64_t>(panels, 1));
   const int64_t tasks = panels * ranges;
-  int64_t max_rows = 0, max_nnz = 0;  // the most any task holds
-  for (int64_t part = 0; part < ranges; ++part) {
-    const int64_t ra = row_split(ro, rows, part, ranges), rb = row_split(ro, rows, part + 1, ranges);
-    max_rows = std::max(max_rows, rb - ra);
-    max_nnz = std::max<int64_t>(max_nnz, ro[rb] - ro[ra]);
-  }
-  // Per thread: the packed panel, the rows' running sums, their segments, their values (transposed order).
+  int64_t max_rows = 0;  // the most rows any task holds
+  for (int64_t part = 0; part < ranges; ++part)
+    max_rows = std::max(max_rows, row_split(ro, rows, part + 1, ranges) - row_split(ro, rows, part, ranges));
+  // Per thread: the packed panel, the rows' running sums, their segments.
   const size_t panel_floats = size_t(std::max<int64_t>(cols, 1)) * TB;
   const size_t acc_floats = blocks > 1 ? size_t(max_rows) * TB : 0;
-  const size_t seg_words = size_t(max_rows) * size_t(blocks + 1);
-  const size_t value_floats = perm ? size_t(max_nnz) : 0;
-  const Scratch scratch(panel_floats + acc_floats + seg_words + value_floats, nthreads);
+  const Scratch scratch(panel_floats + acc_floats + size_t(max_rows) * size_t(blocks + 1), nthreads);
   if (scratch.data == nullptr) return 2;
   const int nt = threads_for(nthreads, tasks, int64_t(ro[rows]) * tokens + tokens * (rows + cols));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
@@ -310,19 +304,11 @@ int spmm_impl(const View& x, int64_t tokens, int64_t cols, const float* values, 
     float* acc = p + panel_floats;
     int32_t* seg = reinterpret_cast<int32_t*>(acc + acc_floats);
     const Segments segs = fill_segments(ro, ci, ra, rb, cb, blocks, seg);
-    const float* v = values;
-    int32_t kbase = 0;
-    if (perm) {  // the task's values in transposed order, gathered once
-      float* vt = reinterpret_cast<float*>(seg + seg_words);
-      kbase = ro[ra];
-      for (int32_t k = kbase; k < ro[rb]; ++k) vt[k - kbase] = values[perm[k]];
-      v = vt;
-    }
     pack_panel<TB>(x, t0, tb, 0, cols, p);
     if (out_dtype == kF32)
-      spmm_task<TB>(p, v, kbase, ci, segs, ra, rb, acc, static_cast<float*>(out), rows, t0, tb);
+      spmm_task<TB>(p, values, ci, segs, ra, rb, acc, static_cast<float*>(out), rows, t0, tb);
     else
-      spmm_task<TB>(p, v, kbase, ci, segs, ra, rb, acc, static_cast<uint16_t*>(out), rows, t0, tb);
+      spmm_task<TB>(p, values, ci, segs, ra, rb, acc, static_cast<uint16_t*>(out), rows, t0, tb);
   }
   return 0;
 }
@@ -461,21 +447,18 @@ int sddmm_impl(const View& dy, const View& x, int64_t tokens, int64_t rows, int6
 }
 
 #ifdef ROSA_BOUNDS_CHECK
-bool csr_ok(const int32_t* ro, const int32_t* ci, const int32_t* perm, int64_t rows, int64_t cols) {
+bool csr_ok(const int32_t* ro, const int32_t* ci, int64_t rows, int64_t cols) {
   if (ro[0] != 0) return false;
   for (int64_t r = 0; r < rows; ++r)
     if (ro[r + 1] < ro[r]) return false;
-  const int64_t nnz = ro[rows];
-  for (int64_t k = 0; k < nnz; ++k) {
+  for (int64_t k = 0; k < ro[rows]; ++k)
     if (ci[k] < 0 || ci[k] >= cols) return false;
-    if (perm && (perm[k] < 0 || perm[k] >= nnz)) return false;
-  }
   return true;
 }
-#define ROSA_CHECK_CSR(ro, ci, perm, rows, cols) \
-  if (!csr_ok(ro, ci, perm, rows, cols)) return 3;
+#define ROSA_CHECK_CSR(ro, ci, rows, cols) \
+  if (!csr_ok(ro, ci, rows, cols)) return 3;
 #else
-#define ROSA_CHECK_CSR(ro, ci, perm, rows, cols)
+#define ROSA_CHECK_CSR(ro, ci, rows, cols)
 #endif
 
 bool dtype_ok(int d) { return d == kF32 || d == kBF16; }
@@ -485,7 +468,7 @@ bool dtype_ok(int d) { return d == kF32 || d == kBF16; }
 extern "C" {
 
 // The ABI version: cpu_build.py refuses a library whose version differs from its own.
-int rosa_cpu_abi_version() { return 1; }
+int rosa_cpu_abi_version() { return 2; }
 
 int rosa_cpu_bounds_checked() {
 #ifdef ROSA_BOUNDS_CHECK
@@ -495,25 +478,26 @@ int rosa_cpu_bounds_checked() {
 #endif
 }
 
-// out (tokens x rows, row-major, out_dtype) = operand (tokens x cols) @ S^T, S rows x cols in CSR with values
-// values[perm[k]] (perm may be null: values[k]). tb: tokens per panel (8, 16, 32 or 64); cb: columns per block.
+// out (tokens x rows, row-major, out_dtype) = operand (tokens x cols) @ S^T, S rows x cols in CSR (values in CSR
+// order; the transposed product gets them gathered through the permutation by the caller, once a call).
+// tb: tokens per panel (8, 16, 32 or 64); cb: columns per block.
 // Returns 0, or 1 for a bad argument, 2 when out of memory, 3 when a bounds-checked build finds a bad index.
 int rosa_spmm(const void* x, int x_dtype, int64_t x_st, int64_t x_sc, int64_t tokens, int64_t cols,
-              const float* values, const int32_t* perm, const int32_t* ro, const int32_t* ci, int64_t rows,
-              void* out, int out_dtype, int tb, int64_t cb, int nthreads) {
+              const float* values, const int32_t* ro, const int32_t* ci, int64_t rows, void* out, int out_dtype,
+              int tb, int64_t cb, int nthreads) {
   if (!dtype_ok(x_dtype) || !dtype_ok(out_dtype) || tokens < 0 || cols < 0 || rows < 0 || cb < 1 || nthreads < 1)
     return 1;
-  ROSA_CHECK_CSR(ro, ci, perm, rows, cols)
+  ROSA_CHECK_CSR(ro, ci, rows, cols)
   const View v{x, x_dtype, x_st, x_sc};
   switch (tb) {
     case 8:
-      return spmm_impl<8>(v, tokens, cols, values, perm, ro, ci, rows, out, out_dtype, cb, nthreads);
+      return spmm_impl<8>(v, tokens, cols, values, ro, ci, rows, out, out_dtype, cb, nthreads);
     case 16:
-      return spmm_impl<16>(v, tokens, cols, values, perm, ro, ci, rows, out, out_dtype, cb, nthreads);
+      return spmm_impl<16>(v, tokens, cols, values, ro, ci, rows, out, out_dtype, cb, nthreads);
     case 32:
-      return spmm_impl<32>(v, tokens, cols, values, perm, ro, ci, rows, out, out_dtype, cb, nthreads);
+      return spmm_impl<32>(v, tokens, cols, values, ro, ci, rows, out, out_dtype, cb, nthreads);
     case 64:
-      return spmm_impl<64>(v, tokens, cols, values, perm, ro, ci, rows, out, out_dtype, cb, nthreads);
+      return spmm_impl<64>(v, tokens, cols, values, ro, ci, rows, out, out_dtype, cb, nthreads);
     default:
       return 1;
   }
@@ -525,7 +509,7 @@ int rosa_sddmm(const void* dy, int dy_dtype, int64_t dy_st, int64_t dy_sc, const
                float* out, int tb, int64_t cb, int nthreads) {
   if (!dtype_ok(dy_dtype) || !dtype_ok(x_dtype) || tokens < 0 || rows < 0 || cols < 0 || cb < 1 || nthreads < 1)
     return 1;
-  ROSA_CHECK_CSR(ro, ci, nullptr, rows, cols)
+  ROSA_CHECK_CSR(ro, ci, rows, cols)
   const View d{dy, dy_dtype, dy_st, dy_sc}, v{x, x_dtype, x_st, x_sc};
   switch (tb) {
     case 8:
