@@ -1,16 +1,18 @@
-# The two set-up commands of README.md: `make train` (the main job) and `make test`.
+# The two set-up commands of README.md: `make train` (the main job) and `make test`. Both install first, into the
+# checkout's own virtual environment .venv (scripts/setup.sh), and run from it.
 PYTHON ?= python3
+VENV ?= .venv
 
 .PHONY: setup train test lint
 
 setup:
-	PYTHON=$(PYTHON) bash scripts/setup.sh
+	PYTHON=$(PYTHON) ROSA_VENV=$(VENV) bash scripts/setup.sh
 
 train: setup
-	$(PYTHON) -m rosa.cli train
+	$(VENV)/bin/rosa train
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(VENV)/bin/python -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check .
+	$(VENV)/bin/python -m ruff check .

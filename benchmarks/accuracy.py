@@ -321,8 +321,8 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
 
     from rosa.app.batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
     from rosa.app.evaluate import evaluate_task, heldout_loss
+    from rosa.app.loading import load_model_and_tokenizer, warmup_cosine
     from rosa.app.run_config import ModelSection
-    from rosa.app.train import load_model_and_tokenizer, warmup_cosine
     from rosa.masks import collect_mask
     from rosa.model import sparse_parameter_count
     from rosa.optim import create_rosa_optimizer
@@ -805,6 +805,25 @@ def report(results: dict[str, Any], plot: Path | None) -> str:
     if plot is not None and runs:
         _plot(_each_training_once(runs), plot)
     return text
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The README's short evidence: the verdict lines, with the setting in one sentence."""
+    st, runs = results["settings"], ordered_runs(results)
+    budgets = {}  # budget name -> LoRA's params at it
+    for r in runs:
+        if r["spec"]["method"] == "lora":
+            budgets.setdefault(r["spec"]["budget"], r["params"])
+    named = "; ".join(
+        f"budget {name} = {100 * b['budget'] / b['linear_weights']:.2f}% of the linear weights (LoRA r {b['r']})"
+        for name, b in sorted(budgets.items(), key=lambda kv: list(BUDGETS).index(kv[0]))
+    )
+    return (
+        f"**{STEPS} steps** (a quarter to a half of an epoch), {st['model']}, {st['test_rows']} test rows per task, "
+        f"every method on the same batches at the same trainable budget ({named}; `benchmarks/accuracy.py`, "
+        "tables, rates and per-run commits in [docs/benchmarks.md](docs/benchmarks.md)):\n\n"
+        + _verdict(results, runs)
+    )
 
 
 def _each_training_once(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

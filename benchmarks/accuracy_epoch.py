@@ -29,7 +29,7 @@ Parts:
 - ``candidates``: RoSA's defaults, chosen on validation loss only (no test rows): 150 steps, seed 0, budget
   ``low``, both tasks, one coordinate at a time (each stage at the best value of the stages before): the fisher
   granularity (per example / per micro-batch) at the first protocol's split (rank 2), then the split (rank 0,
-  1, 2, 3 with the density filling the budget, or ``auto``: ``rosa.mask.split.plan_split``), then the sparse
+  1, 2, 3 with the density filling the budget, or ``auto``: ``rosa.split.plan_split``), then the sparse
   rate (lr / 3.5, lr, 2 lr). (The full granularity x split grid would cost four more runs per task, about
   two CPU-hours: the CPU time went to seeds.) ``lora-reference`` trains LoRA at 150 steps (validation only),
   the yardstick: a candidate's score is its validation loss over LoRA's on the same task, averaged over the
@@ -186,12 +186,12 @@ def train_once(spec: Spec) -> dict[str, Any]:
     from rosa import get_rosa_model, sparse_parameter_count
     from rosa.app.batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
     from rosa.app.evaluate import evaluate_task, heldout_loss
+    from rosa.app.loading import load_model_and_tokenizer, warmup_cosine
     from rosa.app.run_config import ModelSection
-    from rosa.app.train import load_model_and_tokenizer, warmup_cosine
-    from rosa.mask.split import plan_split
     from rosa.masks import collect_mask
     from rosa.optim import create_rosa_optimizer
     from rosa.scheduler import RosaScheduler, needs_mask_before_training
+    from rosa.split import plan_split
 
     started, cpu_started, load_before = time.perf_counter(), time.process_time(), provenance.load_average()
     train, val, test = splits(spec.task)
@@ -389,9 +389,32 @@ def chosen_defaults(results: dict[str, Any], stage: int = 3) -> dict[str, Any] |
 # ------------------------------------------------------------------------------------------------ report
 
 
+def summary(results: dict[str, Any]) -> str:
+    """The README's short evidence: the comparison and its verdict, or how far the protocol has got."""
+    st = results["settings"]
+    head = (
+        f"**One epoch** (the paper's length), {st['model']}, {st['test_rows']} test rows per task, LoRA and RoSA "
+        "on the same batches at the same rate (`benchmarks/accuracy_epoch.py`; details in "
+        "[docs/benchmarks.md](docs/benchmarks.md)):"
+    )
+    return head + "\n\n" + (_comparison(results) or _progress(results))
+
+
+def _progress(results: dict[str, Any]) -> str:
+    done = sorted(k for k, r in results["runs"].items() if "val_loss" in r)
+    return (
+        f"Not measured yet. {len(done)} run{'s' * (len(done) != 1)} of the protocol "
+        f"{'have' if len(done) != 1 else 'has'} finished ({', '.join(f'`{k}`' for k in done) or 'none'}): "
+        "RoSA's defaults are chosen on validation loss by the 150-step candidates first, and the one-epoch "
+        "comparison runs after them."
+    )
+
+
 def report(results: dict[str, Any], plot: Path | None = None) -> str:
     """The markdown the docs show: the comparison with its verdict, then the candidates (all from the JSON)."""
-    text = "\n\n".join(p for p in (_comparison(results), _candidates(results)) if p) + "\n"
+    parts = (_comparison(results), _candidates(results))
+    text = "\n\n".join(p for p in parts if p) if any(parts) else _progress(results)
+    text += "\n"
     print(text)
     if plot is not None:
         _plot(results, plot)

@@ -1,4 +1,7 @@
-"""RoSA with TRL's SFTTrainer: the same callback and optimizer as with transformers.Trainer.
+"""RoSA with TRL's SFTTrainer, the ordinary PEFT recipe: pass a RosaConfig as peft_config, nothing else.
+
+The model drives RoSA's schedule itself (LoRA warm-up, mask from 8 micro-batches, restart, re-warm-up, the sparse
+values at lr / sparse_lr_ratio) through torch's optimizer-step hooks, with the optimizer SFTTrainer builds.
 
 python examples/sft_trainer.py --steps 60
 """
@@ -7,15 +10,10 @@ from _common import load, parse_args, texts
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from rosa import RosaConfig, get_rosa_model
-from rosa.optim import create_rosa_optimizer
-from rosa.scheduler import RosaTrainerCallback
+from rosa import RosaConfig
 
 args = parse_args(__doc__)
 model, tokenizer = load(args.model)
-model = get_rosa_model(
-    model, RosaConfig(r=16, lora_alpha=32, density=0.01, mask_steps=8, task_type="CAUSAL_LM")
-)
 
 trainer = SFTTrainer(
     model=model,
@@ -23,7 +21,8 @@ trainer = SFTTrainer(
         output_dir=f"{args.out}-sft",
         max_steps=args.steps,
         per_device_train_batch_size=8,
-        warmup_steps=max(1, args.steps // 10),
+        learning_rate=2e-3,
+        warmup_steps=max(1, args.steps // 10),  # also the re-warm-up's length once the mask is fixed
         logging_steps=10,
         save_strategy="no",
         report_to=[],
@@ -32,9 +31,8 @@ trainer = SFTTrainer(
     ),
     train_dataset=Dataset.from_dict({"text": texts()}),
     processing_class=tokenizer,
-    optimizers=(create_rosa_optimizer(model, lr=2e-3, sparse_lr_ratio=3.5), None),
-    callbacks=[RosaTrainerCallback()],
+    peft_config=RosaConfig(r=16, lora_alpha=32, density=0.01, mask_steps=8, task_type="CAUSAL_LM"),
 )
 trainer.train()
-model.save_pretrained(args.out)
+trainer.model.save_pretrained(args.out)
 print(f"adapter saved to {args.out}")

@@ -4,7 +4,6 @@ says what to do, or handled the way PEFT's LoRA handles it."""
 from __future__ import annotations
 
 import io
-import warnings
 from contextlib import redirect_stdout
 
 import pytest
@@ -15,8 +14,8 @@ from transformers import Trainer, TrainingArguments
 
 import rosa
 from rosa import AdapterFileError, RosaConfig, RosaConfigError
-from rosa.masks import MaskError, collect_mask, mask_layers
-from rosa.scheduler import RosaScheduler, RosaTrainerCallback
+from rosa.masks import mask_layers
+from rosa.scheduler import RosaTrainerCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,12 +28,6 @@ def test_sparse_only_with_a_lora_warmup_is_refused_at_once():
     with pytest.raises(RosaConfigError, match=r"r=0 .* warmup_steps=2 would train nothing"):
         _config(r=0, warmup_steps=2)
     _config(r=0, warmup_steps=0)  # fine: the mask is scored before the first step
-
-
-def test_sparse_only_schedule_without_a_mask_says_how_to_get_one():
-    model = rosa.get_rosa_model(word_llama(0), _config(r=0))
-    with pytest.raises(MaskError, match="score the mask before training"):
-        RosaScheduler(model)
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian"])
@@ -75,22 +68,27 @@ def test_fan_in_fan_out_that_disagrees_with_the_layer_is_corrected_with_a_warnin
     assert torch.equal(logits_of(plain, ids), logits_of(wrong, ids))
 
 
-def test_printed_trainable_parameters_are_the_budget_not_the_allocation():
-    """Global allocation allocates up to twice each layer's budget (the budget moves between layers): what
-    trains is the budget, and that is what print_trainable_parameters reports."""
-    layer_model = rosa.get_rosa_model(word_llama(0), _config())
-    global_model = rosa.get_rosa_model(word_llama(0), _config(mask_allocation="global"))
-    counts = [m.get_nb_trainable_parameters() for m in (layer_model, global_model)]
+def test_printed_trainable_parameters_are_the_same_whoever_wraps_the_model():
+    """get_peft_model and rosa.get_rosa_model give the same PeftModel (no per-instance patching): with per-layer
+    allocation the count is LoRA plus the sparse budget; with global allocation PEFT counts every allocated
+    value (up to global_capacity_factor times a layer's budget), which rosa.sparse_parameter_count sets apart."""
+    counts = []
+    for wrap in (rosa.get_rosa_model, get_peft_model):
+        counts.append(wrap(word_llama(0), _config()).get_nb_trainable_parameters())
     assert counts[0] == counts[1]
-    lora = sum(p.numel() for n, p in layer_model.named_parameters() if ".rosa_A." in n or ".rosa_B." in n)
+    model = rosa.get_rosa_model(word_llama(0), _config())
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".rosa_A." in n or ".rosa_B." in n)
     budget = sum(
-        round(0.05 * layer.out_features * layer.in_features) for layer in mask_layers(layer_model).values()
+        round(0.05 * layer.out_features * layer.in_features) for layer in mask_layers(model).values()
     )
     assert counts[0][0] == lora + budget
     out = io.StringIO()
     with redirect_stdout(out):
-        global_model.print_trainable_parameters()
+        model.print_trainable_parameters()
     assert f"trainable params: {lora + budget:,d}" in out.getvalue()
+    global_model = rosa.get_rosa_model(word_llama(0), _config(mask_allocation="global"))
+    capacity = rosa.sparse_parameter_count(global_model)["sparse_capacity"]
+    assert capacity > budget and global_model.get_nb_trainable_parameters()[0] == lora + capacity
 
 
 def _trainer(model, tmp_path, callbacks):
@@ -108,42 +106,14 @@ def _trainer(model, tmp_path, callbacks):
     return Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=callbacks)
 
 
-def _schedule_warnings(record) -> list:
-    return [w for w in record if "no schedule to choose one" in str(w.message)]
-
-
-def test_trainer_without_the_callback_warns_once_with_the_fix(tmp_path):
-    model = rosa.get_rosa_model(word_llama(0), _config(warmup_steps=1, mask_steps=1))
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        _trainer(model, tmp_path, []).train()
-    found = _schedule_warnings(record)
-    assert len(found) == 1 and "callbacks=[rosa.scheduler.RosaTrainerCallback()]" in str(found[0].message)
-    model = rosa.get_rosa_model(word_llama(0), _config(warmup_steps=1, mask_steps=1))
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        _trainer(model, tmp_path, [RosaTrainerCallback()]).train()
-    assert not _schedule_warnings(record)
-
-
-def test_no_schedule_warning_for_a_mask_collected_before_training():
-    model = rosa.get_rosa_model(word_llama(0), _config())
-    ids = sample_ids()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        model.train()
-        collect_mask(model, [{"input_ids": ids, "labels": ids}])
-        model(input_ids=ids, labels=ids).loss.backward()
-    assert not _schedule_warnings(record)
-
-
 def test_trainer_callback_scores_a_sparse_only_mask_from_the_first_batches(tmp_path):
     model = rosa.get_rosa_model(word_llama(0), _config(r=0, mask_steps=2))
     values = [layer.rosa_values["default"] for layer in mask_layers(model).values()]
     before = [v.detach().clone() for v in values]
     callback = RosaTrainerCallback()
     _trainer(model, tmp_path, [callback]).train()
-    assert callback.scheduler.events[0]["event"] == "mask_present"
+    fixed = [e for e in callback.scheduler.events if e["event"] == "mask_fixed"]
+    assert [e["optimizer_step"] for e in fixed] == [0]  # scored on the first batches, before any step
     assert all(layer.nnz("default") > 0 for layer in mask_layers(model).values())
     assert any(not torch.equal(v, b) for v, b in zip(values, before))
 

@@ -201,14 +201,14 @@ def test_resume_in_the_middle_of_the_rewarmup_reaches_the_same_adapter(tmp_path,
 
 def test_two_run_recipe_from_the_command_line(tmp_path, tiny_model_dir):
     """`rosa mask --out m` then `rosa train train.mask_path=m`: the second run starts from that mask at step 0
-    (no warm-up, no collection) and trains the sparse values at lr / train.sparse_lr_ratio."""
+    (no warm-up, no collection) and trains the sparse values at lr / rosa.sparse_lr_ratio."""
     mask = tmp_path / "mask.safetensors"
     model = f"model.name={tiny_model_dir}"
     assert main(["mask", "-q", model, *FAST, "--out", str(mask)]) == 0
-    code, out = cli_train(tmp_path, tiny_model_dir, f"train.mask_path={mask}", "train.sparse_lr_ratio=4")
+    code, out = cli_train(tmp_path, tiny_model_dir, f"train.mask_path={mask}", "rosa.sparse_lr_ratio=4")
     assert code == 0
     events = json.loads((out / "results.json").read_text())["schedule_events"]
-    assert [e["event"] for e in events] == ["mask_loaded"]
+    assert [e["event"] for e in events] == ["schedule_started", "mask_loaded"]
     saved = load_file(mask)
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     col_keys = [k for k in adapter if k.endswith("rosa_col_idx")]
@@ -220,6 +220,19 @@ def test_two_run_recipe_from_the_command_line(tmp_path, tiny_model_dir):
     ]
     rates = {g["name"]: g["initial_lr"] for g in groups}
     assert rates["rosa_sparse"] == pytest.approx(rates["rosa_lora"] / 4)
+
+
+def test_a_mask_of_another_density_is_refused(tmp_path, tiny_model_dir, capsys):
+    mask = tmp_path / "mask.safetensors"
+    assert main(["mask", "-q", f"model.name={tiny_model_dir}", *FAST, "--out", str(mask)]) == 0
+    code, _ = cli_train(tmp_path, tiny_model_dir, f"train.mask_path={mask}", "rosa.density=0.1")
+    err = capsys.readouterr().err
+    assert code == 2 and "set the density the mask was scored at (about 0.05" in err, err
+
+
+def test_a_moved_setting_says_where_it_went(tmp_path, tiny_model_dir, capsys):
+    code, _ = cli_train(tmp_path, tiny_model_dir, "train.sparse_lr_ratio=4")
+    assert code == 2 and "train.sparse_lr_ratio is now rosa.sparse_lr_ratio" in capsys.readouterr().err
 
 
 def test_a_missing_mask_file_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, capsys):

@@ -230,6 +230,7 @@ RUN_ARGS = [
     "data.max_length=64",
     "train.steps=8",
     "train.save_every=2",
+    "train.keep_checkpoints=5",  # step-4 stays for the resume test (the last step is a checkpoint too)
     "train.log_every=1",
     "eval.limit=5",
     "eval.max_new_tokens=4",
@@ -301,8 +302,12 @@ def test_rosa_train_under_torchrun_or_accelerate_matches_one_process(cli_runs, l
 
 
 def test_rosa_train_under_torchrun_writes_once_and_merges_the_evaluation(cli_runs):
-    log = [json.loads(line) for line in (cli_runs["ddp"] / "log.jsonl").read_text().splitlines()]
-    single = [json.loads(line) for line in (cli_runs["single"] / "log.jsonl").read_text().splitlines()]
+    log, single = (
+        [json.loads(line) for line in (cli_runs[name] / "log.jsonl").read_text().splitlines()]
+        for name in ("ddp", "single")
+    )
+    assert [r for r in log if "event" in r] == [r for r in single if "event" in r]  # the schedule's events
+    log, single = ([r for r in lines if "loss" in r] for lines in (log, single))
     assert [r["step"] for r in log] == list(range(1, 9))  # one line per step: rank 0 alone writes
     for mine, ref in zip(log, single):  # the loss is the global token mean, as in one process
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-4)
@@ -329,8 +334,7 @@ def test_resume_with_another_process_count_is_refused(cli_runs, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(cli_runs["ddp"], run)
-    (run / "results.json").unlink()  # as if stopped before the end (a finished run is refused first)
-    done = _rosa(["train", "-q", "--resume", f"output_dir={run}"], None)
+    done = _rosa(["train", "-q", "--resume", f"output_dir={run}", "train.steps=10"], None)  # extended
     assert done.returncode == 2
     assert "written by a run of 2 process(es)" in done.stderr, done.stderr[-2000:]
     assert (run / "adapter").exists() and (run / "checkpoints").exists()  # nothing lost

@@ -8,6 +8,7 @@ logits is checked to be far above that tolerance, so a wrong or missing adapter 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -69,6 +70,10 @@ def test_saved_adapter_is_written_again_unchanged(tmp_path):
     )
     # target_modules is a set in memory: PEFT writes it in no fixed order
     assert set(written.pop("target_modules")) == set(kept.pop("target_modules"))
+    # fields added since the fixture was written appear with their defaults, which is what the old file means
+    defaults = {f.name: f.default for f in dataclasses.fields(rosa.RosaConfig)}
+    added = {k: written.pop(k) for k in set(written) - set(kept)}
+    assert added == {k: defaults[k] for k in added}
     assert written == kept
 
 

@@ -39,9 +39,9 @@ from transformers import BitsAndBytesConfig  # noqa: E402
 
 import rosa  # noqa: E402
 from rosa import RosaConfig  # noqa: E402
+from rosa.app.loading import load_model_and_tokenizer  # noqa: E402
 from rosa.app.merge import merge_adapter_to_disk  # noqa: E402
 from rosa.app.run_config import ModelSection  # noqa: E402
-from rosa.app.train import load_model_and_tokenizer  # noqa: E402
 from rosa.mask import mask_layers  # noqa: E402
 from rosa.masks import collect_mask, layer_budget  # noqa: E402
 from rosa.merge import dequantized_weight, merge_to_dense  # noqa: E402
@@ -381,7 +381,7 @@ def test_mask_collection_on_a_4bit_model(base_dir):
     before = packed_bytes(model)
     batches = [{"input_ids": sample_ids(seed=s), "labels": sample_ids(seed=s)} for s in range(2)]
 
-    # brute force: G = dY^T X per batch from the layer outputs' gradients, fisher = mean of G^2
+    # brute force: G_i = dY_i^T X_i per example from the layer outputs' gradients, fisher = mean of G_i^2
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     handles = [
         layer.register_forward_hook(lambda m, i, o, name=name: calls.append((name, i[0].detach(), o)))
@@ -394,8 +394,8 @@ def test_mask_collection_on_a_4bit_model(base_dir):
         loss = model(**batch).loss
         grads = torch.autograd.grad(loss, [out for _, _, out in calls])
         for (name, x, _), dy in zip(calls, grads):
-            g = dy.reshape(-1, dy.shape[-1]).double().t() @ x.reshape(-1, x.shape[-1]).double()
-            fisher[name] = fisher[name] + g.square() / len(batches)
+            g = torch.einsum("bto,bti->boi", dy.double(), x.double())
+            fisher[name] = fisher[name] + g.square().sum(0) / (len(batches) * len(g))
     for handle in handles:
         handle.remove()
     calls.clear()

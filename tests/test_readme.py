@@ -1,11 +1,13 @@
-"""README.md's benchmark sections are exactly what benchmarks/report.py renders from docs/benchmarks/*.json.
+"""The generated sections of README.md (the evidence) and docs/benchmarks.md (every table) are exactly what
+benchmarks/report.py renders from docs/benchmarks/*.json.
 
-When this fails after a benchmark rewrote its JSON, run ``python benchmarks/report.py`` and commit the README
+When this fails after a benchmark rewrote its JSON, run ``python benchmarks/report.py`` and commit the documents
 with the JSON; never edit a generated section by hand.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,28 +23,37 @@ def report():
     return load_benchmark("report")
 
 
-def test_every_marker_pair_is_present_and_well_formed(report):
-    found = report.sections_in((ROOT / "README.md").read_text())
-    assert sorted(name for name, _, _ in found) == sorted(s.name for s in report.SECTIONS)
+@pytest.fixture(params=["README.md", "docs/benchmarks.md"])
+def document(request):
+    return request.param
+
+
+def test_every_marker_pair_is_present_and_well_formed(report, document):
+    found = report.sections_in((ROOT / document).read_text(), document)
+    assert sorted(name for name, _, _ in found) == sorted(
+        s.name for s in report.SECTIONS if s.document == document
+    )
     for _, start, end in found:
         assert start <= end
 
 
-def test_readme_is_what_the_jsons_give(report):
-    current = (ROOT / "README.md").read_text()
-    expected = report.regenerate(current)
+def test_the_documents_are_what_the_jsons_give(report, document):
+    current = (ROOT / document).read_text()
+    expected = report.regenerate(current, document)
     assert current == expected, (
-        "README.md differs from what docs/benchmarks/*.json give: run `python benchmarks/report.py`.\n"
-        + report.diff(current, expected)
+        f"{document} differs from what docs/benchmarks/*.json give: run `python benchmarks/report.py`.\n"
+        + report.diff(current, expected, document)
     )
 
 
-def _readme(report, body: dict[str, str] | None = None, skip: str = "") -> str:
+def _doc(
+    report, document: str = "docs/benchmarks.md", body: dict[str, str] | None = None, skip: str = ""
+) -> str:
     body = body or {}
     return "intro\n" + "".join(
         f"<!-- generated: {s.name} -->\n{body.get(s.name, 'old')}\n<!-- /generated: {s.name} -->\nprose\n"
         for s in report.SECTIONS
-        if s.name != skip
+        if s.name != skip and s.document == document
     )
 
 
@@ -58,36 +69,58 @@ def _readme(report, body: dict[str, str] | None = None, skip: str = "") -> str:
 )
 def test_malformed_markers_are_refused(report, mutate, message):
     with pytest.raises(report.MarkerError, match=message):
-        report.sections_in(mutate(_readme(report)))
+        report.sections_in(mutate(_doc(report)))
 
 
 def test_a_missing_section_is_refused(report):
     with pytest.raises(report.MarkerError, match="lacks the generated sections gpu"):
-        report.sections_in(_readme(report, skip="gpu"))
+        report.sections_in(_doc(report, skip="gpu"))
 
 
-def test_a_missing_json_renders_a_not_run_line_and_nothing_else(report, tmp_path):
+def test_a_missing_json_renders_a_not_run_line_and_nothing_else(report, tmp_path, document):
     """With no JSON at all, every section says its benchmark has not been run, and only the generated text
     changes: the prose around the markers is kept byte for byte."""
-    text = report.regenerate(_readme(report), results_dir=tmp_path)
-    assert text == _readme(report, {s.name: report.wrap(s.not_run) for s in report.SECTIONS})
-    assert report.regenerate(text, results_dir=tmp_path) == text  # idempotent
+    text = report.regenerate(_doc(report, document), document, results_dir=tmp_path)
+    by_name = {s.name: report.wrap(s.not_run) for s in report.SECTIONS}
+    assert text == _doc(report, document, by_name)
+    assert report.regenerate(text, document, results_dir=tmp_path) == text  # idempotent
+
+
+def test_a_section_is_refused_in_the_other_document(report):
+    with pytest.raises(report.MarkerError, match=r"unknown generated section '\w+' in README\.md"):
+        report.sections_in(_doc(report, "README.md") + _doc(report, skip="evidence"), "README.md")
 
 
 def test_check_exits_1_with_a_diff_and_rewriting_fixes_it(report, tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()
     shutil.copy(ROOT / "docs" / "benchmarks" / "adapter_size.json", results)
-    readme = tmp_path / "README.md"
-    readme.write_text(_readme(report))
-    args = ["--readme", str(readme), "--results", str(results)]
+    (tmp_path / "docs").mkdir()
+    for document in report.DOCUMENTS:
+        (tmp_path / document).write_text(_doc(report, document))
+    args = ["--root", str(tmp_path), "--results", str(results)]
     assert report.main(["--check", *args]) == 1
     out = capsys.readouterr().out
     assert "-old" in out and "+**Adapter files**" in out
-    assert readme.read_text() == _readme(report)  # --check changes nothing
+    assert (tmp_path / "docs/benchmarks.md").read_text() == _doc(report)  # --check changes nothing
     assert report.main(args) == 0
     assert report.main(["--check", *args]) == 0
-    assert "| PEFT LoRA r 18 (matched count) | 5,495,040 | 22.0 MB |" in readme.read_text()
+    assert (
+        "| PEFT LoRA r 18 (matched count) | 5,495,040 | 22.0 MB |"
+        in (tmp_path / "docs/benchmarks.md").read_text()
+    )
+
+
+def test_no_machine_path_reaches_a_document(report, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    data = json.loads((ROOT / "docs" / "benchmarks" / "adapter_size.json").read_text())
+    data["provenance"]["command"] = (
+        "python benchmarks/adapter_size.py --out /home/someone/rosa/docs/benchmarks/a.json"
+    )
+    (results / "adapter_size.json").write_text(json.dumps(data))
+    text = report.render(next(s for s in report.SECTIONS if s.name == "adapter_size"), results)
+    assert "/home/someone" not in text and "--out docs/benchmarks/a.json" in text
 
 
 def test_wrapping_keeps_tables_and_code_spans_whole(report):

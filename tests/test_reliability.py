@@ -32,7 +32,7 @@ from rosa.cli import main
         ("train.keep_checkpoints=0", "train.keep_checkpoints must be an integer >= 1"),
         ("data.max_length=4", "data.max_length must be an integer >= 32"),
         ("eval.batch_size=0", "eval.batch_size must be an integer >= 1"),
-        ("train.sparse_lr_ratio=0", "train.sparse_lr_ratio must be a positive number"),
+        ("rosa.sparse_lr_ratio=0", "sparse_lr_ratio must be a number in (0, 1e6]"),
         ("data.task=poems", "data.task must be one of"),
         ("data.task=jsonl", "data.task=jsonl reads a file: set data.path"),
     ],
@@ -116,16 +116,21 @@ def test_interrupt_then_resume_reaches_the_same_adapter(tmp_path, tiny_model_dir
     assert steps == sorted(set(steps)) or len(steps) >= 40  # no step logged twice before the checkpoint
 
 
-def test_resume_refuses_changed_settings_and_finished_runs(tmp_path, tiny_model_dir, capsys):
+def test_resume_refuses_changed_settings_and_extends_finished_runs(tmp_path, tiny_model_dir, capsys):
     code, out = cli_train(tmp_path, tiny_model_dir)
     assert code == 0
     base = ["train", "-q", f"model.name={tiny_model_dir}", f"output_dir={out}", "--resume"]
     assert main(base) == 2
-    assert "has finished" in capsys.readouterr().err
-    (out / "results.json").unlink()
-    assert main([*base, "train.steps=9"]) == 2
-    err = capsys.readouterr().err
-    assert "train.steps was 4, given 9" in err
+    assert "has finished its 4 steps; give a larger train.steps" in capsys.readouterr().err
+    assert main([*base, "train.lr=0.5"]) == 2
+    assert "train.lr was" in capsys.readouterr().err
+    assert main([*base, "train.steps=3"]) == 2
+    assert "train.steps=3 is fewer than the run's 4" in capsys.readouterr().err
+    assert main([*base, "train.steps=6"]) == 0  # a finished run extended from its last checkpoint
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 6
+    steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # no step logged twice
 
 
 # --- plain LoRA through the schedule ------------------------------------------------------------------------
@@ -135,7 +140,7 @@ def test_density_zero_trains_plain_lora_through_the_schedule(tmp_path, tiny_mode
     code, out = cli_train(tmp_path, tiny_model_dir, "rosa.density=0")
     assert code == 0
     events = json.loads((out / "results.json").read_text())["schedule_events"]
-    assert [e["event"] for e in events] == ["no_sparse_budget"]
+    assert [e["event"] for e in events] == ["schedule_started", "no_sparse_budget"]
     assert not (out / "mask.safetensors").exists()
 
 

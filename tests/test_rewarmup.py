@@ -1,6 +1,8 @@
 """The fresh learning-rate warm-up of what starts when the mask is fixed mid-run (RosaConfig.rewarmup_steps):
 the update it applies, step by step, against a plain SGD step at the expected rate; under an LR scheduler, under
-transformers.Trainer, and across a resume in the middle of the ramp (plain loop and Trainer checkpoints)."""
+transformers.Trainer (its own optimizer, where the schedule also applies the sparse rate), and across a resume in
+the middle of the ramp (plain loop and Trainer checkpoints). The schedule scales updates, never the optimizer's
+rates: outside and inside ``optimizer.step()`` the groups hold the LR scheduler's own values."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from helpers import TokenData, lora_weights, make_batches, rosa_config, sparse_values, wrap_rosa
 from tiny_models import tiny_llama
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import rosa
 from rosa.masks import MaskError
@@ -25,6 +27,21 @@ def _optimizer(model, optimizer_cls=torch.optim.SGD, **kw):
     return create_rosa_optimizer(model, optimizer_cls, **kw)
 
 
+def _measured_rate(before: torch.Tensor, after: torch.Tensor, grad: torch.Tensor) -> float:
+    """The rate a plain SGD step used: ``(before - after) . g / g . g``."""
+    g = grad.flatten()
+    return float((before - after).flatten() @ g / (g @ g))
+
+
+def _rates(params, before, grads) -> float:
+    rates = [
+        _measured_rate(before[id(p)], p.detach(), grads[id(p)])
+        for p in params
+        if grads[id(p)].abs().sum() > 0
+    ]
+    return sum(rates) / len(rates)
+
+
 @pytest.mark.parametrize("restart", [True, False])
 def test_each_step_after_the_mask_moves_at_the_ramped_rate(restart):
     """SGD: the update is -rate * grad, so the rate each parameter really used is measured exactly."""
@@ -33,43 +50,39 @@ def test_each_step_after_the_mask_moves_at_the_ramped_rate(restart):
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - 0.05 * step)
     cfg = rosa_config(warmup_steps=2, mask_steps=1, restart_after_mask=restart, rewarmup_steps=4)
     sched = RosaScheduler(model, cfg)
-    batches = make_batches(9)
-    used = []  # per step after the mask: (rate of A/B, rate of the sparse values) as measured
-    for step, batch in enumerate(batches):
+    used = []  # per step after the mask: (step, rate of B, rate of the sparse values, the groups' rates)
+    for step, batch in enumerate(make_batches(9)):
         model(**batch).loss.backward()
-        before = {id(p): p.detach().clone() for p in lora_weights(model) + sparse_values(model)}
-        grads = {
-            id(p): p.grad.clone() for p in lora_weights(model) + sparse_values(model) if p.grad is not None
-        }
+        params = lora_weights(model) + sparse_values(model)
+        before = {id(p): p.detach().clone() for p in params}
+        grads = {id(p): p.grad.clone() for p in params if p.grad is not None}
         scheduled = {g["name"]: g["lr"] for g in opt.param_groups}
-        opt.step()
-        if sched.phase == JOINT:
-            rates = []
+        opt.step()  # the schedule advances inside: the mask is fixed at the end of step 2 (3 steps done)
+        assert {g["name"]: g["lr"] for g in opt.param_groups} == scheduled  # rates untouched
+        if sched.mask_fixed_step is not None and step >= sched.mask_fixed_step:
             # B, not A: right after a restart B = 0, so A's gradient (and step) is too small to measure in fp32
-            for params in (lora_weights(model)[1::2], sparse_values(model)):
-                ratio = [
-                    ((before[id(p)] - p.detach()).flatten() @ grads[id(p)].flatten())
-                    / (grads[id(p)].flatten() @ grads[id(p)].flatten())
-                    for p in params
-                    if grads[id(p)].abs().sum() > 0
-                ]
-                rates.append(float(torch.stack(ratio).mean()))
-            used.append((step, rates, scheduled))
+            used.append(
+                (
+                    step,
+                    _rates(lora_weights(model)[1::2], before, grads),
+                    _rates(sparse_values(model), before, grads),
+                    scheduled,
+                )
+            )
         lr_sched.step()
         opt.zero_grad(set_to_none=True)
-        sched.step(opt)
-        # outside optimizer.step() the groups hold the LR scheduler's own rates
+        sched.step(opt)  # optional now: acknowledged, not a second step
         assert [g["lr"] for g in opt.param_groups] == lr_sched.get_last_lr()
-    assert sched.mask_fixed_step == 3
+    assert sched.mask_fixed_step == 3 and sched.optimizer_steps == 9
     fixed = next(e for e in sched.events if e["event"] == "mask_fixed")
     assert fixed["rewarmup"] == 4
-    for k, (step, (lora_rate, sparse_rate), scheduled) in enumerate(used):
+    assert [u[0] for u in used] == list(range(3, 9))
+    for k, (step, lora_rate, sparse_rate, scheduled) in enumerate(used):
         factor = min(1.0, (k + 1) / 4)
-        assert step == 3 + k
-        assert sparse_rate == pytest.approx(scheduled[SPARSE_GROUP] * factor, rel=1e-4)
+        assert sparse_rate == pytest.approx(scheduled[SPARSE_GROUP] * factor, rel=1e-4), step
         lora_factor = factor if restart else 1.0  # without restart A and B simply go on
-        assert lora_rate == pytest.approx(scheduled[LORA_GROUP] * lora_factor, rel=1e-4)
-    assert sched._ramp is None  # the hooks are gone once the ramp is over
+        assert lora_rate == pytest.approx(scheduled[LORA_GROUP] * lora_factor, rel=1e-4), step
+    assert sched.lr_factor == 1.0
 
 
 def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
@@ -81,7 +94,7 @@ def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
         opt.step()
         opt.zero_grad()
         sched.step(opt)
-    assert sched.mask_fixed_step == 2 and sched._ramp is None and sched.lr_factor == 1.0
+    assert sched.mask_fixed_step == 2 and sched.lr_factor == 1.0
     # a data-free mask fixed before any step: the run's own LR warm-up covers it
     model = wrap_rosa(tiny_llama())
     sched = RosaScheduler(model, rosa_config(warmup_steps=0, mask_method="random", rewarmup_steps=5))
@@ -139,8 +152,8 @@ def test_plain_loop_resume_reaches_the_same_adapter(stop):
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-7, msg=name)
 
 
-def _trainer(model, out, max_steps, callback, **kw):
-    opt = create_rosa_optimizer(model, lr=1e-2, sparse_lr_ratio=3.5)
+def _trainer(model, out, max_steps, callback, own_optimizer=False, **kw):
+    opt = None if own_optimizer else create_rosa_optimizer(model, lr=1e-2, sparse_lr_ratio=3.5)
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
@@ -174,34 +187,45 @@ def _peft_rosa(adapter_seed=0):
 
 
 def test_trainer_puts_the_sparse_values_under_trainers_warmup_after_the_mask(tmp_path):
+    """Trainer's own SGD (no rosa groups): the sparse values move at lr / 3.5 times the ramp, B at the ramp."""
     model = _peft_rosa()
     callback = RosaTrainerCallback()
-    trainer = _trainer(model, tmp_path, 8, callback, save_strategy="no")
-    seen = []
+    trainer = _trainer(model, tmp_path, 8, callback, save_strategy="no", optim="sgd", own_optimizer=True)
+    steps = []
 
-    def spy(
-        optimizer, args, kwargs
-    ):  # registered first: runs before the ramp's pre-hook, sees the plain rate
-        seen.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+    def before_step(optimizer, args, kwargs):  # runs after rosa's global pre-hook: sees the plain state
+        params = lora_weights(model)[1::2] + sparse_values(model)
+        steps.append(
+            {
+                "lr": optimizer.param_groups[0]["lr"],
+                "before": {id(p): p.detach().clone() for p in params},
+                "grads": {id(p): p.grad.clone() for p in params if p.grad is not None},
+            }
+        )
 
-    applied = []
+    class Measure(TrainerCallback):  # after the whole step, rosa's global post-hook included
+        def on_step_end(self, args, state, control, **kwargs):
+            last = steps[-1]
+            if (
+                callback.scheduler.mask_fixed_step is not None
+                and state.global_step > callback.scheduler.mask_fixed_step
+            ):
+                last["b"] = _rates(lora_weights(model)[1::2], last["before"], last["grads"])
+                last["values"] = _rates(sparse_values(model), last["before"], last["grads"])
 
-    def after(optimizer, args, kwargs):  # registered first: runs before the ramp's post-hook, sees its rate
-        applied.append({g["name"]: g["lr"] for g in optimizer.param_groups})
-
-    opt = trainer.optimizer
-    opt.register_step_pre_hook(spy)
-    opt.register_step_post_hook(after)
+    trainer.add_callback(Measure())
+    trainer.create_optimizer_and_scheduler(num_training_steps=8)
+    trainer.optimizer.register_step_pre_hook(before_step)
     trainer.train()
     sched = callback.scheduler
     assert sched.rewarmup_steps == 3  # Trainer's own warm-up
     assert sched.mask_fixed_step == 4  # 2 LoRA-only steps + 2 collection micro-batches (one per step)
-    for step in range(8):
-        k = step - sched.mask_fixed_step
-        factor = min(1.0, (k + 1) / 3) if k >= 0 else 1.0
-        for name in (LORA_GROUP, SPARSE_GROUP):
-            assert applied[step][name] == pytest.approx(seen[step][name] * factor), (step, name)
-    assert seen[4][SPARSE_GROUP] == pytest.approx(seen[4][LORA_GROUP] / 3.5)
+    measured = [s for s in steps if "values" in s]
+    assert len(measured) == 4
+    for k, step in enumerate(measured):
+        factor = min(1.0, (k + 1) / 3)
+        assert step["b"] == pytest.approx(step["lr"] * factor, rel=1e-4), k
+        assert step["values"] == pytest.approx(step["lr"] * factor / 3.5, rel=1e-4), k
 
 
 @pytest.mark.parametrize("resume_at", [2, 6])  # 2: before the mask (snapshot); 6: in the middle of the ramp

@@ -72,7 +72,7 @@ def test_values_stay_frozen_until_the_mask_then_train():
 
     train_loop(model, sched, optimizer, make_batches(8), on_step=check)
     assert phases == [WARMUP] * 3 + [COLLECT] * 2 + [JOINT] * 3
-    assert [(e["event"], e["optimizer_step"]) for e in sched.events] == [
+    assert [(e["event"], e["optimizer_step"]) for e in sched.events if e["event"] != "schedule_started"] == [
         ("collect_start", 3),
         ("group_done", 5),
         ("mask_fixed", 5),
@@ -160,7 +160,7 @@ def test_data_free_method_fixes_the_mask_at_the_end_of_warmup():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = RosaScheduler(model, rosa_config(warmup_steps=2, mask_method="magnitude"))
     train_loop(model, sched, optimizer, make_batches(3))
-    assert [(e["event"], e["optimizer_step"]) for e in sched.events] == [
+    assert [(e["event"], e["optimizer_step"]) for e in sched.events if e["event"] != "schedule_started"] == [
         ("collect_start", 2),
         ("mask_fixed", 2),
     ]
@@ -255,7 +255,7 @@ def test_trainer_end_to_end(tmp_path):
     trainer.train()
     sched = callback.scheduler
     # warm-up: 4 optimizer steps; collection: 4 micro-batches = 2 optimizer steps (2 micro-batches each)
-    assert [(e["event"], e["optimizer_step"]) for e in sched.events] == [
+    assert [(e["event"], e["optimizer_step"]) for e in sched.events if e["event"] != "schedule_started"] == [
         ("collect_start", 4),
         ("group_done", 6),
         ("mask_fixed", 6),
@@ -271,3 +271,14 @@ def test_trainer_end_to_end(tmp_path):
     assert len(losses) == 30
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.3, (first, last)
+
+
+def test_the_callback_takes_the_schedules_own_options_and_refuses_others():
+    from rosa.schedule.core import DRIVER_OPTIONS, user_options
+
+    callback = RosaTrainerCallback(rewarmup_steps=3, mask_path="mask.safetensors")
+    assert callback.options == {"rewarmup_steps": 3, "mask_path": "mask.safetensors"}
+    assert "mask_path" in user_options() and not set(DRIVER_OPTIONS) & set(user_options())
+    for wrong in ("start_step", "optimizer", "mask_pth"):
+        with pytest.raises(TypeError, match=wrong):
+            RosaTrainerCallback(**{wrong: 1})

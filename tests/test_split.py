@@ -1,4 +1,4 @@
-"""The automatic rank/density split (rosa.mask.split) against a float64 brute force on a tiny random LLaMA."""
+"""The automatic rank/density split (rosa.split) against a float64 brute force on a tiny random LLaMA."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from rosa import RosaConfig, get_rosa_model, rosa_layers, sparse_parameter_count
 from rosa.mask import MaskError
-from rosa.mask.split import candidate_ranks, plan_split
+from rosa.split import candidate_ranks, plan_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,7 +137,7 @@ def test_no_batches_is_refused():
 
 def test_second_moments_from_the_factors_equal_those_from_the_gradients():
     """G_i G_i^T summed from (dY_i, X_i) (the usual path) and from G_i itself (a layer called twice) agree."""
-    from rosa.mask.split import _LayerMeasure
+    from rosa.split import _LayerMeasure
 
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 6, generator=g)

@@ -1,4 +1,4 @@
-"""``rosa`` (the console script) and ``python -m rosa.cli`` run :func:`rosa.app.cli.main`."""
+"""``python -m rosa.cli`` runs the ``rosa`` command (the console script starts in :mod:`rosa_cli`)."""
 
 import sys
 

@@ -142,6 +142,14 @@ class RosaConfig(PeftConfig):
             "RosaTrainerCallback), else warmup_steps; 0: no ramp."
         },
     )
+    sparse_lr_ratio: float = field(
+        default=3.5,
+        metadata={
+            "help": "The sparse values train at the learning rate / sparse_lr_ratio (A and B at the rate itself), "
+            "with any optimizer: rosa scales their update after each step unless the optimizer already holds "
+            "them in a group of their own rate (rosa.optim.create_rosa_optimizer)."
+        },
+    )
     mask_memory_budget: float | None = field(
         default=None,
         metadata={"help": "Cap, in GiB, on the extra memory mask collection may use (None: automatic)."},
@@ -226,6 +234,10 @@ class RosaConfig(PeftConfig):
         for name in ("use_rslora", "fan_in_fan_out", "restart_after_mask", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise RosaConfigError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+        if not _is_number(self.sparse_lr_ratio) or not 0 < float(self.sparse_lr_ratio) <= 1e6:
+            raise RosaConfigError(
+                f"sparse_lr_ratio must be a number in (0, 1e6], got {self.sparse_lr_ratio!r}"
+            )
         if self.bias != "none":
             raise RosaConfigError(f"bias must be 'none', got {_short(self.bias)}")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):

@@ -114,6 +114,15 @@ def all_reduce_sum(values: list[float], ctx: ProcessContext) -> list[float]:
     return tensor.tolist()
 
 
+def from_main(obj: Any, ctx: ProcessContext) -> Any:
+    """Rank 0's ``obj`` on every rank (what the others pass is ignored)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(obj: Any, ctx: ProcessContext) -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if not ctx.distributed:

@@ -367,3 +367,8 @@ def _base_device(base: nn.Module) -> torch.device | None:
     for tensor in (*base.parameters(recurse=False), *base.buffers(recurse=False)):
         return tensor.device
     return None
+
+
+def rosa_layers(model: nn.Module) -> dict[str, RosaLayer]:
+    """Every RoSA layer of a (PEFT-wrapped) model by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, RosaLayer)}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import types
 import warnings
 
 import torch
@@ -36,7 +35,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import RosaConfig, RosaConfigError
-from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget
+from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget, rosa_layers
+from .schedule.core import ensure_schedule
 from .serialization import (
     PREFIX,
     SAFETENSORS_NAME,
@@ -58,11 +58,19 @@ class RosaModel(BaseTuner):
         _refuse_transformers_load_adapter()
         _check_peft_load_source(config.get(adapter_name) if isinstance(config, dict) else config)
         super().__init__(model, config, adapter_name, *args, **kwargs)
+        if hasattr(model, "add_model_tags"):  # the saved model card's tags: loading it needs rosa
+            model.add_model_tags(["rosa"])
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        """PEFT's LoRA can mix adapters by weights; RoSA adapters cannot be: each has its own sparse support."""
+        raise NotImplementedError(
+            "add_weighted_adapter is not supported for RoSA adapters: their sparse supports differ, so they cannot "
+            "be mixed into one; merge each into the base (merge_and_unload) or switch with set_adapter"
+        )
 
     def forward(self, *args, **kwargs):
-        if not getattr(self, "_schedule_checked", False) and self.training and torch.is_grad_enabled():
-            self._schedule_checked = True
-            _warn_if_no_schedule(self)
+        if self.training and torch.is_grad_enabled():
+            ensure_schedule(self)  # training: the RoSA schedule runs, started here if nothing started it
         return super().forward(*args, **kwargs)
 
     def _create_and_replace(
@@ -153,27 +161,6 @@ def _check_peft_load_source(peft_config) -> None:
     check_adapter_source(caller["model_id"], subfolder, peft_config, **kwargs)
 
 
-def _warn_if_no_schedule(tuner: nn.Module) -> None:
-    """Training a RoSA model with no mask and nothing that will choose one trains LoRA only, silently."""
-    layers = [m for m in tuner.modules() if isinstance(m, RosaLayer)]
-    waiting = [
-        layer
-        for layer in layers
-        for name in layer.active_adapters
-        if layer.capacity.get(name, 0) > 0
-        and layer.nnz(name) == 0
-        and not getattr(layer, "_rosa_scheduled", False)
-    ]
-    if waiting:
-        warnings.warn(
-            "RoSA is training with no mask and no schedule to choose one: the sparse values stay frozen and only "
-            "LoRA trains. With transformers.Trainer add callbacks=[rosa.scheduler.RosaTrainerCallback()]; in a "
-            "plain loop call rosa.scheduler.RosaScheduler(model).step(optimizer) after every optimizer step; or "
-            "set a mask first (rosa.masks.collect_mask / load_mask).",
-            stacklevel=4,
-        )
-
-
 def layer_kwargs(config: RosaConfig, module_name: str, target: nn.Module) -> dict:
     """RosaLinear arguments for one module, with the per-module rank/alpha/density overrides applied. Checked
     against the layer before anything is allocated: a linear layer (anything else would fail at its first
@@ -240,22 +227,7 @@ def get_rosa_model(
     """Wrap ``model`` with a RoSA adapter; the same as ``peft.get_peft_model`` once rosa is imported."""
     if not isinstance(config, RosaConfig):
         raise TypeError(f"expected a RosaConfig, got {type(config).__name__}")
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
-    # PEFT counts every element of a trainable tensor; with global allocation the sparse values are allocated
-    # above the budget (the budget moves between layers), so count the budget, which is what trains.
-    peft_model.get_nb_trainable_parameters = types.MethodType(_nb_trainable_at_budget, peft_model)
-    return peft_model
-
-
-def _nb_trainable_at_budget(self: PeftModel) -> tuple[int, int]:
-    trainable, total = PeftModel.get_nb_trainable_parameters(self)
-    spare = sum(
-        layer.capacity[name] - layer.budget(name)
-        for layer in rosa_layers(self).values()
-        for name in layer.rosa_values
-        if layer.rosa_values[name].requires_grad
-    )
-    return trainable - spare, total - spare
+    return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
 
 
 def load_rosa_model(
@@ -279,14 +251,6 @@ def load_rosa_model(
             f"{where}: no tensor {e.args[0] if e.args else ''!r}, which the adapter config declares "
             "(modules_to_save or trainable_token_indices): the file is incomplete"
         ) from None
-
-
-RosaModel.from_pretrained = staticmethod(load_rosa_model)
-
-
-def rosa_layers(model: nn.Module) -> dict[str, RosaLayer]:
-    """Every RoSA layer of a (PEFT-wrapped) model by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, RosaLayer)}
 
 
 @torch.no_grad()

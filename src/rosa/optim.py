@@ -1,9 +1,12 @@
 """The optimizer RoSA trains best with: the sparse values in their own parameter group, at their own rate.
 
 The reference implementation trains the sparse values at a lower rate than the LoRA pair (2e-4 against 7e-4 on
-LLaMA-2-7B). As with PEFT's LoRA+ (``peft.optimizers.create_loraplus_optimizer``), one function returns an
-ordinary optimizer that ``transformers.Trainer(optimizers=(opt, None))``, ``trl.SFTTrainer`` and a plain loop
-accept; LR schedulers scale every group from its own starting rate, so the ratio holds throughout.
+LLaMA-2-7B). Any optimizer gets that ratio (``RosaConfig.sparse_lr_ratio``): the RoSA schedule scales the sparse
+values' update after each step (:mod:`rosa.schedule.optimizer`). As with PEFT's LoRA+
+(``peft.optimizers.create_loraplus_optimizer``), this function instead returns an ordinary optimizer with the
+sparse values in a group of their own rate (which the schedule then leaves alone), for those who want the rate
+visible in the optimizer (``transformers.Trainer(optimizers=(opt, None))``, ``trl.SFTTrainer``, a plain loop);
+LR schedulers scale every group from its own starting rate, so the ratio holds throughout.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import RosaConfig
 from .layer import LORA_A, LORA_B
 from .sparse.delta import VALUES
 
 LORA_GROUP, SPARSE_GROUP, OTHER_GROUP = "rosa_lora", "rosa_sparse", "other"
-# lr / sparse lr when neither is given: the reference implementation's ratio (7e-4 / 2e-4), and the one the
-# accuracy benchmark's schedule candidates chose on validation loss (tests/test_defaults.py keeps them in step)
-DEFAULT_SPARSE_LR_RATIO = 3.5
+# lr / sparse lr when neither is given nor found on the model: RosaConfig's own default, in one place
+DEFAULT_SPARSE_LR_RATIO: float = RosaConfig.__dataclass_fields__["sparse_lr_ratio"].default
 
 
 def param_role(name: str) -> str:
@@ -30,6 +33,14 @@ def param_role(name: str) -> str:
     if LORA_A in parts or LORA_B in parts:
         return LORA_GROUP
     return OTHER_GROUP
+
+
+def configured_ratio(model: nn.Module) -> float:
+    """The ``sparse_lr_ratio`` of the model's active RoSA config (a PEFT model), else the default."""
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(configs, dict) and isinstance(active, str) else None
+    return float(getattr(config, "sparse_lr_ratio", DEFAULT_SPARSE_LR_RATIO))
 
 
 def _decays(model: nn.Module) -> set[str]:
@@ -49,13 +60,14 @@ def rosa_param_groups(
     weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Parameter groups for every trainable parameter of ``model``: A/B (``rosa_lora``) at ``lr``, the sparse
-    values (``rosa_sparse``) at ``sparse_lr`` (or ``lr / sparse_lr_ratio``; default ``lr / 3.5``), anything else
+    values (``rosa_sparse``) at ``sparse_lr`` (or ``lr / sparse_lr_ratio``; default: the model's
+    ``RosaConfig.sparse_lr_ratio``, 3.5 unless set), anything else
     trainable (``modules_to_save``, trainable tokens) at ``lr``. Weight decay follows Trainer's rule; groups
     carry a ``name`` so that code can find them later."""
     if sparse_lr is not None and sparse_lr_ratio is not None:
         raise ValueError("give sparse_lr or sparse_lr_ratio, not both")
     if sparse_lr is None and sparse_lr_ratio is None:
-        sparse_lr_ratio = DEFAULT_SPARSE_LR_RATIO
+        sparse_lr_ratio = configured_ratio(model)
     if sparse_lr_ratio is not None:
         if not sparse_lr_ratio > 0:
             raise ValueError(f"sparse_lr_ratio must be positive, got {sparse_lr_ratio}")

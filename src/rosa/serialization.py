@@ -168,6 +168,17 @@ def fetch_hub_adapter(repo_id: str, subfolder: str | None = None, **kwargs) -> P
 
 def check_adapter_config(file: Path) -> dict:
     """The config must be a JSON object of a RoSA adapter; PEFT indexes it blindly (TypeError, KeyError)."""
+    config = read_adapter_config(file)
+    if config["peft_type"] != PEFT_TYPE:
+        raise AdapterFileError(
+            f"{file}: peft_type is {_short(config['peft_type'])}, not {PEFT_TYPE!r}: not a RoSA adapter"
+        )
+    return config
+
+
+def read_adapter_config(file: Path) -> dict:
+    """An adapter config of any PEFT method: a bounded JSON object with a ``peft_type``, or one line naming the
+    file."""
     size = file.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise AdapterFileError(
@@ -187,10 +198,6 @@ def check_adapter_config(file: Path) -> dict:
         raise AdapterFileError(f"{file}: expected a JSON object, got {_json_kind(config)}")
     if "peft_type" not in config:
         raise AdapterFileError(f"{file}: no 'peft_type' key, so not an adapter config written by PEFT")
-    if config["peft_type"] != PEFT_TYPE:
-        raise AdapterFileError(
-            f"{file}: peft_type is {_short(config['peft_type'])}, not {PEFT_TYPE!r}: not a RoSA adapter"
-        )
     return config
 
 

@@ -68,7 +68,7 @@ def save_checkpoint(
     _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, final.name)
+    write_atomic(root / LATEST, final.name)
     for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -95,7 +95,8 @@ def restore_optimizer(
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` at once: a reader sees the old file or the new one, never half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

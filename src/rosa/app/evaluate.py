@@ -308,3 +308,60 @@ def heldout_loss_sums(model: Any, dataloader: Iterable[dict[str, torch.Tensor]])
     finally:
         model.train(was_training)
     return total, count
+
+
+# ------------------------------------------------------------------------------------------- a run's scores
+
+
+def evaluate_examples(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    task: str,
+    run: Any,
+    label: str,
+    show_progress: bool = True,
+    ctx: Any = None,
+) -> dict[str, Any]:
+    """Exact match and held-out loss of ``examples`` under ``run``'s eval settings; with several processes each
+    scores a share and the results are merged."""
+    from .. import distributed
+
+    ctx = ctx or distributed.ProcessContext()
+    mine = distributed.shard(list(examples), ctx)
+    predictions = generate_responses(
+        model,
+        tokenizer,
+        [e.prompt for e in mine],
+        max_new_tokens=max_new_tokens_for(task, run.eval.max_new_tokens),
+        batch_size=run.eval.batch_size,
+        show_progress=show_progress,
+    )
+    total, count = _loss_sums(model, tokenizer, mine, run)
+    predictions = [p for share in distributed.gather_objects(predictions, ctx) for p in share]
+    total, count = distributed.all_reduce_sum([total, count], ctx)
+    result = score_predictions(examples, predictions, task, run.eval.max_new_tokens)
+    result["heldout_loss"] = total / count if count else math.nan
+    result["label"] = label
+    return result
+
+
+def heldout_loss_of(job: Any, examples: Sequence[Example]) -> float:
+    """The held-out loss of a training job's model on ``examples`` (split between the ranks)."""
+    from .. import distributed
+
+    mine = distributed.shard(list(examples), job.ctx)
+    total, count = distributed.all_reduce_sum(
+        list(_loss_sums(job.model, job.tokenizer, mine, job.run)), job.ctx
+    )
+    return total / count if count else math.nan
+
+
+def _loss_sums(model: Any, tokenizer: Any, examples: Sequence[Example], run: Any) -> tuple[float, int]:
+    from .batches import CausalLMCollator, tokenize_examples
+
+    features = sorted(
+        tokenize_examples(examples, tokenizer, run.data.max_length), key=lambda f: len(f["input_ids"])
+    )
+    collate, size = CausalLMCollator(tokenizer), run.eval.batch_size
+    return heldout_loss_sums(model, [collate(features[i : i + size]) for i in range(0, len(features), size)])

@@ -46,14 +46,18 @@ def merge_adapter_to_disk(
     measured layer by layer against the merged weights."""
     from ..model import load_rosa_model
     from ..serialization import check_adapter_folder
-    from .train import load_model_and_tokenizer
+    from .loading import load_model_and_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    from .default_model import DEFAULT_MODEL, default_model_cache_dir
+
     out = Path(os.path.abspath(out))
     inputs = {"the adapter": Path(adapter), "the current folder": Path.cwd()}
     if Path(model_section.name).exists():
         inputs["the base model"] = Path(model_section.name)
+    if model_section.name == DEFAULT_MODEL:
+        inputs["the built-in base model"] = default_model_cache_dir()
     check_merge_target(out, overwrite, inputs)
     check_adapter_folder(adapter)
     model, tokenizer = load_model_and_tokenizer(model_section, for_training=False)
@@ -104,6 +108,9 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite:
     while the model was merging)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is a folder like any other
     try:
         write(tmp)
         check_merge_target(out, overwrite)
@@ -215,5 +222,4 @@ def _warn_requantization_error(
             f"max {max(delta):.3g} over {len(delta)} adapted layers"
         )
     message += ". Omit --requantize for the lossless bf16/fp32 merge."
-    logger.warning(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=3)  # once: the rosa command shows Python warnings as they are

@@ -52,15 +52,21 @@ class TrainSection:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
-    sparse_lr_ratio: float = 3.5  # the sparse values train at lr / sparse_lr_ratio (A and B at lr)
     mask_path: str | None = None  # start from a saved mask (`rosa mask --out`): no warm-up, no collection
     weight_decay: float = 0.0
-    lr_warmup_steps: int = 10
+    lr_warmup_steps: int | None = None  # linear LR warm-up before the cosine decay (None: 10% of train.steps)
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 5
+    eval_every: int = 25  # validation loss on the held-out rows every this many steps (0: only at the end)
     save_every: int = 25
     keep_checkpoints: int = 2
+
+
+def lr_warmup(train: TrainSection) -> int:
+    """The LR warm-up in steps: ``train.lr_warmup_steps``, else 10% of the run (the RoSA schedule's re-warm-up
+    after the mask takes the same length)."""
+    return train.lr_warmup_steps if train.lr_warmup_steps is not None else round(0.1 * train.steps)
 
 
 @dataclass
@@ -79,15 +85,8 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     rosa: dict[str, Any] = field(
-        default_factory=lambda: {
-            "r": 16,
-            "lora_alpha": 32,
-            "density": 0.01,
-            "warmup_steps": 0,
-            "mask_steps": 8,
-            "mask_method": "fisher",
-        }
-    )
+        default_factory=dict
+    )  # RosaConfig fields; unset ones keep RosaConfig's defaults
 
     def rosa_config(self) -> RosaConfig:
         fixed = ("task_type", "peft_type")  # set by rosa: a causal LM adapter of type ROSA
@@ -254,11 +253,16 @@ def _set_path(tree: dict, keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+MOVED = {"train.sparse_lr_ratio": "rosa.sparse_lr_ratio"}  # settings that moved, and where to
+
+
 def _build(cls, raw: dict[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(fields)
     if unknown:
         name = f"{where}{sorted(unknown)[0]}"
+        if name in MOVED:
+            raise RunConfigError(f"{name} is now {MOVED[name]} (the same meaning, kept with the adapter)")
         raise RunConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(fields))}")
     config = cls()
     for name, value in raw.items():
@@ -293,7 +297,6 @@ def validate(run: RunConfig) -> None:
         ("train.steps", t.steps, 1),
         ("train.batch_size", t.batch_size, 1),
         ("train.grad_accum", t.grad_accum, 1),
-        ("train.lr_warmup_steps", t.lr_warmup_steps, 0),
         ("train.log_every", t.log_every, 1),
         ("train.save_every", t.save_every, 1),
         ("train.keep_checkpoints", t.keep_checkpoints, 1),
@@ -330,8 +333,13 @@ def validate(run: RunConfig) -> None:
         raise RunConfigError(
             f"model.trust_remote_code must be true or false, got {_short(run.model.trust_remote_code)}"
         )
-    if not math.isfinite(t.sparse_lr_ratio) or t.sparse_lr_ratio <= 0:
-        raise RunConfigError(f"train.sparse_lr_ratio must be a positive number, got {t.sparse_lr_ratio!r}")
+    if t.lr_warmup_steps is not None:
+        _check_int("train.lr_warmup_steps", t.lr_warmup_steps, 0)
+        if t.lr_warmup_steps > t.steps:
+            raise RunConfigError(
+                f"train.lr_warmup_steps={t.lr_warmup_steps} is longer than the run (train.steps={t.steps})"
+            )
+    _check_int("train.eval_every", t.eval_every, 0)
     if run.model.dtype not in ("float32", "bfloat16"):
         raise RunConfigError(f"model.dtype must be float32 or bfloat16, got {run.model.dtype!r}")
     if d.task not in TASKS:
@@ -393,3 +401,69 @@ def _short(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: a message quoting a hostile value stays one short line."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+# One line of help per setting, shown by ``rosa train --help`` (a test keeps it complete).
+HELP = {
+    "output_dir": "the run folder (taken: the next free <folder>-2, -3, ... unless given explicitly)",
+    "model.name": "the built-in offline default smollm2-135m, a local model folder or a Hugging Face hub id",
+    "model.load_in_4bit": "QRoSA: the base weights in bitsandbytes NF4 with double quantization",
+    "model.dtype": "compute dtype of a non-quantized base model: float32 or bfloat16",
+    "model.gradient_checkpointing": "recompute activations in the backward pass (less memory, more time)",
+    "model.trust_remote_code": "run Python code shipped with the model (auto_map); never asked interactively",
+    "data.task": "synthetic | gsm8k | viggo | sql | jsonl | csv (jsonl/csv: give the two columns below)",
+    "data.path": "a local .jsonl/.csv/.json file, or a Hugging Face dataset name when online",
+    "data.eval_path": "a separate held-out file (else data.val_size rows are split off data.path)",
+    "data.prompt_column": "jsonl/csv: the column holding the prompt",
+    "data.response_column": "jsonl/csv: the column holding the response (the loss is on it alone)",
+    "data.max_length": "tokens per example (prompt + response), longer ones are cut",
+    "data.train_size": "use at most this many training rows (null: all)",
+    "data.val_size": "rows held out for evaluation when there is no data.eval_path",
+    "data.split_seed": "seed of the train / held-out split",
+    "train.steps": "optimizer steps (--resume with a larger value extends a run)",
+    "train.batch_size": "rows per micro-batch (per process)",
+    "train.grad_accum": "micro-batches per optimizer step",
+    "train.lr": "peak learning rate of A and B (the sparse values: lr / rosa.sparse_lr_ratio)",
+    "train.mask_path": "start from a saved mask (rosa mask --out): joint training from step 0",
+    "train.weight_decay": "AdamW weight decay (not on biases and norms)",
+    "train.lr_warmup_steps": "linear LR warm-up, then cosine decay (null: 10% of train.steps)",
+    "train.max_grad_norm": "gradient clipping (0: none)",
+    "train.seed": "seed of the batch order and the adapter's initialisation",
+    "train.log_every": "steps between lines of log.jsonl and TensorBoard",
+    "train.eval_every": "steps between validation losses on the held-out rows (0: only at the end)",
+    "train.save_every": "steps between checkpoints (the last step always gets one)",
+    "train.keep_checkpoints": "checkpoints kept in the run folder",
+    "eval.before": "score the base model before training too",
+    "eval.max_new_tokens": "generation length (null: the task's own)",
+    "eval.batch_size": "rows per generation batch",
+    "eval.limit": "score at most this many held-out rows (null: all)",
+}
+
+
+def describe_settings() -> str:
+    """Every run setting with its default and one line of help: the run sections, then RosaConfig's fields."""
+    lines = ["settings (section.key=value on the command line, or the same keys in a YAML file):"]
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        section = getattr(defaults, f.name)
+        if f.name == "rosa":
+            continue
+        if not dataclasses.is_dataclass(section):
+            lines.append(_setting_line(f.name, section, HELP.get(f.name, "")))
+            continue
+        for sf in dataclasses.fields(section):
+            key = f"{f.name}.{sf.name}"
+            lines.append(_setting_line(key, getattr(section, sf.name), HELP.get(key, "")))
+    lines.append("rosa.*: the adapter (RosaConfig; saved in adapter_config.json):")
+    for rf in dataclasses.fields(RosaConfig):
+        if rf.init and "help" in rf.metadata and rf.name not in ("task_type", "peft_type"):
+            default = rf.default if rf.default is not dataclasses.MISSING else rf.default_factory()
+            lines.append(_setting_line(f"rosa.{rf.name}", default, rf.metadata["help"]))
+    return "\n".join(lines) + "\n"
+
+
+def _setting_line(key: str, default: Any, text: str) -> str:
+    shown = (
+        "null" if default is None else str(default).lower() if isinstance(default, bool) else repr(default)
+    )
+    return f"  {key} = {shown}\n      {text}" if text else f"  {key} = {shown}"

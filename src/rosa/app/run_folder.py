@@ -8,7 +8,6 @@ process count and restores every rank's RNG), each testable without training any
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -27,18 +26,106 @@ class RunError(RuntimeError):
     """A run cannot start (bad model, bad data, nothing to resume)."""
 
 
-def prepare_output(run: RunConfig, resume: bool) -> tuple[Path, Path | None]:
-    out = Path(run.output_dir)
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and (out / "results.json").is_file():
-        raise RunError(f"--resume: the run in {out} has finished (results.json); start a new run elsewhere")
-    if resume and checkpoint is None:
-        raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if not resume and (out / "checkpoints").exists():
+# Everything ``rosa train`` writes into a run folder: what --overwrite may remove, and nothing else.
+RUN_FILES = (
+    "run_config.yaml",
+    "log.jsonl",
+    "results.json",
+    "adapter",
+    ".adapter.tmp",
+    "checkpoints",
+    "mask.safetensors",
+    "tensorboard",
+    "loss.png",
+)
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / name).exists() or (out / name).is_symlink() for name in RUN_FILES)
+
+
+def choose_run_folder(out: Path, *, resume: bool, overwrite: bool, given: bool) -> tuple[Path, Path | None]:
+    """Where this run writes, and the checkpoint it resumes from. Nothing is replaced without being asked:
+
+    - ``--resume``: the folder's latest checkpoint (a finished run has one at its last step: extend it with a
+      larger ``train.steps``);
+    - a folder that holds no run: used as it is (other files in it are left alone);
+    - a folder holding a run: with ``--overwrite`` rosa's own files in it are removed first (never anything
+      else); when ``output_dir`` was not given, the next free ``<folder>-2``, ``-3``, ... (so the default
+      command can be run again and again); when it was given, refused.
+    """
+    check_writable(out)
+    check_not_in_use(out)
+    if resume:
+        if overwrite:
+            raise RunError(
+                "--resume continues the run in output_dir, --overwrite replaces it: give one of them"
+            )
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        return out, checkpoint
+    if not holds_run(out):
+        return out, None
+    if overwrite:
+        remove_run_files(out)
+        return out, None
+    if given:
         raise RunError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another output_dir"
+            f"{out} already holds a run: pass --resume to continue it (with train.steps=N to extend a finished "
+            "one), --overwrite to replace it, or choose another output_dir"
         )
-    return out, checkpoint
+    n = 2
+    while holds_run(out.with_name(f"{out.name}-{n}")) or out.with_name(f"{out.name}-{n}").is_file():
+        n += 1
+    return out.with_name(f"{out.name}-{n}"), None
+
+
+def check_not_in_use(out: Path) -> None:
+    """A live rosa run holds ``out``: say so before anything else (its files are not a finished run's)."""
+    import fcntl
+
+    lock = out / LOCK_NAME
+    if not lock.is_file():
+        return
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise RunError(
+                f"{out} is in use by another rosa run ({holder}); wait for it or choose another output_dir"
+            ) from None
+
+
+def check_writable(out: Path) -> None:
+    """``out`` can be a run folder: a non-empty path that is or can become a writable folder (checked before
+    any work starts)."""
+    if str(out) in ("", "."):
+        raise RunError("output_dir must name a folder (got an empty path)")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output_dir {out} is an existing file, not a folder")
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"output_dir {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"output_dir {out}: {existing} is not writable")
+
+
+def remove_run_files(out: Path) -> None:
+    """Remove what ``rosa train`` writes into ``out`` (``RUN_FILES``), leaving every other file in place."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 LOCK_NAME = ".rosa-run.lock"
@@ -112,10 +199,12 @@ class GracefulStop:
         )
 
 
-def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -> None:
-    """A resumed run keeps the settings it started with: refuse any setting given now that differs."""
+def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -> RunConfig:
+    """A resumed run keeps the settings it started with: refuse any setting given now that differs, except a
+    larger ``train.steps`` (the run is extended; its cosine schedule stretches to the new length). Returns the
+    settings the run continues with."""
     for key in keys:
-        if key == "output_dir":
+        if key in ("output_dir", "train.steps"):
             continue
         then, now = _get_path(saved.to_dict(), key), _get_path(given.to_dict(), key)
         if then != now:
@@ -123,6 +212,13 @@ def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -
                 f"--resume continues the run with its own settings: {key} was {then!r}, given {now!r} "
                 "(drop the override, or start a new run in another output_dir)"
             )
+    if "train.steps" in keys:
+        if given.train.steps < saved.train.steps:
+            raise RunError(
+                f"--resume: train.steps={given.train.steps} is fewer than the run's {saved.train.steps}"
+            )
+        saved.train.steps = given.train.steps
+    return saved
 
 
 def _get_path(tree: dict[str, Any], key: str) -> Any:
@@ -173,38 +269,31 @@ class CheckpointSaver:
         self.parts = (out, model, optimizer, lr_scheduler, sampler, schedule)
         self.run = run
         self.ctx = ctx
+        self.last_step: int | None = None
 
-    def save(self, step: int, before: dict | None) -> None:
+    def save(self, step: int, before: dict | None, events: list[dict[str, Any]]) -> None:
         """At a step boundary, on every rank together (each contributes its RNG state)."""
+        from ..schedule.state import snapshot_tensors
+
         out, model, optimizer, lr_scheduler, sampler, schedule = self.parts
         rng = _rng_tensors(self.ctx)
         if self.ctx.is_main:
-            # The restart snapshot must survive a resume before the mask is fixed.
-            snapshot = {f"snapshot.{k}": v.cpu() for k, v in schedule.state_dict()["snapshot"].items()}
+            state = schedule.state_dict()  # the restart snapshot must survive a resume before the mask
             save_checkpoint(
                 out,
                 step,
                 model,
                 optimizer,
                 lr_scheduler,
-                {**snapshot, **rng},
+                {**snapshot_tensors(state), **rng},
                 {
                     "sampler": sampler.state_dict(),
                     "before": before,
                     "processes": self.ctx.world,
-                    "mask_fixed_step": schedule.mask_fixed_step,
+                    "mask_fixed_step": state["mask_fixed_step"],
+                    "schedule_events": events,
                 },
                 keep=self.run.train.keep_checkpoints,
             )
         distributed.barrier(self.ctx)
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        self.last_step = step

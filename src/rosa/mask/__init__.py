@@ -1,4 +1,4 @@
-"""Choosing the sparse support (the mask) of a RoSA model, and the training schedule around it.
+"""Choosing the sparse support (the mask) of a RoSA model.
 
 - :mod:`~rosa.mask.layers`: the layers a mask covers, their names, setting a mask on them.
 - :mod:`~rosa.mask.statistics`: gradient statistics from hooks (all-reduced under data parallelism).
@@ -6,8 +6,8 @@
 - :mod:`~rosa.mask.builder`: layer groups within a memory budget, from statistics to supports.
 - :mod:`~rosa.mask.collect`: ``collect_mask``, the whole thing over a list of batches.
 - :mod:`~rosa.mask.files`: mask files.
-- :mod:`~rosa.mask.schedule`, :mod:`~rosa.mask.optimizer`, :mod:`~rosa.mask.callback`: warm-up, collection and
-  joint training in a plain loop (``RosaScheduler``) or in ``transformers.Trainer`` (``RosaTrainerCallback``).
+
+When the mask is chosen during training (warm-up, collection, restart) is :mod:`rosa.schedule`'s business.
 
 The layers, model and file format know nothing of how a mask is chosen: a mask is a support per layer, set with
 ``RosaLayer.set_support``.

@@ -13,8 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..layer import RosaLayer
-from ..model import rosa_layers
+from ..layer import RosaLayer, rosa_layers
 from ..sparse.support import Support
 
 _NAME_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")

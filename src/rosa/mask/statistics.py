@@ -146,9 +146,6 @@ class StatCollector:
         if self._handles:
             return self
         for name, layer in self.layers.items():
-            layer._rosa_scheduled = (
-                True  # a mask is being chosen: the model's "no schedule" warning stays quiet
-            )
             if name not in self._state:
                 device = layer.rosa_values[self.adapter_name].device
                 shape = (layer.out_features, layer.in_features)

@@ -43,12 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import RosaConfig
-from ..distributed import world_size
-from .builder import plan_layer_groups
-from .collect import FrozenParams, default_loss, rng_state, set_rng_state
-from .layers import MaskError, mask_layers
-from .statistics import ExampleFactors, StatCollector
+from .config import RosaConfig
+from .distributed import world_size
+from .mask.builder import plan_layer_groups
+from .mask.collect import FrozenParams, default_loss, rng_state, set_rng_state
+from .mask.layers import MaskError, mask_layers
+from .mask.statistics import ExampleFactors, StatCollector
+from .model import get_rosa_model
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,6 @@ def plan_split(
     no parameter changes. ``budget_rank`` (default ``config.r``) sets each layer's budget to LoRA rank
     ``budget_rank``'s worth; it may be fractional (``total_budget / sum(out + in)`` for a parameter count).
     """
-    from ..model import get_rosa_model
-
     budget_rank = float(config.r if budget_rank is None else budget_rank)
     if not (math.isfinite(budget_rank) and budget_rank > 0):
         raise MaskError(f"budget_rank must be a positive number, got {budget_rank!r}")

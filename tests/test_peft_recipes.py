@@ -1,0 +1,168 @@
+"""The PEFT user's own recipes train the whole RoSA method with nothing added: ``SFTTrainer(peft_config=
+RosaConfig())``, ``Trainer`` on ``get_peft_model(model, RosaConfig())`` and a plain loop each end with a fixed mask,
+sparse values that moved at ``sparse_lr_ratio`` of the optimizer's step, and an adapter that reloads.
+
+The reference for "moved at the ratio" is the same training with the sparse values in an optimizer group of
+their own rate (``create_rosa_optimizer``), where the optimizer itself applies it: Trainer's own AdamW plus the
+schedule's update scaling must land on the same adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import VOCAB, TokenData, lora_weights, sample_ids, set_random_masks, sparse_values, word_llama
+from peft import PeftModel, get_peft_model
+from tiny_models import tiny_llama, tiny_tokenizer
+from transformers import Trainer, TrainingArguments
+
+import rosa
+from rosa import RosaConfig
+from rosa.mask import mask_layers
+from rosa.optim import create_rosa_optimizer
+from rosa.schedule import JOINT, schedule_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 8
+# fp32 rounding, amplified by Adam where a gradient is near zero (A right after the restart, while B = 0)
+RTOL, ATOL = 1e-4, 5e-5
+
+
+def _config(**kw) -> RosaConfig:
+    base = {"task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "density": 0.05, "mask_steps": 2}
+    return RosaConfig(**{**base, **kw})
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    return TrainingArguments(
+        **{
+            "output_dir": str(tmp_path),
+            "per_device_train_batch_size": 4,
+            "max_steps": STEPS,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "constant",
+            "report_to": "none",
+            "use_cpu": True,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "dataloader_num_workers": 0,
+            "seed": 0,
+            **kw,
+        }
+    )
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)  # the LoRA A init
+    return get_peft_model(tiny_llama(0, initializer_range=0.2), _config())
+
+
+def _trained(model, tmp_path, optimizers=(None, None)):
+    Trainer(model=model, args=_args(tmp_path), train_dataset=TokenData(), optimizers=optimizers).train()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_without_anything_added_runs_the_whole_schedule(tmp_path):
+    model = _model()
+    values = sparse_values(model)
+    trained = _trained(model, tmp_path / "plain")
+    schedule = schedule_of(model)
+    assert schedule is not None and schedule.phase == JOINT
+    events = [(e["event"], e["optimizer_step"]) for e in schedule.events]
+    assert events[1:] == [("collect_start", 0), ("group_done", 2), ("mask_fixed", 2)]
+    assert all(layer.nnz("default") == layer.budget("default") > 0 for layer in mask_layers(model).values())
+    assert all(v.count_nonzero() > 0 for v in values)
+    # the same run with the ratio applied by the optimizer's own groups: the same adapter
+    reference = _model()
+    optimizer = create_rosa_optimizer(reference, lr=1e-2)
+    expected = _trained(reference, tmp_path / "grouped", (optimizer, None))
+    assert trained.keys() == expected.keys()
+    for name, p in trained.items():
+        torch.testing.assert_close(p, expected[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_the_ratio_is_what_moves_the_sparse_values(tmp_path):
+    """Without the scaling (ratio 1) the values end elsewhere: the comparison above can fail."""
+    trained = _trained(_model(), tmp_path / "a")
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(0, initializer_range=0.2), _config(sparse_lr_ratio=1.0))
+    other = _trained(model, tmp_path / "b")
+    values = [n for n in trained if "rosa_values" in n]
+    assert values and all((trained[n] - other[n]).abs().max() > 100 * ATOL for n in values)
+
+
+def test_sft_trainer_given_the_config_trains_rosa_and_the_adapter_reloads(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer(VOCAB)
+    texts = [" ".join(f"w{(i * 7 + j) % (VOCAB - 4)}" for j in range(10)) for i in range(16)]
+    args = _args(tmp_path / "out").to_dict()
+    args.update(max_length=16, bf16=False, output_dir=str(tmp_path / "out"))
+    sft = SFTTrainer(
+        model=word_llama(0),
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        peft_config=_config(),
+        args=SFTConfig(**{k: v for k, v in args.items() if k in SFTConfig.__dataclass_fields__}),
+    )
+    values = [v.detach().clone() for v in sparse_values(sft.model)]
+    sft.train()
+    model = sft.model
+    assert schedule_of(model).phase == JOINT
+    assert all(layer.nnz("default") > 0 for layer in mask_layers(model).values())
+    assert all(not torch.equal(v, b) for v, b in zip(sparse_values(model), values))
+    sft.save_model(tmp_path / "adapter")
+    ids = sample_ids()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(word_llama(0), tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def _batch(data: TokenData, step: int) -> dict[str, torch.Tensor]:
+    """Rows 4 * step .. 4 * step + 3 of ``data``, stacked."""
+    rows = range(4 * step, 4 * step + 4)
+    return {k: torch.stack([data[i][k] for i in rows]) for k in ("input_ids", "labels")}
+
+
+def test_a_plain_loop_needs_no_driver():
+    model = _model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    initial = [p.detach().clone() for p in lora_weights(model)]
+    data = TokenData()
+    model.train()
+    for step in range(4):
+        model(**_batch(data, step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 1:  # the mask was fixed at this step's end: A and B are back at their initial values
+            assert all(torch.equal(p, p0) for p, p0 in zip(lora_weights(model), initial))
+    schedule = schedule_of(model)
+    assert schedule.phase == JOINT and schedule.mask_fixed_step == 2
+    assert schedule.rewarmup_steps == 2  # no trainer told it a warm-up: as many steps as the mask took
+
+
+def test_sparse_only_without_a_mask_collects_while_nothing_trains():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(0), _config(r=0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = TokenData()
+    model.train()
+    for step in range(3):
+        model(**_batch(data, step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = sparse_values(model)
+        assert all(v.count_nonzero() == 0 for v in values) == (step < 2), step
+    assert schedule_of(model).mask_fixed_step == 2
+
+
+def test_a_model_with_its_mask_needs_no_schedule():
+    model = rosa.get_rosa_model(word_llama(0), _config())
+    set_random_masks(model, seed=1)
+    ids = sample_ids()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert schedule_of(model) is None
