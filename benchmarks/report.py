@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Regenerate every benchmark section of README.md from docs/benchmarks/*.json.
+"""Regenerate every benchmark section of README.md and docs/benchmarks.md from docs/benchmarks/*.json.
 
-The README marks each generated section:
+Each document marks its generated sections:
 
     <!-- generated: sparse_ops -->
     ...text written by this script, never by hand...
@@ -12,10 +12,11 @@ and each section is rendered by the pure function of the benchmark script that w
 missing JSON renders one line saying the benchmark has not been run, so the result depends only on the files
 in the repository.
 
-    python benchmarks/report.py           # rewrite README.md
-    python benchmarks/report.py --check   # exit 1 and print a diff when README.md is not what the JSONs give
+    python benchmarks/report.py           # rewrite the generated sections of both documents
+    python benchmarks/report.py --check   # exit 1 and print a diff when a document is not what the JSONs give
 
-tests/test_readme.py runs the check.
+tests/test_readme.py runs the check. README.md holds the short evidence (the accuracy verdicts); every table
+is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from types import ModuleType
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
-README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "benchmarks"
+README, BENCHMARKS_DOC = "README.md", "docs/benchmarks.md"
+DOCUMENTS = (README, BENCHMARKS_DOC)  # relative to the repository root
 
 
 def load_module(name: str) -> ModuleType:
@@ -87,6 +89,10 @@ def startup_markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _accuracy_summary(module: ModuleType, results: dict) -> str:
+    return module.summary(results)
+
+
 def _startup(module: ModuleType, results: dict) -> str:
     render = getattr(module, "markdown", None)
     return render(results) if render is not None else startup_markdown(results)
@@ -99,9 +105,27 @@ class Section:
     script: str  # module under benchmarks/ that renders it
     not_run: str  # the text when the JSON does not exist
     render: Callable[[ModuleType, dict], str] = _markdown
+    document: str = BENCHMARKS_DOC  # which document holds it
 
 
 SECTIONS = [
+    Section(
+        "evidence",
+        "accuracy.json",
+        "accuracy",
+        "*Accuracy*: not run yet (`python benchmarks/accuracy.py` writes `docs/benchmarks/accuracy.json`).",
+        _accuracy_summary,
+        README,
+    ),
+    Section(
+        "evidence_epoch",
+        "accuracy_epoch.json",
+        "accuracy_epoch",
+        "*One epoch, 500 test rows*: not run yet (`python benchmarks/accuracy_epoch.py` writes "
+        "`docs/benchmarks/accuracy_epoch.json`).",
+        _accuracy_summary,
+        README,
+    ),
     Section(
         "startup",
         "startup.json",
@@ -157,6 +181,14 @@ SECTIONS = [
         _accuracy,
     ),
     Section(
+        "accuracy_epoch",
+        "accuracy_epoch.json",
+        "accuracy_epoch",
+        "*One epoch, 500 test rows*: not run yet (`python benchmarks/accuracy_epoch.py` writes "
+        "`docs/benchmarks/accuracy_epoch.json`).",
+        _accuracy,
+    ),
+    Section(
         "gpu",
         "gpu_h200.json",
         "gpu",
@@ -173,21 +205,23 @@ _MARKER = re.compile(r"<!-- (/?)generated: ([A-Za-z0-9_]+) -->")
 
 
 class MarkerError(ValueError):
-    """README.md's generated-section markers are missing, unknown, repeated, nested or unbalanced."""
+    """A document's generated-section markers are missing, unknown, repeated, nested or unbalanced."""
 
 
-def sections_in(text: str) -> list[tuple[str, int, int]]:
+def sections_in(text: str, document: str = BENCHMARKS_DOC) -> list[tuple[str, int, int]]:
     """(name, start, end) of every generated section: the content lies in text[start:end], between the end
     of its opening marker and the beginning of its closing one. Raises MarkerError unless every marker pair is
     well formed (each opening closed by its own name before the next opening, no name twice, only known
-    names, every known name present)."""
-    known = {s.name for s in SECTIONS}
+    names, every known name of ``document`` present)."""
+    known = {s.name for s in SECTIONS if s.document == document}
     found: list[tuple[str, int, int]] = []
     open_name, open_end = None, 0
     for m in _MARKER.finditer(text):
         closing, name = m.group(1) == "/", m.group(2)
         if name not in known:
-            raise MarkerError(f"unknown generated section {name!r} (known: {', '.join(sorted(known))})")
+            raise MarkerError(
+                f"unknown generated section {name!r} in {document} (known: {', '.join(sorted(known))})"
+            )
         if not closing:
             if open_name is not None:
                 raise MarkerError(f"section {name!r} opens inside {open_name!r}, which is not closed")
@@ -203,7 +237,7 @@ def sections_in(text: str) -> list[tuple[str, int, int]]:
         raise MarkerError(f"section {open_name!r} is never closed")
     missing = known - {f[0] for f in found}
     if missing:
-        raise MarkerError(f"README.md lacks the generated sections {', '.join(sorted(missing))}")
+        raise MarkerError(f"{document} lacks the generated sections {', '.join(sorted(missing))}")
     return found
 
 
@@ -242,27 +276,29 @@ def render(section: Section, results_dir: Path = RESULTS) -> str:
             f"{path} exists but benchmarks/{section.script}.py, which renders it, does not"
         )
     text = section.render(load_module(section.script), results)
+    # a command recorded with an absolute --out names the folder of one machine: show it from the repository
+    text = re.sub(r"(?<![\w.~])/(?:[\w.-]+/)+?(?=docs/benchmarks/)", "", text)
     return wrap(text.strip("\n")) + "\n"
 
 
-def regenerate(text: str, results_dir: Path = RESULTS) -> str:
-    """``text`` (the README) with every generated section replaced by what the JSONs give."""
+def regenerate(text: str, document: str = BENCHMARKS_DOC, results_dir: Path = RESULTS) -> str:
+    """``text`` (``document``'s) with every generated section replaced by what the JSONs give."""
     by_name = {s.name: s for s in SECTIONS}
     out, pos = [], 0
-    for name, start, end in sections_in(text):
+    for name, start, end in sections_in(text, document):
         out += [text[pos:start], "\n", render(by_name[name], results_dir)]
         pos = end
     out.append(text[pos:])
     return "".join(out)
 
 
-def diff(current: str, expected: str) -> str:
+def diff(current: str, expected: str, document: str = BENCHMARKS_DOC) -> str:
     return "".join(
         difflib.unified_diff(
             current.splitlines(keepends=True),
             expected.splitlines(keepends=True),
-            "README.md (as is)",
-            "README.md (from docs/benchmarks/*.json)",
+            f"{document} (as is)",
+            f"{document} (from docs/benchmarks/*.json)",
         )
     )
 
@@ -270,25 +306,28 @@ def diff(current: str, expected: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 with a diff if stale")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--root", type=Path, default=ROOT, help="folder holding README.md and docs/")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmark JSONs")
     args = parser.parse_args(argv)
-    current = args.readme.read_text()
-    try:
-        expected = regenerate(current, args.results)
-    except MarkerError as e:
-        print(f"{args.readme}: {e}", file=sys.stderr)
-        return 1
-    if expected == current:
-        print(f"{args.readme}: up to date")
-        return 0
-    if args.check:
-        print(diff(current, expected))
-        print(f"{args.readme} is stale: run python benchmarks/report.py", file=sys.stderr)
-        return 1
-    args.readme.write_text(expected)
-    print(f"rewrote the generated sections of {args.readme}")
-    return 0
+    stale = 0
+    for document in DOCUMENTS:
+        path = args.root / document
+        current = path.read_text()
+        try:
+            expected = regenerate(current, document, args.results)
+        except MarkerError as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            return 1
+        if expected == current:
+            print(f"{document}: up to date")
+        elif args.check:
+            print(diff(current, expected, document))
+            print(f"{document} is stale: run python benchmarks/report.py", file=sys.stderr)
+            stale = 1
+        else:
+            path.write_text(expected)
+            print(f"rewrote the generated sections of {document}")
+    return stale
 
 
 if __name__ == "__main__":
