@@ -24,7 +24,7 @@ def _version() -> str:
 
 
 def _settings() -> str:
-    from rosa.app.run_config import describe_settings
+    from rosa.app.settings_help import describe_settings
 
     return "\n" + describe_settings()
 

@@ -254,9 +254,42 @@ def cli_train(tmp_path: Path, model_dir: Path, *overrides: str) -> tuple[int, Pa
     return code, out
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process the tests start: one thread (shared cores), no progress bars, no
+    tokenizer threads, plus ``extra``."""
+    base = {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    return {**os.environ, **base, **extra}
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator at ``seed``: random inputs that are the same on every run."""
+    return torch.Generator().manual_seed(seed)
+
+
+def training_args(output_dir, **kw):
+    """transformers.TrainingArguments for a few CPU steps in a test (no reports, saves, workers or bars)."""
+    from transformers import TrainingArguments
+
+    base = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    return TrainingArguments(**{**base, **kw})
+
+
 def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
     """``python -m rosa.cli train -q *args`` in a child process (one thread, no progress bars)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = child_env()
     return subprocess.Popen(
         [sys.executable, "-m", "rosa.cli", "train", "-q", *args],
         env=env,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import child_env
 from safetensors.torch import load_file, save_file
 
 TESTS = Path(__file__).resolve().parent
@@ -452,12 +453,7 @@ def run_children(folders: list[str]) -> dict[tuple[str, str], str]:
     started, and the pairs after it run in a fresh child."""
     results: dict[tuple[str, str], str] = {}
     todo = [(folder, how) for folder in folders for how in LOADS]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONWARNINGS": "ignore",
-    }
+    env = child_env(PYTHONWARNINGS="ignore")
     code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); from test_adapter_fuzz import child; child()"
     while todo:
         try:

@@ -8,9 +8,9 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from helpers import TokenData, logits_of, sample_ids, set_random_masks, word_llama
+from helpers import TokenData, logits_of, sample_ids, set_random_masks, training_args, word_llama
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import rosa
 from rosa import AdapterFileError, RosaConfig, RosaConfigError
@@ -92,17 +92,7 @@ def test_printed_trainable_parameters_are_the_same_whoever_wraps_the_model():
 
 
 def _trainer(model, tmp_path, callbacks):
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
+    args = training_args(tmp_path, max_steps=3, learning_rate=1e-3)
     return Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=callbacks)
 
 

@@ -6,7 +6,6 @@ other libraries on stderr."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,18 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import FAST
+from helpers import FAST, child_env
 
 import rosa
 import rosa_cli as cli
-from rosa.app import run_config
+from rosa.app import run_config, settings_help
 
 HEAVY = ("torch", "peft", "transformers", "bitsandbytes")
 
 
 def _python(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (nothing imported yet), one thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -170,7 +169,7 @@ def test_train_help_lists_every_setting_with_its_default_and_help(capsys):
         for name in vars(getattr(defaults, section)):
             key = f"{section}.{name}"
             assert f"  {key} = " in text, key
-            assert key in run_config.HELP, f"{key} has no help line"
+            assert key in settings_help.HELP, f"{key} has no help line"
     fixed = ("task_type", "peft_type")  # set by rosa train itself
     fields = rosa.RosaConfig.__dataclass_fields__.values()
     for field in (f for f in fields if f.init and "help" in f.metadata and f.name not in fixed):
@@ -234,7 +233,7 @@ def test_quiet_train_leaves_only_rosa_lines_on_stderr(tmp_path, tiny_model_dir: 
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=child_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run folder:" in result.stdout

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import generator
 from reference import (
     assert_matches,
     csr_of,
@@ -31,18 +32,14 @@ if cpu_build.compiler() is None:
     pytest.skip("no C++ compiler: the compiled CPU kernels cannot be built here", allow_module_level=True)
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 MASKS = {
-    "random_37x29": lambda: density_mask(37, 29, 0.3, _gen(1)),
-    "random_19x130": lambda: density_mask(19, 130, 0.4, _gen(2)),
-    "empty_rows_cols": lambda: mask_with_empty_lines(23, 41, 0.9, _gen(3)),
+    "random_37x29": lambda: density_mask(37, 29, 0.3, generator(1)),
+    "random_19x130": lambda: density_mask(19, 130, 0.4, generator(2)),
+    "empty_rows_cols": lambda: mask_with_empty_lines(23, 41, 0.9, generator(3)),
     "single_nonzero": lambda: single_entry_mask(6, 9, 5, 0),
-    "density_1": lambda: density_mask(9, 17, 1.0, _gen(4)),
-    "density_0": lambda: density_mask(8, 6, 0.0, _gen(5)),
-    "column_vector": lambda: random_mask(17, 1, 5, _gen(6)),
+    "density_1": lambda: density_mask(9, 17, 1.0, generator(4)),
+    "density_0": lambda: density_mask(8, 6, 0.0, generator(5)),
+    "column_vector": lambda: random_mask(17, 1, 5, generator(6)),
 }
 DTYPES = [torch.float32, torch.bfloat16]
 # (tokens, panel width, block columns): one panel, a ragged last panel, many panels and blocks, one token.
@@ -75,7 +72,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _inputs(mask, tokens, dtype, seed, layout="contiguous"):
-    g = _gen(seed)
+    g = generator(seed)
     x = torch.randn(tokens, mask.shape[1], generator=g).to(dtype)
     dy = torch.randn(tokens, mask.shape[0], generator=g).to(dtype)
     values = torch.randn(int(mask.sum()), generator=g)
@@ -119,7 +116,7 @@ def test_sddmm_reads_operands_of_different_dtypes(dtypes, monkeypatch):
     _no_fallback(monkeypatch)
     mask = MASKS["random_19x130"]()
     csr = csr_of(mask)
-    g = _gen(0)
+    g = generator(0)
     dy = torch.randn(33, mask.shape[0], generator=g).to(dtypes[0])
     x = torch.randn(33, mask.shape[1], generator=g).to(dtypes[1])
     dv = cpu_ops.sddmm(dy, x, csr.row_offsets, csr.col_idx)
@@ -129,10 +126,10 @@ def test_sddmm_reads_operands_of_different_dtypes(dtypes, monkeypatch):
 
 def test_bf16_results_round_to_nearest_even_like_torch(monkeypatch):
     """A bf16 result is its fp32 sum rounded once, as torch rounds (ties to even, NaN stays NaN)."""
-    mask = density_mask(16, 16, 1.0, _gen(0))
+    mask = density_mask(16, 16, 1.0, generator(0))
     csr = csr_of(mask)
-    x = torch.randn(9, 16, generator=_gen(1)).to(torch.bfloat16)
-    values = torch.randn(256, generator=_gen(2))
+    x = torch.randn(9, 16, generator=generator(1)).to(torch.bfloat16)
+    values = torch.randn(256, generator=generator(2))
     x[3, 4] = float("nan")
     y = cpu_ops.spmm(x, values, csr.row_offsets, csr.col_idx, 16)
     y32 = cpu_ops.spmm(x.float(), values, csr.row_offsets, csr.col_idx, 16)
@@ -144,7 +141,7 @@ def test_bf16_results_round_to_nearest_even_like_torch(monkeypatch):
 def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     """(The shape is large enough for the kernels to use every thread they are given.)"""
     _tiling(monkeypatch, 16, 40)
-    mask = density_mask(600, 500, 0.05, _gen(0))
+    mask = density_mask(600, 500, 0.05, generator(0))
     csr = csr_of(mask)
     x, dy, values = _inputs(mask, 200, torch.float32, seed=1)
     before = torch.get_num_threads()

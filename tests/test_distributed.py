@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import child_env
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -36,14 +37,10 @@ def launch(scenarios: str, out: Path, world: int) -> dict[str, list[dict]]:
     each scenario's per-rank JSON reports (its tensors are in out/<scenario>/rank<r>.safetensors)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {
-        **os.environ,
+        **child_env(PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])),
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(_free_port()),
         "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     procs = [
         subprocess.Popen(
@@ -246,13 +243,9 @@ RUN_ARGS = [
 def _rosa(args: list[str], nproc: int | None, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """`rosa` as one plain process (nproc None), or under `torchrun --nproc_per_node nproc` or
     `accelerate launch --multi_gpu --num_processes nproc` (which launches CPU processes when there is no GPU)."""
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")},
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env(PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
     launcher = (
         [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     )

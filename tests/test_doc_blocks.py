@@ -9,7 +9,6 @@ one machine in it or in docs/.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -82,7 +82,7 @@ def test_readme_shell_commands_run(tiny_model_dir, tmp_path):
         if line.strip().startswith("rosa ")
     ]
     assert [line.split()[1] for line in lines] == ["train", "eval", "merge", "mask"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = child_env(PYTHONPATH=str(ROOT / "src"))
     for line in lines:
         args = shlex.split(line)[1:]
         if args[0] in ("train", "mask"):

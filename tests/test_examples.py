@@ -3,13 +3,13 @@ loads back with the same logits as the model that was saved."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import child_env
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -29,7 +29,7 @@ def test_example_runs_and_its_adapter_loads(script, tiny_model_dir, tmp_path):
     if script == "qrosa.py":
         pytest.importorskip("bitsandbytes")
     out = tmp_path / "adapter"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = child_env()
     done = subprocess.run(
         [
             sys.executable,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORD_LLAMA, rosa_llama, set_random_masks, word_llama
+from helpers import WORD_LLAMA, child_env, rosa_llama, set_random_masks, word_llama
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -293,12 +292,7 @@ def test_refused_load_in_a_subprocess_exits_cleanly(genuine, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONWARNINGS": "ignore",
-        },
+        env=child_env(PYTHONWARNINGS="ignore"),
     )
     assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
     assert "LOADED" not in result.stdout

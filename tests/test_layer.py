@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import generator
 from peft import LoraConfig, get_peft_model
 from reference import (
     assert_matches,
@@ -27,10 +28,6 @@ from rosa.sparse import empty_support, support_from_mask
 from rosa.sparse.strategy import choose_strategy
 
 OUT, IN = 12, 10
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # name -> (mask builder, x shape (without IN), r, non-contiguous)
@@ -70,7 +67,7 @@ class _Spy:
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_matches_reference(case, kind, bias, strategy, monkeypatch):
     build, lead, r, non_contiguous = CASES[case]
-    g = _gen(list(CASES).index(case))
+    g = generator(list(CASES).index(case))
     mask = build(g)
     base = make_base(kind, IN, OUT, bias, torch.float32, seed=1)
     layer = make_rosa(base, mask, r=r, strategy=strategy, extra_capacity=3, seed=2)
@@ -90,7 +87,7 @@ def test_layer_matches_reference(case, kind, bias, strategy, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("adapter_dtype", ["float32", "same"])
 def test_layer_low_precision(dtype, adapter_dtype, kind, strategy):
-    g = _gen(5)
+    g = generator(5)
     mask = density_mask(OUT, IN, 0.3, g)
     base = make_base(kind, IN, OUT, True, dtype, seed=3)
     adapter = torch.float32 if adapter_dtype == "float32" else dtype
@@ -101,7 +98,7 @@ def test_layer_low_precision(dtype, adapter_dtype, kind, strategy):
 
 
 def test_layer_zero_tokens():
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     for strategy in ("spmm", "fold"):
         layer = make_rosa(make_base("linear", IN, OUT, True, torch.float32, 0), mask, strategy=strategy)
         run = run_layer(layer, torch.randn(0, IN), torch.randn(0, OUT))
@@ -111,7 +108,7 @@ def test_layer_zero_tokens():
 
 
 def test_layer_rslora_scaling():
-    mask = density_mask(OUT, IN, 0.2, _gen(1))
+    mask = density_mask(OUT, IN, 0.2, generator(1))
     layer = make_rosa(
         make_base("linear", IN, OUT, True, torch.float32, 0), mask, r=4, lora_alpha=8, use_rslora=True
     )
@@ -123,7 +120,7 @@ def test_layer_rslora_scaling():
 @pytest.mark.parametrize(("kind", "bias"), [("linear", True), ("linear", False), ("conv1d", True)])
 def test_layer_gradcheck(kind, bias, strategy):
     """gradcheck of the whole layer in float64, through x, A, B and the sparse values."""
-    g = _gen(7)
+    g = generator(7)
     out_features, in_features = 5, 4
     mask = mask_with_empty_lines(out_features, in_features, 1.0, g) | single_entry_mask(
         out_features, in_features, 0, 0
@@ -152,7 +149,7 @@ def test_auto_strategy_follows_the_cost_rule(monkeypatch):
     out_features, in_features = 64, 48
     base = make_base("linear", in_features, out_features, True, torch.float32, seed=0)
     for density, tokens in [(0.01, 4), (1.0, 256)]:
-        mask = density_mask(out_features, in_features, density, _gen(0))
+        mask = density_mask(out_features, in_features, density, generator(0))
         layer = make_rosa(base, mask, strategy="auto")
         expected = choose_strategy("cpu", out_features, in_features, int(mask.sum()), tokens)
         spy = _Spy(monkeypatch)
@@ -163,7 +160,7 @@ def test_auto_strategy_follows_the_cost_rule(monkeypatch):
 
 
 def test_fold_falls_back_to_spmm_with_a_trainable_base(monkeypatch):
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
     layer = make_rosa(base, mask, strategy="fold")
     base.weight.requires_grad_(True)
@@ -175,7 +172,7 @@ def test_fold_falls_back_to_spmm_with_a_trainable_base(monkeypatch):
 @pytest.mark.parametrize(("first", "second"), [("fold", "spmm"), ("spmm", "fold"), ("fold", "fold")])
 def test_two_active_adapters(first, second):
     """Both adapters' LoRA and sparse terms are added, at most one of them folded into the weight."""
-    g = _gen(21)
+    g = generator(21)
     base = make_base("linear", IN, OUT, True, torch.float64, seed=0)
     masks = {"default": density_mask(OUT, IN, 0.3, g), "second": density_mask(OUT, IN, 0.2, g)}
     layer = make_rosa(base, masks["default"], r=2, strategy=first, adapter_dtype=torch.float64)
@@ -246,7 +243,7 @@ def test_density_zero_equals_peft_lora(kind, bias, strategy):
         layer.rosa_A["default"].weight.copy_(lora.lora_A["default"].weight)
         layer.rosa_B["default"].weight.copy_(lora.lora_B["default"].weight)
     assert layer.scaling["default"] == lora.scaling["default"]
-    g = _gen(12)
+    g = generator(12)
     x = torch.randn(3, 5, IN, generator=g)
     grad_out = torch.randn(3, 5, OUT, generator=g)
 
@@ -285,11 +282,11 @@ def test_values_get_no_gradient_before_a_support(strategy):
 
 def test_set_support_resets_values_and_moves_nothing_else():
     base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     layer = make_rosa(base, mask, strategy="spmm")
     values = layer.rosa_values["default"]
     assert bool((values != 0).any())
-    mask2 = density_mask(OUT, IN, 0.2, _gen(9))
+    mask2 = density_mask(OUT, IN, 0.2, generator(9))
     layer.set_support("default", support_from_mask(mask2))
     assert layer.rosa_values["default"] is values  # the parameter object survives (optimizers hold it)
     assert bool((values == 0).all())
@@ -303,7 +300,7 @@ def test_set_support_resets_values_and_moves_nothing_else():
 @pytest.mark.parametrize(("kind", "bias"), BASES, ids=["linear-bias", "linear-nobias", "conv1d"])
 @pytest.mark.parametrize("r", [0, 3])
 def test_merge_unmerge_and_delta_weight(kind, bias, r):
-    mask = mask_with_empty_lines(OUT, IN, 0.7, _gen(3))
+    mask = mask_with_empty_lines(OUT, IN, 0.7, generator(3))
     base = make_base(kind, IN, OUT, bias, torch.float32, seed=4)
     w0 = base_weight_out_in(base).detach().clone()
     layer = make_rosa(base, mask, r=r, extra_capacity=2, seed=5)
@@ -333,7 +330,7 @@ def test_merge_unmerge_and_delta_weight(kind, bias, r):
 
 
 def test_safe_merge_refuses_non_finite():
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
     w0 = base.weight.detach().clone()
     layer = make_rosa(base, mask)
@@ -345,7 +342,7 @@ def test_safe_merge_refuses_non_finite():
 
 
 def test_disable_adapters_gives_the_base_output():
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
     layer = make_rosa(base, mask)
     x = torch.randn(3, IN)
@@ -400,15 +397,15 @@ def test_set_support_rejects_wrong_shape_and_over_capacity():
     with pytest.raises(ValueError, match=r"support shape \(10, 12\) does not match the layer's \(12, 10\)"):
         layer.set_support("default", empty_support((IN, OUT)))
     with pytest.raises(ValueError, match=r"support has 13 nonzeros but adapter 'default' holds at most 12"):
-        layer.set_support("default", support_from_mask(density_mask(OUT, IN, 13 / 120, _gen(0))))
+        layer.set_support("default", support_from_mask(density_mask(OUT, IN, 13 / 120, generator(0))))
     assert layer.nnz("default") == 0
-    layer.set_support("default", support_from_mask(density_mask(OUT, IN, 0.1, _gen(0))))
+    layer.set_support("default", support_from_mask(density_mask(OUT, IN, 0.1, generator(0))))
     assert layer.nnz("default") == 12
 
 
 @pytest.mark.parametrize("strategy", ["spmm", "fold"])
 def test_input_on_another_device_fails_clearly(strategy):
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     layer = make_rosa(make_base("linear", IN, OUT, True, torch.float32, 0), mask, r=0, strategy=strategy)
     with pytest.raises(RuntimeError, match="device"):
         layer(torch.randn(3, IN, device="meta"))
@@ -420,11 +417,11 @@ def test_input_on_another_device_fails_clearly(strategy):
 @pytest.mark.parametrize("strategy", ["spmm", "fold"])
 def test_torch_compile_matches_eager(strategy):
     torch._dynamo.reset()
-    mask = density_mask(OUT, IN, 0.3, _gen(0))
+    mask = density_mask(OUT, IN, 0.3, generator(0))
     base = make_base("linear", IN, OUT, True, torch.float32, seed=0)
     layer = make_rosa(base, mask, r=3, strategy=strategy, extra_capacity=2)
-    x = torch.randn(2, 5, IN, generator=_gen(1))
-    grad_out = torch.randn(2, 5, OUT, generator=_gen(2))
+    x = torch.randn(2, 5, IN, generator=generator(1))
+    grad_out = torch.randn(2, 5, OUT, generator=generator(2))
     eager = run_layer(layer, x, grad_out)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     got = run_layer(compiled, x, grad_out)

@@ -159,3 +159,15 @@ def test_no_private_attribute_crosses_a_module():
 
 # Private names of other libraries rosa must use, each with its reason (pinned by tests of their own).
 ALLOWED_PRIVATE: set[str] = set()
+
+
+MAX_MODULE_LINES = 400  # one concern per module: longer ones get split along their seams
+
+
+def test_no_module_is_longer_than_the_limit():
+    long = {
+        str(p.relative_to(SRC.parent)): n
+        for p in sorted(SRC.parent.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"

@@ -409,7 +409,7 @@ def test_gradient_checkpointing_gives_the_same_mask():
     batches = make_batches()
     plain_mask = flat_indices(collect_mask(wrap_rosa(tiny_llama()).train(), batches))
     model = wrap_rosa(tiny_llama())
-    model.activation_checkpointing_enable()  # transformers' default: non-reentrant
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     assert flat_indices(collect_mask(model, batches)) == plain_mask
 

@@ -11,7 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from helpers import VOCAB, TokenData, lora_weights, sample_ids, set_random_masks, sparse_values, word_llama
+from helpers import (
+    VOCAB,
+    TokenData,
+    lora_weights,
+    sample_ids,
+    set_random_masks,
+    sparse_values,
+    training_args,
+    word_llama,
+)
 from peft import PeftModel, get_peft_model
 from tiny_models import tiny_llama, tiny_tokenizer
 from transformers import Trainer, TrainingArguments
@@ -35,22 +44,8 @@ def _config(**kw) -> RosaConfig:
 
 
 def _args(tmp_path, **kw) -> TrainingArguments:
-    return TrainingArguments(
-        **{
-            "output_dir": str(tmp_path),
-            "per_device_train_batch_size": 4,
-            "max_steps": STEPS,
-            "learning_rate": 1e-2,
-            "lr_scheduler_type": "constant",
-            "report_to": "none",
-            "use_cpu": True,
-            "save_strategy": "no",
-            "disable_tqdm": True,
-            "dataloader_num_workers": 0,
-            "seed": 0,
-            **kw,
-        }
-    )
+    settings = {"max_steps": STEPS, "learning_rate": 1e-2, "lr_scheduler_type": "constant", "seed": 0}
+    return training_args(tmp_path, **{**settings, **kw})
 
 
 def _model(seed: int = 0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import generator
 from reference import (
     assert_matches,
     csr_of,
@@ -22,23 +23,18 @@ from reference import (
 from rosa.sparse import ops
 from rosa.sparse.strategy import COST_MODELS, choose_strategy
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 # name -> mask; shapes chosen to cover square, tall, wide, 1-wide and a size above one cache line of indices.
 MASKS = {
-    "random_7x5": lambda: density_mask(7, 5, 0.4, _gen(1)),
-    "random_16x33": lambda: density_mask(16, 33, 0.1, _gen(2)),
-    "random_40x3": lambda: density_mask(40, 3, 0.5, _gen(3)),
-    "empty_rows_cols": lambda: mask_with_empty_lines(11, 13, 0.9, _gen(4)),
+    "random_7x5": lambda: density_mask(7, 5, 0.4, generator(1)),
+    "random_16x33": lambda: density_mask(16, 33, 0.1, generator(2)),
+    "random_40x3": lambda: density_mask(40, 3, 0.5, generator(3)),
+    "empty_rows_cols": lambda: mask_with_empty_lines(11, 13, 0.9, generator(4)),
     "single_nonzero": lambda: single_entry_mask(6, 9, 5, 0),
     "one_by_one": lambda: single_entry_mask(1, 1, 0, 0),
-    "density_1": lambda: density_mask(8, 6, 1.0, _gen(5)),
-    "density_0": lambda: density_mask(8, 6, 0.0, _gen(6)),
-    "row_vector": lambda: random_mask(1, 17, 5, _gen(7)),
-    "column_vector": lambda: random_mask(17, 1, 5, _gen(8)),
+    "density_1": lambda: density_mask(8, 6, 1.0, generator(5)),
+    "density_0": lambda: density_mask(8, 6, 0.0, generator(6)),
+    "row_vector": lambda: random_mask(1, 17, 5, generator(7)),
+    "column_vector": lambda: random_mask(17, 1, 5, generator(8)),
 }
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -55,7 +51,7 @@ def cpu_path(request, monkeypatch):
 
 def _inputs(mask, tokens, dtype, seed, non_contiguous=False):
     out_features, in_features = mask.shape
-    g = _gen(seed)
+    g = generator(seed)
     x = torch.randn(tokens, in_features, generator=g).to(dtype)
     dy = torch.randn(tokens, out_features, generator=g).to(dtype)
     values = torch.randn(int(mask.sum()), generator=g).to(dtype)
@@ -90,7 +86,7 @@ def test_primitive_ops_match_reference(case, dtype, non_contiguous, cpu_path):
     # Products of two half-precision numbers are exact in fp32: the value gradient has fp32 accuracy.
     assert_matches(dv, (dy.double().t() @ x.double())[mask], tol_for(dv.dtype), "sddmm", (ady.t() @ ax)[mask])
 
-    weight = torch.randn(out_features, in_features, generator=_gen(99)).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator(99)).to(dtype)
     if non_contiguous:
         weight = weight.t().contiguous().t()  # a transposed view, as a Conv1D weight is seen
     folded = ops.fold(weight, values, flat_index_of(mask))
@@ -106,7 +102,7 @@ def test_differentiable_ops_match_reference(op, case, dtype, cpu_path):
     out_features, in_features = mask.shape
     csr = csr_of(mask)
     x, grad_out, values = _inputs(mask, 5, dtype, seed=3 + len(case), non_contiguous=True)
-    weight = torch.randn(out_features, in_features, generator=_gen(4)).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator(4)).to(dtype)
     ref = reference_linear(
         x, weight if op == "folded_linear" else None, None, None, None, 0.0, mask, values, grad_out
     )
@@ -128,7 +124,7 @@ def test_differentiable_ops_match_reference(op, case, dtype, cpu_path):
 
 
 def test_values_only_and_x_only_gradients():
-    mask = density_mask(9, 7, 0.3, _gen(0))
+    mask = density_mask(9, 7, 0.3, generator(0))
     csr = csr_of(mask)
     x, grad_out, values = _inputs(mask, 4, torch.float64, seed=1)
     ref = reference_linear(x, None, None, None, None, 0.0, mask, values, grad_out)
@@ -167,7 +163,7 @@ def test_gradcheck_folded_linear(case):
     mask = MASKS[case]()
     csr = csr_of(mask)
     x, _, values = _inputs(mask, 3, torch.float64, seed=6)
-    weight = torch.randn(mask.shape, dtype=torch.float64, generator=_gen(7))
+    weight = torch.randn(mask.shape, dtype=torch.float64, generator=generator(7))
     flat = flat_index_of(mask)
     x.requires_grad_(True)
     values.requires_grad_(True)
@@ -180,7 +176,7 @@ def _op_samples(mask, dtype, non_contiguous, requires_grad):
     out_features, in_features = mask.shape
     csr = csr_of(mask)
     x, dy, values = _inputs(mask, 4, dtype, seed=8, non_contiguous=non_contiguous)
-    weight = torch.randn(out_features, in_features, generator=_gen(9)).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=generator(9)).to(dtype)
     flat = flat_index_of(mask)
     xg = x.detach().clone().requires_grad_(requires_grad)
     vg = values.detach().clone().requires_grad_(requires_grad)
@@ -217,7 +213,7 @@ def test_opcheck(op, case, dtype, non_contiguous, requires_grad, cpu_path):
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_mismatched_devices_fail_clearly(op, which):
     """One argument on the meta device (a stand-in for another GPU) is refused, not read through."""
-    args = list(_op_samples(density_mask(8, 6, 0.3, _gen(0)), torch.float32, False, False)[op])
+    args = list(_op_samples(density_mask(8, 6, 0.3, generator(0)), torch.float32, False, False)[op])
     tensor_positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     pos = tensor_positions[which]
     args[pos] = args[pos].to("meta")
@@ -228,7 +224,7 @@ def test_mismatched_devices_fail_clearly(op, which):
 
 
 def test_inconsistent_lengths_fail_clearly():
-    mask = density_mask(8, 6, 0.3, _gen(0))
+    mask = density_mask(8, 6, 0.3, generator(0))
     csr = csr_of(mask)
     x, dy, values = _inputs(mask, 4, torch.float32, seed=0)
     with pytest.raises(ValueError, match=r"rosa::spmm: 13 values for 14 nonzeros"):
@@ -252,7 +248,7 @@ def test_inconsistent_lengths_fail_clearly():
 
 
 def test_folded_linear_refuses_a_trainable_weight():
-    mask = density_mask(8, 6, 0.3, _gen(0))
+    mask = density_mask(8, 6, 0.3, generator(0))
     csr = csr_of(mask)
     x, _, values = _inputs(mask, 4, torch.float32, seed=0)
     weight = torch.randn(8, 6, requires_grad=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import generator
 from reference import (
     csr_of,
     density_mask,
@@ -24,17 +25,12 @@ from rosa.sparse import (
 )
 from rosa.sparse.support import INDEX_DTYPE
 
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 MASKS = {
-    "random": lambda: density_mask(9, 14, 0.3, _gen(0)),
-    "empty_rows_cols": lambda: mask_with_empty_lines(10, 8, 0.9, _gen(1)),
+    "random": lambda: density_mask(9, 14, 0.3, generator(0)),
+    "empty_rows_cols": lambda: mask_with_empty_lines(10, 8, 0.9, generator(1)),
     "single": lambda: single_entry_mask(5, 4, 4, 3),
-    "full": lambda: density_mask(3, 7, 1.0, _gen(2)),
-    "empty": lambda: density_mask(6, 5, 0.0, _gen(3)),
+    "full": lambda: density_mask(3, 7, 1.0, generator(2)),
+    "empty": lambda: density_mask(6, 5, 0.0, generator(3)),
     "one_by_one": lambda: single_entry_mask(1, 1, 0, 0),
 }
 
@@ -60,7 +56,7 @@ def test_builders_agree_with_an_independent_csr(case):
     _assert_support_is(support_from_mask(mask), mask)
     _assert_support_is(support_from_flat_index(flat_index_of(mask).flip(0), tuple(mask.shape)), mask)
     rows, cols = mask.nonzero(as_tuple=True)
-    perm = torch.randperm(rows.numel(), generator=_gen(4))
+    perm = torch.randperm(rows.numel(), generator=generator(4))
     _assert_support_is(support_from_coo(rows[perm], cols[perm], tuple(mask.shape)), mask)
     csr = csr_of(mask)
     _assert_support_is(support_from_csr(csr.row_offsets, csr.col_idx, mask.shape[1]), mask)
@@ -71,7 +67,7 @@ def test_builders_agree_with_an_independent_csr(case):
 def test_transpose_permutation_lists_values_column_major(case):
     mask = MASKS[case]()
     support = support_from_mask(mask)
-    values = torch.randn(support.nnz, generator=_gen(5), dtype=torch.float64)
+    values = torch.randn(support.nnz, generator=generator(5), dtype=torch.float64)
     dense = torch.zeros(mask.shape, dtype=torch.float64)
     dense[mask] = values
     # Entries of S^T in row-major order are those of S in column-major order.
@@ -95,7 +91,7 @@ def _i32(v):
 
 
 def test_validate_accepts_good_csr():
-    csr = csr_of(mask_with_empty_lines(10, 8, 0.9, _gen(1)))
+    csr = csr_of(mask_with_empty_lines(10, 8, 0.9, generator(1)))
     validate_csr(csr.row_offsets, csr.col_idx, 8)
     validate_csr(_i32([0, 0, 0]), _i32([]), 5)
 
@@ -171,7 +167,7 @@ def test_duplicate_and_out_of_range_entries_are_refused():
 
 
 def test_large_random_support_round_trips():
-    mask = random_mask(300, 200, 6000, _gen(6))
+    mask = random_mask(300, 200, 6000, generator(6))
     support = support_from_mask(mask)
     assert torch.equal(support.to_dense_mask(), mask)
     again = support_from_csr(support.row_offsets, support.col_idx, 200)

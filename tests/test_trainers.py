@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from helpers import VOCAB, WORD_LLAMA, logits_of, sample_ids, set_random_masks, word_llama
+from helpers import VOCAB, WORD_LLAMA, child_env, logits_of, sample_ids, set_random_masks, word_llama
 from tiny_models import tiny_tokenizer
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -178,12 +178,7 @@ def test_reload_in_a_fresh_process_gives_identical_logits(trained, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONWARNINGS": "ignore",
-        },
+        env=child_env(PYTHONWARNINGS="ignore"),
     )
     assert result.returncode == 0 and "CHILD OK" in result.stdout, result.stderr[-4000:]
     for (name, run), job in zip(trained.items(), jobs):

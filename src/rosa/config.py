@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +11,21 @@ import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .config_checks import (
+    MAX_CAPACITY_FACTOR,
+    MAX_MEMORY_GIB,
+    RosaConfigError,
+    _check_alpha,
+    _check_density,
+    _check_layers_to_transform,
+    _check_module_names,
+    _check_number,
+    _check_rank,
+    _check_regex,
+    _check_token_indices,
+    _is_number,
+    short_repr,
+)
 from .serialization import (
     CONFIG_NAME,
     PEFT_TYPE,
@@ -31,18 +45,9 @@ FISHER_GRANULARITIES: tuple[str, ...] = get_args(FisherGranularity)
 SPARSE_STRATEGIES: tuple[str, ...] = get_args(SparseStrategy)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 # Sanity bounds: well above any real use, well below what overflows or exhausts memory before a layer exists.
-MAX_RANK = 1 << 16  # above any released model's hidden size; a layer's own bound is min(out, in)
-MAX_ALPHA = 1e6  # lora_alpha: the LoRA scale is alpha / r; typical values are 8 to 512
-MAX_CAPACITY_FACTOR = 1e6  # global_capacity_factor: a layer's values are capped at out * in anyway
-MAX_MEMORY_GIB = 1 << 20  # mask_memory_budget (GiB)
-MAX_NAME_LENGTH = 4096  # a module name or pattern
-
-
-class RosaConfigError(ValueError):
-    """A RosaConfig field has a value RoSA cannot use."""
-
-
 @dataclass
 class RosaConfig(PeftConfig):
     """Configuration of a RoSA adapter: a LoRA pair plus a sparse matrix whose support is chosen from data.
@@ -183,26 +188,26 @@ class RosaConfig(PeftConfig):
         for name in ("rank_pattern", "alpha_pattern", "density_pattern"):
             if not isinstance(getattr(self, name), dict):
                 raise RosaConfigError(
-                    f"{name} must be a mapping of module-name patterns, got {_short(getattr(self, name))}"
+                    f"{name} must be a mapping of module-name patterns, got {short_repr(getattr(self, name))}"
                 )
         for pattern, rank in self.rank_pattern.items():
-            _check_rank(rank, f"rank_pattern[{_short(pattern)}]")
+            _check_rank(rank, f"rank_pattern[{short_repr(pattern)}]")
         for pattern, alpha in self.alpha_pattern.items():
-            _check_alpha(alpha, f"alpha_pattern[{_short(pattern)}]")
+            _check_alpha(alpha, f"alpha_pattern[{short_repr(pattern)}]")
         for pattern, density in self.density_pattern.items():
-            _check_density(density, f"density_pattern[{_short(pattern)}]")
+            _check_density(density, f"density_pattern[{short_repr(pattern)}]")
         for pattern in (*self.rank_pattern, *self.density_pattern, *self.alpha_pattern):
-            _check_regex(pattern, f"pattern {_short(pattern)}")
+            _check_regex(pattern, f"pattern {short_repr(pattern)}")
         for name in ("target_modules", "exclude_modules"):
             _check_module_names(getattr(self, name), name, regex=True)
         _check_module_names(self.modules_to_save, "modules_to_save", regex=False)
         _check_module_names(self.layers_pattern, "layers_pattern", regex=False)
         _check_number(self.lora_dropout, "lora_dropout")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise RosaConfigError(f"lora_dropout must be in [0, 1), got {_short(self.lora_dropout)}")
+            raise RosaConfigError(f"lora_dropout must be in [0, 1), got {short_repr(self.lora_dropout)}")
         if self.adapter_dtype not in DTYPES:
             raise RosaConfigError(
-                f"adapter_dtype must be one of {sorted(DTYPES)}, got {_short(self.adapter_dtype)}"
+                f"adapter_dtype must be one of {sorted(DTYPES)}, got {short_repr(self.adapter_dtype)}"
             )
         for name, allowed in (
             ("sparse_strategy", SPARSE_STRATEGIES),
@@ -211,38 +216,40 @@ class RosaConfig(PeftConfig):
             ("fisher_granularity", FISHER_GRANULARITIES),
         ):
             if getattr(self, name) not in allowed:
-                raise RosaConfigError(f"{name} must be {_one_of(allowed)}, got {_short(getattr(self, name))}")
+                raise RosaConfigError(
+                    f"{name} must be {_one_of(allowed)}, got {short_repr(getattr(self, name))}"
+                )
         _check_number(self.global_capacity_factor, "global_capacity_factor")
         if not 1.0 <= self.global_capacity_factor <= MAX_CAPACITY_FACTOR:
             raise RosaConfigError(
                 f"global_capacity_factor must be a number in [1, {MAX_CAPACITY_FACTOR:g}], got "
-                f"{_short(self.global_capacity_factor)}"
+                f"{short_repr(self.global_capacity_factor)}"
             )
         for name in ("warmup_steps", "mask_steps", "rewarmup_steps", "mask_seed"):
             value = getattr(self, name)
             if name == "rewarmup_steps" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise RosaConfigError(f"{name} must be a non-negative integer, got {_short(value)}")
+                raise RosaConfigError(f"{name} must be a non-negative integer, got {short_repr(value)}")
         if self.mask_memory_budget is not None:
             _check_number(self.mask_memory_budget, "mask_memory_budget")
             if not 0 < self.mask_memory_budget <= MAX_MEMORY_GIB:
                 raise RosaConfigError(
                     f"mask_memory_budget must be a positive number of GiB (at most {MAX_MEMORY_GIB}), got "
-                    f"{_short(self.mask_memory_budget)}"
+                    f"{short_repr(self.mask_memory_budget)}"
                 )
         for name in ("use_rslora", "fan_in_fan_out", "restart_after_mask", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
-                raise RosaConfigError(f"{name} must be true or false, got {_short(getattr(self, name))}")
+                raise RosaConfigError(f"{name} must be true or false, got {short_repr(getattr(self, name))}")
         if not _is_number(self.sparse_lr_ratio) or not 0 < float(self.sparse_lr_ratio) <= 1e6:
             raise RosaConfigError(
                 f"sparse_lr_ratio must be a number in (0, 1e6], got {self.sparse_lr_ratio!r}"
             )
         if self.bias != "none":
-            raise RosaConfigError(f"bias must be 'none', got {_short(self.bias)}")
+            raise RosaConfigError(f"bias must be 'none', got {short_repr(self.bias)}")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise RosaConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {_short(self.init_lora_weights)} (PEFT's "
+                f"init_lora_weights must be True, False or 'gaussian', got {short_repr(self.init_lora_weights)} (PEFT's "
                 "data-driven initialisations such as pissa, olora, loftq, eva or corda are not supported by RoSA)"
             )
         _check_layers_to_transform(self.layers_to_transform)
@@ -305,99 +312,3 @@ def _match_pattern(patterns: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return value
     return default
-
-
-def _short(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so that a message quoting a hostile value stays one short line."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_number(value, name: str) -> None:
-    """A real number (not a bool, not a string such as "32"), and finite."""
-    if not _is_number(value):
-        raise RosaConfigError(f"{name} must be a number, got {_short(value)}")
-    if isinstance(value, float) and not math.isfinite(value):  # an int is finite (and may not fit a float)
-        raise RosaConfigError(f"{name} must be a finite number, got {value!r}")
-
-
-def _check_rank(rank: int, name: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise RosaConfigError(f"{name} must be a non-negative integer, got {_short(rank)}")
-    if rank > MAX_RANK:
-        raise RosaConfigError(
-            f"{name}={rank} is larger than any layer rosa can adapt (at most {MAX_RANK}; a layer's own limit is "
-            "min(out_features, in_features))"
-        )
-
-
-def _check_alpha(alpha: float, name: str) -> None:
-    _check_number(alpha, name)
-    if not 0 < alpha <= MAX_ALPHA:
-        raise RosaConfigError(
-            f"{name} must be a number in (0, {MAX_ALPHA:g}] (the LoRA scale is {name} / r), got {_short(alpha)}"
-        )
-
-
-def _check_density(density: float, name: str) -> None:
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= float(density) <= 1.0:
-        raise RosaConfigError(f"{name} must be a number in [0, 1], got {_short(density)}")
-
-
-def _check_regex(pattern, name: str) -> None:
-    if not isinstance(pattern, str) or not pattern:
-        raise RosaConfigError(f"{name} must be a non-empty string")
-    if len(pattern) > MAX_NAME_LENGTH:
-        raise RosaConfigError(f"{name} is {len(pattern)} characters long (at most {MAX_NAME_LENGTH})")
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise RosaConfigError(f"{name} is not a valid regex: {e}") from None
-
-
-def _check_module_names(value, name: str, regex: bool) -> None:
-    """None, a string (for target/exclude_modules a regex, as PEFT reads it) or a list of non-empty names."""
-    if value is None:
-        return
-    if isinstance(value, str):
-        if regex and value != "all-linear":
-            _check_regex(value, name)
-        elif not value:
-            raise RosaConfigError(f"{name} must not be an empty string")
-        return
-    if not isinstance(value, (list, tuple, set, frozenset)):
-        raise RosaConfigError(f"{name} must be a module name, a list of them or null, got {_short(value)}")
-    for item in value:
-        if not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH:
-            raise RosaConfigError(f"{name} must hold non-empty module names, got {_short(item)}")
-
-
-def _check_index_list(value, name: str) -> None:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
-    ):
-        raise RosaConfigError(f"{name} must be a list of non-negative integers, got {_short(value)}")
-
-
-def _check_layers_to_transform(value) -> None:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-        return
-    _check_index_list(value, "layers_to_transform")
-
-
-def _check_token_indices(value) -> None:
-    if value is None:
-        return
-    if isinstance(value, dict):
-        for module, indices in value.items():
-            if not isinstance(module, str) or not module:
-                raise RosaConfigError(
-                    f"trainable_token_indices keys must be module names, got {_short(module)}"
-                )
-            _check_index_list(indices, f"trainable_token_indices[{_short(module)}]")
-        return
-    _check_index_list(value, "trainable_token_indices")

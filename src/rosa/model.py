@@ -15,7 +15,7 @@ PEFT function, attribute or instance is replaced), and checks the path it was gi
 given, as ``rosa.load_rosa_model`` does; ``tests/test_reliability_loading.py`` pins the PEFT behaviour this relies
 on. Whatever the path, the tensors themselves are checked against the model before PEFT copies them in, through
 the tuner classmethod PEFT calls on every load (``_remap_adapter_state_dict_for_load``, see
-:func:`rosa.serialization.check_loaded_state_dict`). One path is left: ``PeftModel.load_adapter(path, name)`` for an
+:func:`rosa.loaded_tensors.check_loaded_state_dict`). One path is left: ``PeftModel.load_adapter(path, name)`` for an
 adapter ``name`` that is already loaded reads the file with no RoSA code before it; its tensors are still checked,
 but a FIFO in place of the file would block there, and a pickle-only folder reaches torch's ``weights_only``
 unpickler (which refuses code) before rosa can refuse it.
@@ -36,13 +36,13 @@ from torch import nn
 
 from .config import RosaConfig, RosaConfigError
 from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget, rosa_layers
+from .loaded_tensors import check_loaded_state_dict
 from .schedule.core import ensure_schedule
 from .serialization import (
     PREFIX,
     SAFETENSORS_NAME,
     AdapterFileError,
     check_adapter_source,
-    check_loaded_state_dict,
 )
 from .sparse.delta import compact_state_dict
 

@@ -79,7 +79,8 @@ def settle_model(run: RunConfig, source: AdapterSource, given: list[str]) -> Run
 
 
 def settle_run(run: RunConfig, source: AdapterSource, given: list[str]) -> RunConfig:
-    """``run`` with the model and data the adapter was trained on, except where the user gave them."""
+    """``run`` with the model, data and evaluation settings the adapter was trained with, except where the user
+    gave them."""
     run = settle_model(run, source, given)
     trained = load_run_config(source.run_config) if source.run_config is not None else None
     if not any(k.startswith("data.") for k in given):
@@ -89,6 +90,8 @@ def settle_run(run: RunConfig, source: AdapterSource, given: list[str]) -> RunCo
                 "give the data to score it on (data.task=... data.path=...)"
             )
         run.data = trained.data
+    if trained is not None and not any(k.startswith("eval.") for k in given):
+        run.eval = trained.eval  # the rows and generation settings the run itself was scored with
     return run
 
 

@@ -113,6 +113,9 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the result is a folder like any other
     try:
         write(tmp)
+        for file in tmp.rglob("*"):  # some writers create private files (0600): like any other file instead
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, 0o666 & ~umask)
         check_merge_target(out, overwrite)
         _swap_in(tmp, out, overwrite)
     finally:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import COLLECT, JOINT, WARMUP, RosaSchedule, needs_mask_before_training, needs_schedule
+from .conditions import needs_mask_before_training, needs_schedule
+from .core import COLLECT, JOINT, WARMUP, RosaSchedule
 from .hooks import schedule_of
 from .optimizer import reset_optimizer_state, unwrap_optimizer
 from .state import SCHEDULE_FILE, load_schedule_state, save_schedule_state
