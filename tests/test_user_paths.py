@@ -68,6 +68,16 @@ def test_a_run_logs_validation_loss_and_draws_its_curves(run):
     assert "held-out loss" in last[-2] and last[-1] == f"adapter: {folder / 'adapter'}"
 
 
+def test_the_adapter_and_the_mask_are_ordinary_readable_files(run):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = run[0]
+    for file in [folder / "mask.safetensors", *(folder / "adapter").iterdir()]:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file  # safetensors alone writes 0600
+
+
 def test_the_adapter_says_rosa_is_needed_to_load_it(run):
     card = (run[0] / "adapter" / "README.md").read_text()
     assert "import rosa" in card and "PeftModel.from_pretrained" in card

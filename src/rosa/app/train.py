@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..mask.files import readable_by_umask
 from .checkpoint import write_atomic
 from .run_config import RunConfig, load_run_config
 from .run_folder import (
@@ -152,6 +153,8 @@ def _run(run, ctx, out: Path, checkpoint: Path | None, show_progress: bool) -> T
         tmp.mkdir()
         (tmp / "README.md").write_text(MODEL_CARD.format(base=run.model.name))  # PEFT adds its own part
         job.model.save_pretrained(tmp)
+        for file in tmp.iterdir():  # safetensors writes 0600: the adapter is an ordinary folder
+            readable_by_umask(file)
         shutil.rmtree(out / "adapter", ignore_errors=True)
         os.replace(tmp, out / "adapter")
     after = (

@@ -26,6 +26,13 @@ class MaskFileError(MaskError, SupportError):
     """A mask file is malformed or does not fit the model. Nothing was applied."""
 
 
+def readable_by_umask(path: str | os.PathLike) -> None:
+    """safetensors writes its files private (0600); a mask is an ordinary file: the mode the umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_mask(
     model: nn.Module,
     path: str | os.PathLike,
@@ -55,6 +62,7 @@ def save_mask(
         "shapes": json.dumps(shapes),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
+    readable_by_umask(path)
 
 
 def read_mask_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
