@@ -46,7 +46,7 @@ from torch import nn
 from .config import RosaConfig
 from .distributed import world_size
 from .mask.builder import plan_layer_groups
-from .mask.collect import FrozenParams, default_loss, rng_state, set_rng_state
+from .mask.collect import FrozenParams, default_loss, observe_backward, rng_state, set_rng_state
 from .mask.layers import MaskError, mask_layers
 from .mask.statistics import ExampleFactors, StatCollector
 from .model import get_rosa_model
@@ -270,13 +270,7 @@ def _measure(layers, measures, model, batches, loss_fn) -> None:
             on_examples=lambda name, g, factors, phase=phase: getattr(measures[name], phase)(g, factors),
         )
         with FrozenParams(model), collector:
-            for batch in batches:
-                loss = loss_fn(model, batch)
-                if not loss.requires_grad:
-                    raise MaskError("the loss does not depend on any targeted layer")
-                loss.backward()
-                del loss
-                collector.end_micro_batch()
+            observe_backward(model, batches, loss_fn, collector, "targeted layer")
         for name, measure in measures.items():
             collector.statistics(name)  # closes the last micro-batch and frees the accumulator
             if phase == "first_pass":

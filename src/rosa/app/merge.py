@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import DTYPES
 from ..layer import RosaLayer
+from ..mask.files import readable_by_umask
 from ..merge import dequantized_weight, is_4bit, merge_to_dense, nf4_config
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def write_folder_atomically(out: Path, write: Callable[[Path], None], overwrite:
         write(tmp)
         for file in tmp.rglob("*"):  # some writers create private files (0600): like any other file instead
             if file.is_file() and not file.is_symlink():
-                os.chmod(file, 0o666 & ~umask)
+                readable_by_umask(file)
         check_merge_target(out, overwrite)
         _swap_in(tmp, out, overwrite)
     finally:

@@ -29,6 +29,17 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     return loss
 
 
+def observe_backward(model: nn.Module, batches: Iterable, loss_fn, collector, what: str) -> None:
+    """One backward pass per batch for ``collector``'s hooks to see, each closed as a micro-batch."""
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        if not loss.requires_grad:
+            raise MaskError(f"the loss does not depend on any {what}")
+        loss.backward()
+        del loss
+        collector.end_micro_batch()
+
+
 class FrozenParams:
     """Temporarily set requires_grad=False on every parameter (collection computes no parameter gradient)."""
 
@@ -119,13 +130,7 @@ def collect_mask(
             while not builder.done:
                 collector = builder.start_group()
                 set_rng_state(rng)
-                for batch in batches:
-                    loss = loss_fn(model, batch)
-                    if not loss.requires_grad:
-                        raise MaskError("the loss does not depend on any adapted layer")
-                    loss.backward()
-                    del loss
-                    collector.end_micro_batch()
+                observe_backward(model, batches, loss_fn, collector, "adapted layer")
                 builder.finish_group()
         logger.info("mask statistics: %d batches x %d layer group(s)", len(batches), len(builder.groups))
     supports = builder.build()
