@@ -55,20 +55,17 @@ CPU for SpA and RoSA on ViGGO (LoRA: 24 CPU-minutes over 2 threads); each probe 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
-import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import provenance
+import finetune
+import results_store
 import torch
-from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -171,37 +168,23 @@ class Spec:
 
 
 def load_results(path: Path) -> dict[str, Any]:
-    if path.exists():
-        return json.loads(path.read_text())
+    return results_store.load(path, empty_results())
+
+
+def empty_results() -> dict[str, Any]:
     return {"settings": settings(), "probes": {}, "runs": {}}
 
 
 def save_results(results: dict[str, Any], path: Path) -> None:
     """Write the whole file atomically (a fresh file, or a deliberate rewrite)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _write(results, path)
+    results_store.write(results, path)
 
 
 def record_result(results: dict[str, Any], path: Path, part: str, key: str, value: dict[str, Any]) -> None:
-    """Add one probe or run to the file as it is on disk now, under a lock, and to ``results``.
-
-    Only the new entry is written: two suites may share one file, and an entry removed from the file by hand
-    (e.g. a run found invalid) is not brought back from another process's memory."""
+    """Add one probe or run to the file as it is on disk now (``results_store.record``) and to ``results``."""
     results[part][key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        on_disk = json.loads(path.read_text()) if path.exists() else {**results, part: {}}
-        on_disk.setdefault(part, {})[key] = value
-        _write(on_disk, path)
-
-
-def _write(results: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+    results_store.record(path, part, key, value, empty_results())
 
 
 def settings() -> dict[str, Any]:
@@ -241,19 +224,9 @@ def splits(task: str) -> tuple[list, list, list]:
 # ------------------------------------------------------------------------------------------------ methods
 
 
-def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer LoRA's ``all-linear`` adapts (the output head excluded)."""
-    head = model.get_output_embeddings()
-    return [
-        (m.out_features, m.in_features)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear) and m is not head
-    ]
-
-
 def budget_split(model: torch.nn.Module, spec: Spec) -> dict[str, Any]:
     """Rank and density of ``spec.method`` at the budget of LoRA with rank ``BUDGETS[spec.budget]``."""
-    shapes = linear_shapes(model)
+    shapes = finetune.linear_shapes(model)
     weights = sum(o * i for o, i in shapes)
     per_rank = sum(o + i for o, i in shapes)
     budget = BUDGETS[spec.budget] * per_rank
@@ -266,40 +239,42 @@ def budget_split(model: torch.nn.Module, spec: Spec) -> dict[str, Any]:
     return {"r": r, "density": density, "budget": budget, "linear_weights": weights}
 
 
-def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
-    """The model to train and, for RoSA, its schedule; returns (model, scheduler or None, parameter info)."""
-    if spec.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, None, {"trainable": sum(p.numel() for p in model.parameters())}
-    split = budget_split(model, spec)
-    if spec.method == "lora":
-        from peft import LoraConfig, get_peft_model
+def adapter_for(spec: Spec, warmup: int):
+    """The function ``finetune.train_once`` calls to build ``spec``'s method on the pretrained model: (config,
+    {"params": its budget split}); config None is full fine-tuning. RoSA's schedule options become RosaConfig
+    fields: the library's schedule runs them."""
 
-        config = LoraConfig(
-            r=split["r"], lora_alpha=2 * split["r"], target_modules="all-linear", task_type="CAUSAL_LM"
+    def build(model: torch.nn.Module, first: list) -> tuple[Any, dict[str, Any]]:
+        if spec.method == "full":
+            return None, {"params": {"trainable": sum(p.numel() for p in model.parameters())}}
+        split = budget_split(model, spec)
+        if spec.method == "lora":
+            from peft import LoraConfig
+
+            config = LoraConfig(
+                r=split["r"], lora_alpha=2 * split["r"], target_modules="all-linear", task_type="CAUSAL_LM"
+            )
+            return config, {"params": split}
+        from rosa import RosaConfig
+
+        config = RosaConfig(
+            task_type="CAUSAL_LM",
+            r=split["r"],
+            lora_alpha=max(1, 2 * split["r"]),
+            density=split["density"],
+            target_modules="all-linear",
+            mask_method=spec.mask_method,
+            mask_allocation=spec.allocation,
+            mask_seed=SEED,
+            warmup_steps=warmup if spec.method == "rosa" and spec.lora_warmup else 0,
+            mask_steps=MASK_STEPS,
+            restart_after_mask=spec.restart,
+            rewarmup_steps=warmup if spec.rewarmup else 0,
+            sparse_lr_ratio=spec.sparse_lr_ratio,
         )
-        return get_peft_model(model, config), None, split
-    from rosa import RosaConfig, get_rosa_model
-    from rosa.scheduler import RosaScheduler
+        return config, {"params": split}
 
-    config = RosaConfig(
-        task_type="CAUSAL_LM",
-        r=split["r"],
-        lora_alpha=max(1, 2 * split["r"]),
-        density=split["density"],
-        target_modules="all-linear",
-        mask_method=spec.mask_method,
-        mask_allocation=spec.allocation,
-        mask_seed=SEED,
-        warmup_steps=warmup_steps if spec.method == "rosa" and spec.lora_warmup else 0,
-        mask_steps=MASK_STEPS,
-        restart_after_mask=spec.restart,
-        rewarmup_steps=warmup_steps if spec.rewarmup else 0,
-    )
-    peft_model = get_rosa_model(model, config)
-    schedule = RosaScheduler(peft_model, config) if spec.method == "rosa" and not spec.mask_at_start else None
-    return peft_model, schedule, split
+    return build
 
 
 # ------------------------------------------------------------------------------------------------ one run
@@ -307,108 +282,35 @@ def build(model: torch.nn.Module, spec: Spec, warmup_steps: int):
 
 def epoch_steps(task: str, epochs: float) -> int:
     """Steps of ``BATCH`` rows that pass ``epochs`` times over the task's training rows."""
-    return math.ceil(epochs * len(splits(task)[0]) / BATCH)
+    return finetune.steps_for_epochs(len(splits(task)[0]), BATCH, epochs)
 
 
 def warmup_steps(steps: int) -> int:
     """LR warm-up length of a ``steps``-step run (also RoSA's LoRA-only phase)."""
-    return max(1, round(WARMUP_FRACTION * steps))
+    return finetune.Recipe(lr=1.0, steps=steps, warmup_fraction=WARMUP_FRACTION).warmup
 
 
 def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -> dict[str, Any]:
-    """Fine-tune a fresh copy of the model; return losses, validation loss and (optionally) test exact match."""
-    from torch.utils.data import DataLoader
-
-    from rosa.app.batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
-    from rosa.app.evaluate import evaluate_task, heldout_loss
-    from rosa.app.loading import load_model_and_tokenizer, warmup_cosine
-    from rosa.app.run_config import ModelSection
-    from rosa.masks import collect_mask
-    from rosa.model import sparse_parameter_count
-    from rosa.optim import create_rosa_optimizer
-
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    load_before = os.getloadavg()[0]
-    train, val, test = splits(spec.task)
-    torch.manual_seed(spec.seed)
-    model, tokenizer = load_model_and_tokenizer(ModelSection())
-    warmup = warmup_steps(steps)
-    model, schedule, info = build(model, spec, 0 if spec.mask_at_start else warmup)
-    features = tokenize_examples(train, tokenizer, MAX_LENGTH)
-    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=spec.seed)
-    collate = CausalLMCollator(tokenizer)
-    batches = iter(sampler)
-
-    if spec.method == "spa" or spec.mask_at_start:  # score the mask on the first batches, before any step
-        first = [collate([features[i] for i in b]) for b in sampler.batches(0)[:MASK_STEPS]]
-        model.train()
-        collect_mask(model, first)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if spec.method in ("spa", "rosa"):
-        optimizer = create_rosa_optimizer(model, lr=lr, sparse_lr_ratio=spec.sparse_lr_ratio)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
-    losses = []
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False):
-        batch = next(batches, None)
-        if batch is None:
-            batches = iter(sampler)
-            batch = next(batches)
-        loss = model(**collate([features[i] for i in batch])).loss
-        loss.backward()
-        if schedule is not None:
-            schedule.micro_batch_end()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if schedule is not None:
-            schedule.step(optimizer)
-        losses.append(round(loss.item(), 5))
-    if schedule is not None:
-        schedule.close()
-    train_seconds = time.perf_counter() - started
-
-    val_loader = DataLoader(tokenize_examples(val, tokenizer, MAX_LENGTH), batch_size=16, collate_fn=collate)
-    result: dict[str, Any] = {
-        "spec": asdict(spec),
-        "lr": lr,
-        "steps": steps,
-        "val_loss": heldout_loss(model, val_loader),
-        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "losses": losses,
-        "params": info,
-        "threads": torch.get_num_threads(),
-        "train_seconds": round(train_seconds, 1),
-        "commit": provenance.git_commit(),
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "load_before": load_before,
-    }
-    if schedule is not None:
-        result["schedule_events"] = schedule.events
-    if spec.method in ("spa", "rosa"):
-        counts = sparse_parameter_count(model)
-        result["trainable"] = {**counts, "total": counts["lora"] + counts["sparse_active"]}
-    elif spec.method == "lora":
-        result["trainable"] = {"total": sum(p.numel() for p in params)}
-    else:
-        result["trainable"] = {"total": info["trainable"]}
-    if score_test:
-        scored = evaluate_task(model, tokenizer, test, spec.task, batch_size=16, show_progress=True)
-        result.update(
-            exact_match=scored["exact_match"],
-            correct=scored["correct"],
-            count=scored["count"],
-            samples=scored["samples"][:5],
+    """Fine-tune a fresh copy of the model (``finetune.train_once``): losses, validation loss and, when asked,
+    test exact match."""
+    if spec.mask_at_start:
+        raise SystemExit(
+            "mask-at-start diagnostics trained in this script's own loop (their rows record its commit); the "
+            "shared loop runs the library's schedule, which collects a rank > 0 mask during training"
         )
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    result["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-    return result
+    recipe = finetune.Recipe(
+        lr=lr,
+        steps=steps,
+        seed=spec.seed,
+        batch=BATCH,
+        max_length=MAX_LENGTH,
+        warmup_fraction=WARMUP_FRACTION,
+    )
+    result = finetune.train_once(
+        splits(spec.task), spec.task, adapter_for(spec, recipe.warmup), recipe, score_test=score_test,
+        eval_batch=16, desc=desc,
+    )  # fmt: skip
+    return {"spec": asdict(spec), **result}
 
 
 # ------------------------------------------------------------------------------------------------ suite

@@ -14,15 +14,20 @@ Budgets count trainable weights in the adapted linear layers (q, k, v, o, gate, 
 layers): ``low`` is LoRA rank 4's worth (1.15% of the linear weights), ``mid`` rank 16's (4.6%). LoRA is PEFT's
 own (``all-linear``, alpha = 2r); RoSA spends the same budget on a rank and the density that fills the rest.
 
+Every run trains through ``finetune.train_once`` (the loop a PEFT user writes; RoSA's schedule runs inside the
+optimizer step, from the library).
+
 Learning rates: one rule for every method. Each (task, budget) trains at the rate the first protocol's policy
 kept at 150 steps (``RATES``: probes, then two finalists trained in full, lower validation loss; recorded in
 docs/benchmarks/accuracy.json, a test checks the table against it). At every cell the policy kept the same rate
 for LoRA and for RoSA. Every run: batches of 8 (length-grouped, seeded), linear warm-up over 10% of the steps
 then cosine, AdamW without weight decay, clipping at 1.0, fp32 weights; the same batches for both methods of a seed.
 
-RoSA's schedule is the library's (``rosa.scheduler.RosaScheduler``): the mask from the first 8 micro-batches of
-training, then A and B restart and everything that starts re-warms up over 10% of the steps; sparse values at
-``lr / sparse_lr_ratio``. A rank-0 split (sparse only) scores its mask on the same 8 batches before step 0.
+RoSA's schedule is the library's (``rosa.schedule.RosaSchedule``, from the RosaConfig): the mask from the first 8
+micro-batches of training, then A and B restart and everything that starts re-warms up over 10% of the steps;
+sparse values at ``lr / sparse_lr_ratio``. A rank-0 split (sparse only) scores its mask on the same 8 batches
+before step 0. (Runs recorded at commit 1e61711 trained in this script's own loop with the same rules and a
+grouped optimizer: ``rosa.optim.create_rosa_optimizer``.)
 
 Parts:
 
@@ -37,7 +42,8 @@ Parts:
 - ``comparison``: one epoch, LoRA and RoSA (with the chosen defaults) at each budget and seed, test rows scored.
 
 Resumable: each finished run is added to the JSON at once (``results_store``), so two processes (one per core,
-``--threads 1``) can share it; a run already in the file is skipped.
+``--threads 1``) can share it; a run already in the file is skipped, and a run stopped midway (Ctrl-C, SIGTERM,
+a killed process) goes on from its last checkpoint (every 25 steps, in ``.accuracy_epoch.json.work/``).
 
     python benchmarks/accuracy_epoch.py --part lora-reference candidates --threads 1
     python benchmarks/accuracy_epoch.py --part comparison --methods lora --budgets low --seeds 0 1 2 --threads 1
@@ -49,15 +55,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import provenance
+import finetune
 import results_store
 import torch
-from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -145,148 +149,65 @@ def splits(task: str) -> tuple[list, list, list]:
 # ------------------------------------------------------------------------------------------------ one run
 
 
-def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer ``all-linear`` adapts (the output head excluded)."""
-    head = model.get_output_embeddings()
-    return [
-        (m.out_features, m.in_features)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear) and m is not head
-    ]
-
-
-def rosa_config(model: torch.nn.Module, spec: Spec, warmup: int):
-    """RoSA at ``spec``'s split of the budget (rank ``r``, density filling the rest; alpha = 2r as LoRA's)."""
+def rosa_adapter(spec: Spec, warmup: int):
+    """The function ``finetune.train_once`` calls to build RoSA at ``spec``'s split of the budget: rank ``r``
+    with the density filling the rest (alpha = 2r as LoRA's), or ``auto``: ``rosa.split.plan_split`` chooses
+    from the pretrained model's gradients on the run's first batches."""
     from rosa import RosaConfig
-
-    shapes = linear_shapes(model)
-    budget_rank = BUDGETS[spec.budget]
-    r = budget_rank // 2 if spec.split == "auto" else int(spec.split.removeprefix("r"))
-    if not 0 <= r <= budget_rank:
-        raise ValueError(f"split {spec.split} does not fit the budget of LoRA rank {budget_rank}")
-    density = (budget_rank - r) * sum(o + i for o, i in shapes) / sum(o * i for o, i in shapes)
-    return RosaConfig(
-        task_type="CAUSAL_LM",
-        r=r,
-        lora_alpha=max(1, 2 * r),
-        density=density,
-        target_modules="all-linear",
-        fisher_granularity=spec.granularity,
-        warmup_steps=0,
-        mask_steps=MASK_STEPS,
-        restart_after_mask=True,
-        rewarmup_steps=warmup,
-    )
-
-
-def train_once(spec: Spec) -> dict[str, Any]:
-    """Fine-tune a fresh model as ``spec`` says; validation loss always, test exact match when asked."""
-    from peft import LoraConfig, get_peft_model
-
-    from rosa import get_rosa_model, sparse_parameter_count
-    from rosa.app.batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
-    from rosa.app.evaluate import evaluate_task, heldout_loss
-    from rosa.app.loading import load_model_and_tokenizer, warmup_cosine
-    from rosa.app.run_config import ModelSection
-    from rosa.masks import collect_mask
-    from rosa.optim import create_rosa_optimizer
-    from rosa.scheduler import RosaScheduler, needs_mask_before_training
     from rosa.split import plan_split
 
-    started, cpu_started, load_before = time.perf_counter(), time.process_time(), provenance.load_average()
-    train, val, test = splits(spec.task)
-    steps = spec.steps or math.ceil(len(train) / BATCH)
-    warmup = max(1, round(WARMUP_FRACTION * steps))
-    torch.manual_seed(spec.seed)
-    model, tokenizer = load_model_and_tokenizer(ModelSection())
-    features = tokenize_examples(train, tokenizer, MAX_LENGTH)
-    sampler = LengthGroupedBatchSampler([len(f["input_ids"]) for f in features], BATCH, seed=spec.seed)
-    collate = CausalLMCollator(tokenizer)
-    first = [collate([features[i] for i in b]) for b in sampler.batches(0)[:MASK_STEPS]]
-    extra: dict[str, Any] = {}
-    schedule = None
+    def build(model: torch.nn.Module, first: list) -> tuple[Any, dict[str, Any]]:
+        shapes = finetune.linear_shapes(model)
+        budget_rank = BUDGETS[spec.budget]
+        r = budget_rank // 2 if spec.split == "auto" else int(spec.split.removeprefix("r"))
+        if not 0 <= r <= budget_rank:
+            raise ValueError(f"split {spec.split} does not fit the budget of LoRA rank {budget_rank}")
+        density = (budget_rank - r) * sum(o + i for o, i in shapes) / sum(o * i for o, i in shapes)
+        config = RosaConfig(
+            task_type="CAUSAL_LM",
+            r=r,
+            lora_alpha=max(1, 2 * r),
+            density=density,
+            target_modules="all-linear",
+            fisher_granularity=spec.granularity,
+            warmup_steps=0,
+            mask_steps=MASK_STEPS,
+            restart_after_mask=True,
+            rewarmup_steps=warmup,
+            sparse_lr_ratio=spec.sparse_lr_ratio,
+        )
+        if spec.split != "auto":
+            return config, {}
+        plan = plan_split(model, config, first[:MASK_STEPS], budget_rank=budget_rank)
+        return plan.config, {"split_plan": plan.summary()}
+
+    return build
+
+
+def train_once(spec: Spec, work: Path | None = None) -> dict[str, Any]:
+    """Fine-tune a fresh model as ``spec`` says (``finetune.train_once``, checkpoints in ``work``)."""
+    from peft import LoraConfig
+
+    examples = splits(spec.task)
+    steps = spec.steps or finetune.steps_for_epochs(len(examples[0]), BATCH)
+    recipe = finetune.Recipe(
+        lr=spec.lr,
+        steps=steps,
+        seed=spec.seed,
+        batch=BATCH,
+        max_length=MAX_LENGTH,
+        warmup_fraction=WARMUP_FRACTION,
+    )
     if spec.method == "lora":
         rank = BUDGETS[spec.budget]
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+        adapter = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
     else:
-        config = rosa_config(model, spec, warmup)
-        if spec.split == "auto":
-            plan = plan_split(model, config, first, budget_rank=BUDGETS[spec.budget])
-            config, extra["split_plan"] = plan.config, plan.summary()
-        model = get_rosa_model(model, config)
-        model.train()
-        if needs_mask_before_training(model, config):  # sparse only: the mask from the same first batches
-            collect_mask(model, first)
-        else:
-            schedule = RosaScheduler(model, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = create_rosa_optimizer(model, lr=spec.lr, sparse_lr_ratio=spec.sparse_lr_ratio)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
-    losses: list[float] = []
-    batches = iter(sampler)
-    model.train()
-    for _ in tqdm(range(steps), desc=spec.key, unit="step", leave=False):
-        batch = next(batches, None)
-        if batch is None:  # a fixed step count longer than an epoch
-            batches = iter(sampler)
-            batch = next(batches)
-        loss = model(**collate([features[i] for i in batch])).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if schedule is not None:
-            schedule.step(optimizer)
-        losses.append(round(loss.item(), 5))
-    if schedule is not None:
-        schedule.close()
-        extra["schedule_events"] = schedule.events
-    train_seconds = time.perf_counter() - started
-    # the validation loss is a token-weighted sum: length-sorted batches give it exactly, with little padding
-    val_features = sorted(tokenize_examples(val, tokenizer, MAX_LENGTH), key=lambda f: len(f["input_ids"]))
-    val_batches = [collate(val_features[i : i + 16]) for i in range(0, len(val_features), 16)]
-    result: dict[str, Any] = {
-        "spec": asdict(spec),
-        "lr": spec.lr,
-        "steps": steps,
-        "train_rows": len(train),
-        "val_rows": len(val),
-        "val_loss": heldout_loss(model, val_batches),
-        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "losses": losses,
-        **extra,
-    }
-    if spec.method == "rosa":
-        counts = sparse_parameter_count(model)
-        result["trainable"] = {**counts, "total": counts["lora"] + counts["sparse_active"]}
-    else:
-        result["trainable"] = {"total": sum(p.numel() for p in params)}
-    result["linear_weights"] = sum(o * i for o, i in linear_shapes(model.get_base_model()))
-    if spec.score_test:
-        # greedy generation is bound by reading the weights once per token: 64 rows share each read (measured
-        # 2.4x faster than 16 on this CPU); every run of the comparison uses the same batch
-        scored = evaluate_task(model, tokenizer, test, spec.task, batch_size=EVAL_BATCH, show_progress=True)
-        result.update(
-            exact_match=scored["exact_match"],
-            correct=scored["correct"],
-            count=scored["count"],
-            samples=scored["samples"][:5],
-        )
-    result.update(
-        threads=torch.get_num_threads(),
-        train_seconds=round(train_seconds, 1),
-        wall_seconds=round(time.perf_counter() - started, 1),
-        cpu_seconds=round(time.process_time() - cpu_started, 1),
-        load_before=load_before,
-        commit=provenance.git_commit(),
-        command=provenance.command_line(),
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    )
-    return result
+        adapter = rosa_adapter(spec, recipe.warmup)
+    result = finetune.train_once(
+        examples, spec.task, adapter, recipe, score_test=spec.score_test, eval_batch=EVAL_BATCH, work=work,
+        desc=spec.key,
+    )  # fmt: skip
+    return {"spec": asdict(spec), **result}
 
 
 # ------------------------------------------------------------------------------------------------ the suite
@@ -326,6 +247,11 @@ def comparison(methods: list[str], budgets: list[str], seeds: list[int], default
     ]
 
 
+def work_folder(path: Path, key: str) -> Path:
+    """Where a run in progress keeps its checkpoints (ignored by git, removed once the run is recorded)."""
+    return path.with_name(f".{path.name}.work") / key.replace("/", "-")
+
+
 def run(specs: list[Spec], path: Path) -> None:
     """Train what the file lacks; a spec another live process is training (its claim) is left to it."""
     for spec in specs:
@@ -339,8 +265,10 @@ def run(specs: list[Spec], path: Path) -> None:
             if spec.key in results_store.load(path, empty_results())["runs"]:  # finished while we looked
                 continue
             print(f"run {spec.key} at lr {spec.lr:g}", flush=True)
-            result = train_once(spec)
+            work = work_folder(path, spec.key)
+            result = train_once(spec, work)
             results_store.record(path, "runs", spec.key, result, empty_results())
+            finetune.remove_work(work)
         score = f"exact match {result['exact_match']:.1%}, " if "exact_match" in result else ""
         print(
             f"  {spec.key}: {score}val loss {result['val_loss']:.4f} ({result['wall_seconds']:.0f} s)",

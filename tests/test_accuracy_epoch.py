@@ -125,9 +125,9 @@ def test_a_finished_run_is_not_trained_again(bench, tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     spec = bench.Spec("viggo", "lora", steps=3)
     bench.results_store.record(path, "runs", spec.key, {"val_loss": 1.0}, bench.empty_results())
-    monkeypatch.setattr(bench, "train_once", lambda spec: pytest.fail("trained a finished run"))
+    monkeypatch.setattr(bench, "train_once", lambda *a: pytest.fail("trained a finished run"))
     bench.run([spec], path)
-    monkeypatch.setattr(bench, "train_once", lambda spec: {"val_loss": 2.0, "wall_seconds": 1})
+    monkeypatch.setattr(bench, "train_once", lambda *a: {"val_loss": 2.0, "wall_seconds": 1})
     bench.run([replace(spec, seed=1)], path)
     runs = json.loads(path.read_text())["runs"]
     assert runs == {
@@ -149,13 +149,41 @@ def test_a_run_claimed_by_a_live_process_is_left_to_it(bench, tmp_path, monkeypa
             assert mine
             marker = next(folder.iterdir())
         marker.write_text(f"{holder.pid}\n{spec.key}\n")  # as if the other process held it
-        monkeypatch.setattr(bench, "train_once", lambda spec: pytest.fail("trained a claimed run"))
+        monkeypatch.setattr(bench, "train_once", lambda *a: pytest.fail("trained a claimed run"))
         bench.run([spec], path)
     finally:
         holder.kill()
         holder.wait()
     # its process gone, the claim is taken over
-    monkeypatch.setattr(bench, "train_once", lambda spec: {"val_loss": 1.0, "wall_seconds": 1})
+    monkeypatch.setattr(bench, "train_once", lambda *a: {"val_loss": 1.0, "wall_seconds": 1})
     bench.run([spec], path)
     assert json.loads(path.read_text())["runs"][spec.key]["val_loss"] == 1.0
     assert not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("split", ["r0", "r1", "r2", "r3", "r4"])
+def test_every_split_spends_the_budget_of_lora(bench, split):
+    """Rank r plus the density that fills the rest: as many trainable weights as LoRA at the budget's rank
+    (counted from the tiny model's layers, not from the formula the benchmark uses)."""
+    from tiny_models import tiny_llama
+
+    from rosa import get_rosa_model
+    from rosa.mask.layers import mask_layers
+
+    spec = bench.Spec("viggo", "rosa", split=split, sparse_lr_ratio=2.0)
+    config, extra = bench.rosa_adapter(spec, warmup=5)(tiny_llama(0), [])
+    assert extra == {} and config.sparse_lr_ratio == 2.0 and config.rewarmup_steps == 5
+    model = get_rosa_model(tiny_llama(0), config)
+    layers = mask_layers(model).values()
+    lora = sum(p.numel() for n, p in model.named_parameters() if "rosa_A" in n or "rosa_B" in n)
+    sparse = sum(layer.in_features * layer.out_features * config.density for layer in layers)
+    budget = bench.BUDGETS["low"] * sum(layer.in_features + layer.out_features for layer in layers)
+    assert len(layers) == 7 * 2 and lora == int(split[1:]) * budget / bench.BUDGETS["low"]
+    assert lora + sparse == pytest.approx(budget)
+
+
+def test_a_split_beyond_the_budget_is_refused(bench):
+    from tiny_models import tiny_llama
+
+    with pytest.raises(ValueError, match="does not fit the budget"):
+        bench.rosa_adapter(bench.Spec("viggo", "rosa", split="r5"), warmup=5)(tiny_llama(0), [])

@@ -40,7 +40,8 @@ def test_every_method_gets_the_same_trainable_budget(accuracy, budget):
     counts = {}
     for method in ("lora", "spa", "rosa"):
         spec = accuracy.Spec("viggo", method, budget)
-        model, schedule, split = accuracy.build(_tiny_llama(), spec, warmup_steps=1)
+        config, extra = accuracy.adapter_for(spec, warmup=1)(_tiny_llama(), [])
+        model, split = accuracy.finetune.adapt(_tiny_llama(), config), extra["params"]
         if method == "lora":
             counts[method] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             reference = get_peft_model(_tiny_llama(), LoraConfig(r=split["r"], target_modules="all-linear"))
@@ -51,8 +52,6 @@ def test_every_method_gets_the_same_trainable_budget(accuracy, budget):
         c = sparse_parameter_count(model)
         counts[method] = c["lora"] + c["sparse_active"]
         assert (c["lora"] == 0) == (method == "spa")
-        if schedule is not None:
-            schedule.close()
     per_layer_rounding = 2 * 7  # one nonzero per adapted layer at most, either way
     assert abs(counts["spa"] - counts["lora"]) <= per_layer_rounding
     assert abs(counts["rosa"] - counts["lora"]) <= per_layer_rounding
@@ -118,8 +117,9 @@ def test_diagnostics_are_separate_runs_that_skip_the_policy(accuracy, tmp_path, 
     )
     accuracy.run_suite([by_hand], tmp_path / "x.json")
     assert trained == [9e-3]
-    _, schedule, _ = accuracy.build(_tiny_llama(), at_start, warmup_steps=0)
-    assert schedule is None  # the mask is scored before the first step, as for SpA
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="mask-at-start diagnostics trained in this script's own loop"):
+        accuracy.train_once(at_start, 1e-3, 3, score_test=False, desc="x")  # refused before any work
 
 
 def test_learning_rate_grid_extends_past_an_edge(accuracy, tmp_path, monkeypatch):
@@ -153,17 +153,19 @@ def test_live_storage_meter_counts_what_is_alive(step):
 @pytest.mark.parametrize("mask_method", ["fisher", "random"])
 def test_reported_mask_step_is_where_the_scheduler_fixes_the_mask(accuracy, mask_method, lora_warmup):
     """The report's before/after-mask window must sit where the schedule really sets the mask."""
+    from rosa.schedule import schedule_of
+
     spec = accuracy.Spec("viggo", "rosa", mask_method=mask_method, steps=30, lora_warmup=lora_warmup)
-    model, schedule, _ = accuracy.build(_tiny_llama(), spec, accuracy.warmup_steps(spec.steps))
+    config, _ = accuracy.adapter_for(spec, accuracy.warmup_steps(spec.steps))(_tiny_llama(), [])
+    model = accuracy.finetune.adapt(_tiny_llama(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    for _ in range(spec.steps):
+    model.train()
+    for _ in range(spec.steps):  # the model drives its own schedule, as in finetune.train_once
         model(input_ids=ids, labels=ids).loss.backward()
-        schedule.micro_batch_end()
         optimizer.step()
         optimizer.zero_grad()
-        schedule.step(optimizer)
-    (fixed,) = [e for e in schedule.events if e["event"] == "mask_fixed"]
+    (fixed,) = [e for e in schedule_of(model).events if e["event"] == "mask_fixed"]
     assert accuracy.mask_fixed_step(asdict(spec)) == fixed["optimizer_step"]
 
 
@@ -204,7 +206,7 @@ def test_a_split_study_moves_budget_between_rank_and_density(accuracy, tmp_path)
     default = accuracy.Spec("viggo", "rosa", **schedule)
     split = accuracy.Spec("viggo", "rosa", rank=3, **schedule)
     model = _tiny_llama()
-    shapes = accuracy.linear_shapes(model)
+    shapes = accuracy.finetune.linear_shapes(model)
     per_rank, weights = sum(o + i for o, i in shapes), sum(o * i for o, i in shapes)
     for spec, rank in ((default, 2), (split, 3)):
         got = accuracy.budget_split(model, spec)
