@@ -65,7 +65,7 @@ def test_trainer_without_anything_added_runs_the_whole_schedule(tmp_path):
     schedule = schedule_of(model)
     assert schedule is not None and schedule.phase == JOINT
     events = [(e["event"], e["optimizer_step"]) for e in schedule.events]
-    assert events[1:] == [("collect_start", 0), ("group_done", 2), ("mask_fixed", 2)]
+    assert events[1:] == [("collect_start", 0), ("group_done", 1), ("mask_fixed", 2)]
     assert all(layer.nnz("default") == layer.budget("default") > 0 for layer in mask_layers(model).values())
     assert all(v.count_nonzero() > 0 for v in values)
     # the same run with the ratio applied by the optimizer's own groups: the same adapter

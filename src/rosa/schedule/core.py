@@ -316,13 +316,13 @@ class RosaSchedule:
         self._event("resumed_from_optimizer", mask_fixed_step=self.mask_fixed_step)
 
     def _advance(self, optimizer: Any) -> None:
+        if self.phase == COLLECT and self.builder.collector is not None:  # (counted at the step that ran it)
+            self.builder.collector.end_micro_batch()
+            self._advance_groups()
         self.optimizer_steps += 1
         self._forwards_since_step = 0
         if optimizer is not None:
             self.optimizer = optimizer
-        if self.phase == COLLECT and self.builder.collector is not None:
-            self.builder.collector.end_micro_batch()
-            self._advance_groups()
         if self.phase == WARMUP and self.optimizer_steps >= self.warmup_steps:
             self._begin_collection()
         if self.phase == COLLECT and self.builder.done:
