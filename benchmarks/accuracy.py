@@ -66,6 +66,7 @@ from typing import Any
 import finetune
 import results_store
 import torch
+from tables import markdown_row, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -893,11 +894,12 @@ def _comparison_table(runs: list[dict[str, Any]]) -> str:
             groups.setdefault((spec["task"], spec["method"], spec.get("budget", "")), []).append(run)
     if not groups:
         return ""
-    rows = [
-        "| task | method | budget | trainable (% of linear weights) | schedule | lr | seeds | val loss | "
-        "exact match, mean ± sd (per seed) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = markdown_table(
+        [
+            "task", "method", "budget", "trainable (% of linear weights)", "schedule", "lr", "seeds", "val loss",
+            "exact match, mean ± sd (per seed)",
+        ]
+    )  # fmt: skip
     for (task, method, budget), group in groups.items():
         first = group[0]
         em = [r["exact_match"] for r in group]
@@ -905,10 +907,19 @@ def _comparison_table(runs: list[dict[str, Any]]) -> str:
         per_seed = ", ".join(f"{100 * v:.1f}" for v in em)
         spread = f" ± {100 * sd:.1f}" if len(em) > 1 else ""
         rows.append(
-            f"| {task} | {label(first)} | {budget if method != 'full' else '-'} | {_share(first)} "
-            f"| {schedule_label(first['spec'])} | {_rates(first)}{_how_chosen(group)} "
-            f"| {', '.join(str(r['spec'].get('seed', 0)) for r in group)} "
-            f"| {_mean_sd([r['val_loss'] for r in group])[0]:.3f} | **{100 * mean:.1f}%**{spread} ({per_seed}) |"
+            markdown_row(
+                [
+                    task,
+                    label(first),
+                    budget if method != "full" else "-",
+                    _share(first),
+                    schedule_label(first["spec"]),
+                    f"{_rates(first)}{_how_chosen(group)}",
+                    ", ".join(str(r["spec"].get("seed", 0)) for r in group),
+                    f"{_mean_sd([r['val_loss'] for r in group])[0]:.3f}",
+                    f"**{100 * mean:.1f}%**{spread} ({per_seed})",
+                ]
+            )
         )
     return "\n".join(rows)
 
@@ -929,19 +940,26 @@ def _finalist_table(runs: list[dict[str, Any]]) -> str:
     decided = [r for r in runs if "finalists" in r]
     if not decided:
         return ""
-    out = [
-        "| task | method | budget | finalist lr (probe rank) | full-run val loss | exact match | kept |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    out = markdown_table(
+        ["task", "method", "budget", "finalist lr (probe rank)", "full-run val loss", "exact match", "kept"]
+    )
     by_key = {r["key"]: r for r in runs}
     for run in decided:
         spec = run["spec"]
         for rank, rate in enumerate(run["finalists"], 1):
             finalist = by_key[Spec(**{**spec, "fixed_lr": float(rate), "finalist": True}).key]
             out.append(
-                f"| {spec['task']} | {label(run)} | {spec['budget'] if spec['method'] != 'full' else '-'} "
-                f"| {_rates(finalist)} ({rank}) | {finalist['val_loss']:.4f} | {_em(finalist)} "
-                f"| {'yes' if finalist['key'] == run['same_run_as'] else ''} |"
+                markdown_row(
+                    [
+                        spec["task"],
+                        label(run),
+                        spec["budget"] if spec["method"] != "full" else "-",
+                        f"{_rates(finalist)} ({rank})",
+                        f"{finalist['val_loss']:.4f}",
+                        _em(finalist),
+                        "yes" if finalist["key"] == run["same_run_as"] else "",
+                    ]
+                )
             )
     return "\n".join(out)
 
@@ -951,11 +969,12 @@ def _longer_table(runs: list[dict[str, Any]]) -> str:
     rows = [r for r in runs if kind(r["spec"]) == "longer run"]
     if not rows:
         return ""
-    out = [
-        "| task | method | budget | steps | schedule | lr (chosen at the standard length) | seed | val loss "
-        "| exact match |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    out = markdown_table(
+        [
+            "task", "method", "budget", "steps", "schedule", "lr (chosen at the standard length)", "seed",
+            "val loss", "exact match",
+        ]
+    )  # fmt: skip
     for run in sorted(
         rows, key=lambda r: (r["spec"]["task"], r["spec"]["steps"], METHOD_ORDER[r["spec"]["method"]])
     ):
@@ -963,9 +982,19 @@ def _longer_table(runs: list[dict[str, Any]]) -> str:
         epochs = spec.get("epochs")
         length = f"{spec['steps']}" + (f" ({epochs:g} epoch{'s' * (epochs != 1)})" if epochs else "")
         out.append(
-            f"| {spec['task']} | {label(run)} | {spec.get('budget', '-') if spec['method'] != 'full' else '-'} "
-            f"| {length} | {schedule_label(spec)} | {_rates(run)} | {spec.get('seed', 0)} "
-            f"| {run['val_loss']:.3f} | {_em(run)} |"
+            markdown_row(
+                [
+                    spec["task"],
+                    label(run),
+                    spec.get("budget", "-") if spec["method"] != "full" else "-",
+                    length,
+                    schedule_label(spec),
+                    _rates(run),
+                    spec.get("seed", 0),
+                    f"{run['val_loss']:.3f}",
+                    _em(run),
+                ]
+            )
         )
     return "\n".join(out)
 
@@ -975,35 +1004,59 @@ def _candidate_table(results: dict[str, Any], runs: list[dict[str, Any]]) -> str
     if not rows:
         return ""
     chosen = choose_schedule(results)
-    out = [
-        "| task | RoSA schedule (A/B at LoRA's chosen rate) | lr | val loss | val loss / LoRA's | exact match | chosen |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    out = markdown_table(
+        [
+            "task", "RoSA schedule (A/B at LoRA's chosen rate)", "lr", "val loss", "val loss / LoRA's",
+            "exact match", "chosen",
+        ]
+    )  # fmt: skip
     lora = _lora_at_rate(runs)
     for run in rows:
         ref = lora.get(_rate_key(run))
         rel = f"{run['val_loss'] / ref['val_loss']:.3f}" if ref else "-"
         mark = "yes" if chosen is not None and schedule_of(run["spec"]) == chosen else ""
         out.append(
-            f"| {run['spec']['task']} | {schedule_label(run['spec'])} | {_rates(run)} | {run['val_loss']:.4f} | {rel} "
-            f"| {_em(run)} | {mark} |"
+            markdown_row(
+                [
+                    run["spec"]["task"],
+                    schedule_label(run["spec"]),
+                    _rates(run),
+                    f"{run['val_loss']:.4f}",
+                    rel,
+                    _em(run),
+                    mark,
+                ]
+            )
         )
     return "\n".join(out)
 
 
 def _runs_table(runs: list[dict[str, Any]]) -> str:
-    out = [
-        "| task | kind | method | seed | trainable (% of linear weights) | schedule | lr | val loss | exact match "
-        "| wall / CPU min | threads | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    out = markdown_table(
+        [
+            "task", "kind", "method", "seed", "trainable (% of linear weights)", "schedule", "lr", "val loss",
+            "exact match", "wall / CPU min", "threads", "commit",
+        ]
+    )  # fmt: skip
     for run in _each_training_once(runs):
         spec = run["spec"]
         out.append(
-            f"| {spec['task']} | {kind(spec)} | {label(run)} | {spec.get('seed', 0)} | {_share(run)} "
-            f"| {schedule_label(spec)} | {_rates(run)} | {run['val_loss']:.3f} | {_em(run)} "
-            f"| {run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f} | {run.get('threads') or '-'} "
-            f"| {run['commit'][:7] if 'commit' in run else 'not recorded'} |"
+            markdown_row(
+                [
+                    spec["task"],
+                    kind(spec),
+                    label(run),
+                    spec.get("seed", 0),
+                    _share(run),
+                    schedule_label(spec),
+                    _rates(run),
+                    f"{run['val_loss']:.3f}",
+                    _em(run),
+                    f"{run['wall_seconds'] / 60:.0f} / {run['cpu_seconds'] / 60:.0f}",
+                    run.get("threads") or "-",
+                    run["commit"][:7] if "commit" in run else "not recorded",
+                ]
+            )
         )
     return "\n".join(out)
 
@@ -1056,18 +1109,27 @@ def _mask_window_table(runs: list[dict[str, Any]], width: int = 5) -> str:
     ]
     if not rows:
         return ""
-    out = [
-        f"| task | RoSA run | schedule | mask fixed after step | RoSA / LoRA loss, {width} steps before "
-        f"| {width} steps after |",
-        "|---|---|---|---|---|---|",
-    ]
+    out = markdown_table(
+        [
+            "task", "RoSA run", "schedule", "mask fixed after step", f"RoSA / LoRA loss, {width} steps before",
+            f"{width} steps after",
+        ]
+    )  # fmt: skip
     for run in rows:
         m, ref = mask_fixed_step(run["spec"]), reference(run)["losses"]
         before = _mean(run["losses"][m - width : m]) / _mean(ref[m - width : m])
         after = _mean(run["losses"][m + 1 : m + 1 + width]) / _mean(ref[m + 1 : m + 1 + width])
         out.append(
-            f"| {run['spec']['task']} | {label(run)} | {schedule_label(run['spec'])} | {m} | {before:.2f} "
-            f"| {after:.2f} |"
+            markdown_row(
+                [
+                    run["spec"]["task"],
+                    label(run),
+                    schedule_label(run["spec"]),
+                    m,
+                    f"{before:.2f}",
+                    f"{after:.2f}",
+                ]
+            )
         )
     return "\n".join(out)
 
@@ -1078,16 +1140,15 @@ def _loss_ratio_table(runs: list[dict[str, Any]]) -> str:
     rows = _lora_rosa_pairs(runs, ("comparison", "longer run"))
     if not rows:
         return ""
-    out = [
-        "| task | budget | steps | seed | RoSA / LoRA training loss, first 10% of steps | last 10% |",
-        "|---|---|---|---|---|---|",
-    ]
+    out = markdown_table(
+        ["task", "budget", "steps", "seed", "RoSA / LoRA training loss, first 10% of steps", "last 10%"]
+    )
     for (task, budget, steps, seed), pair in rows:
         tenth = max(1, steps // 10)
         rosa, lora = pair["rosa"]["losses"], pair["lora"]["losses"]
         first = _mean(rosa[:tenth]) / _mean(lora[:tenth])
         last = _mean(rosa[-tenth:]) / _mean(lora[-tenth:])
-        out.append(f"| {task} | {budget} | {steps} | {seed} | {first:.2f} | {last:.2f} |")
+        out.append(markdown_row([task, budget, steps, seed, f"{first:.2f}", f"{last:.2f}"]))
     return "\n".join(out)
 
 

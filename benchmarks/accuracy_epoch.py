@@ -62,6 +62,7 @@ from typing import Any
 import finetune
 import results_store
 import torch
+from tables import markdown_row, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -362,11 +363,12 @@ def _comparison(results: dict[str, Any]) -> str:
     cells = _cells(results)
     if not cells:
         return ""
-    rows = [
-        "| task | budget | lr | RoSA (defaults) | seeds | LoRA exact match | RoSA exact match | RoSA - LoRA, per seed "
-        "| mean difference ± paired SE |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = markdown_table(
+        [
+            "task", "budget", "lr", "RoSA (defaults)", "seeds", "LoRA exact match", "RoSA exact match",
+            "RoSA - LoRA, per seed", "mean difference ± paired SE",
+        ]
+    )  # fmt: skip
     verdicts = []
     for (task, budget), methods in sorted(
         cells.items(), key=lambda c: (list(BUDGETS).index(c[0][1]), c[0][0])
@@ -380,10 +382,19 @@ def _comparison(results: dict[str, Any]) -> str:
         mean = sum(diffs) / len(diffs)
         se = _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
         rows.append(
-            f"| {task} | {budget} | {RATES[(task, budget)]:g} | {spec['split']}, fisher per {spec['granularity']}, "
-            f"sparse lr / {spec['sparse_lr_ratio']:g} | {', '.join(map(str, seeds))} "
-            f"| {_pct([lora[s] for s in seeds])} | {_pct([rosa[s] for s in seeds])} "
-            f"| {', '.join(f'{100 * d:+.1f}' for d in diffs)} | {100 * mean:+.1f} ± {100 * se:.1f} |"
+            markdown_row(
+                [
+                    task,
+                    budget,
+                    f"{RATES[(task, budget)]:g}",
+                    f"{spec['split']}, fisher per {spec['granularity']}, sparse lr / {spec['sparse_lr_ratio']:g}",
+                    ", ".join(map(str, seeds)),
+                    _pct([lora[s] for s in seeds]),
+                    _pct([rosa[s] for s in seeds]),
+                    ", ".join(f"{100 * d:+.1f}" for d in diffs),
+                    f"{100 * mean:+.1f} ± {100 * se:.1f}",
+                ]
+            )
         )
         verdicts.append((task, budget, mean, se, len(seeds)))
     at_least = [v for v in verdicts if v[2] >= -1e-9]
@@ -424,19 +435,23 @@ def _candidates(results: dict[str, Any]) -> str:
         return ""
     chosen = chosen_defaults(results)
     runs = results["runs"]
-    lines = [
-        "| fisher per | split | sparse lr | "
-        + " | ".join(f"{t} val loss" for t in TASKS)
-        + " | mean val loss / LoRA's | chosen |",
-        "|---|---|---|" + "---|" * len(TASKS) + "---|---|",
-    ]
-    lora = " | ".join(f"{runs[s.key]['val_loss']:.4f}" for s in lora_references(list(TASKS)))
-    lines.append(f"| LoRA (reference) | r {BUDGETS['low']} | - | {lora} | 1 | |")
+    lora = [f"{runs[s.key]['val_loss']:.4f}" for s in lora_references(list(TASKS))]
+    lines = markdown_table(
+        [
+            "fisher per",
+            "split",
+            "sparse lr",
+            *(f"{t} val loss" for t in TASKS),
+            "mean val loss / LoRA's",
+            "chosen",
+        ],
+        [["LoRA (reference)", f"r {BUDGETS['low']}", "-", *lora, 1, ""]],
+    )
     for (g, s, r), score in sorted(scores.items(), key=lambda kv: kv[1]):
         spec = Spec(TASKS[0], "rosa", steps=CANDIDATE_STEPS, granularity=g, split=s, sparse_lr_ratio=r)
-        losses = " | ".join(f"{runs[replace(spec, task=t).key]['val_loss']:.4f}" for t in TASKS)
+        losses = [f"{runs[replace(spec, task=t).key]['val_loss']:.4f}" for t in TASKS]
         mark = "yes" if chosen == {"granularity": g, "split": s, "sparse_lr_ratio": r} else ""
-        lines.append(f"| {g} | {s} | lr / {r:g} | {losses} | {score:.4f} | {mark} |")
+        lines.append(markdown_row([g, s, f"lr / {r:g}", *losses, f"{score:.4f}", mark]))
     return "\n".join(lines)
 
 

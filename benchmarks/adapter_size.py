@@ -34,6 +34,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from tables import markdown_row, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks" / "adapter_size.json"
@@ -220,8 +221,9 @@ def markdown(results: dict) -> str:
         "",
         provenance.describe(results, "benchmarks/adapter_size.py"),
         "",
-        "| adapter | trainable params | file | bytes / param | per param vs matched LoRA |",
-        "|---|---|---|---|---|",
+        *markdown_table(
+            ["adapter", "trainable params", "file", "bytes / param", "per param vs matched LoRA"]
+        ),
     ]
     for row in results["rows"]:
         name = _NAMES.get(row["name"], row["config"]).format(**fields)
@@ -231,8 +233,15 @@ def markdown(results: dict) -> str:
             met = ratio <= target and per_param <= target
             verdict = f" (file {ratio:.2f}x; target <= {target:g}x: {'met' if met else '**not met**'})"
         out.append(
-            f"| {name} | {row['trainable_params']:,} | {row['file_bytes'] / 1e6:.1f} MB "
-            f"| {row['bytes_per_param']:.2f} | {per_param:.2f}x{verdict} |"
+            markdown_row(
+                [
+                    name,
+                    f"{row['trainable_params']:,}",
+                    f"{row['file_bytes'] / 1e6:.1f} MB",
+                    f"{row['bytes_per_param']:.2f}",
+                    f"{per_param:.2f}x{verdict}",
+                ]
+            )
         )
     note = provenance.unknown_keys_note(results, JSON_KEYS, "python benchmarks/adapter_size.py")
     if note:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from tables import markdown_row, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "benchmarks" / "gpu_h200.json"
@@ -610,9 +611,20 @@ def markdown(results: dict) -> str:
         )
         + ".",
         "",
-        "| shape, density | dense GEMM ms | spmm | spmm_t | sddmm | 3 ops / GEMM | cuSPARSE 3 ops / GEMM "
-        "| fold | spmm fwd+bwd | fold fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "shape, density",
+                "dense GEMM ms",
+                "spmm",
+                "spmm_t",
+                "sddmm",
+                "3 ops / GEMM",
+                "cuSPARSE 3 ops / GEMM",
+                "fold",
+                "spmm fwd+bwd",
+                "fold fwd+bwd",
+            ]
+        ),
     ]
     for (shape, density), sel in sorted(_cells(results["results"]).items()):
         gemm = sel[("dense_fwd", "cublas x@W^T")]["ms"]
@@ -622,9 +634,16 @@ def markdown(results: dict) -> str:
 
         cusp = sum(ms(op, "torch.sparse (cuSPARSE)") for op in ("spmm", "spmm_t", "sddmm")) / gemm
         out.append(
-            f"| {shape}, {100 * density:g}% | {gemm:.3f} | {ms('spmm'):.3f} | {ms('spmm_t'):.3f} "
-            f"| {ms('sddmm'):.3f} | {three_ops_over_gemm(sel):.2f}x | {cusp:.2f}x | {ms('fold'):.3f} "
-            f"| {ms('sparse_linear_fwd_bwd'):.3f} | {ms('folded_linear_fwd_bwd'):.3f} |"
+            markdown_row(
+                [
+                    f"{shape}, {100 * density:g}%",
+                    f"{gemm:.3f}",
+                    *(f"{ms(op):.3f}" for op in ("spmm", "spmm_t", "sddmm")),
+                    f"{three_ops_over_gemm(sel):.2f}x",
+                    f"{cusp:.2f}x",
+                    *(f"{ms(op):.3f}" for op in ("fold", "sparse_linear_fwd_bwd", "folded_linear_fwd_bwd")),
+                ]
+            )
         )
     if results.get("skipped"):
         out += ["", f"Not timed (time budget): {', '.join(results['skipped'])}."]
@@ -635,15 +654,30 @@ def markdown(results: dict) -> str:
             "",
             f"Whole layer, forward + backward, against a LoRA layer of the same rank (target <= {target:g}x):",
             "",
-            "| shape, density | LoRA ms | RoSA spmm ms | RoSA fold ms | RoSA auto ms (picks) | auto / LoRA |",
-            "|---|---|---|---|---|---|",
+            *markdown_table(
+                [
+                    "shape, density",
+                    "LoRA ms",
+                    "RoSA spmm ms",
+                    "RoSA fold ms",
+                    "RoSA auto ms (picks)",
+                    "auto / LoRA",
+                ]
+            ),
         ]
         for r in layer["results"]:
             ratio = r["rosa_auto_ms"] / r["lora_ms"]
             out.append(
-                f"| {r['shape']}, {100 * r['density']:g}% | {r['lora_ms']:.3f} | {r['rosa_spmm_ms']:.3f} "
-                f"| {r['rosa_fold_ms']:.3f} | {r['rosa_auto_ms']:.3f} ({r.get('auto_picks', '?')}) "
-                f"| {ratio:.2f}x ({'met' if ratio <= target else '**not met**'}) |"
+                markdown_row(
+                    [
+                        f"{r['shape']}, {100 * r['density']:g}%",
+                        f"{r['lora_ms']:.3f}",
+                        f"{r['rosa_spmm_ms']:.3f}",
+                        f"{r['rosa_fold_ms']:.3f}",
+                        f"{r['rosa_auto_ms']:.3f} ({r.get('auto_picks', '?')})",
+                        f"{ratio:.2f}x ({'met' if ratio <= target else '**not met**'})",
+                    ]
+                )
             )
     elif layer.get("skipped"):
         out += ["", f"Whole layer: skipped ({layer['skipped']})."]

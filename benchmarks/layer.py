@@ -31,6 +31,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from tables import markdown_row, markdown_table
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,17 +203,39 @@ def markdown(results: dict) -> str:
         "",
         provenance.describe(results, "benchmarks/layer.py"),
         "",
-        "| out x in | tokens | dtype | auto picks | LoRA s | RoSA s | RoSA / LoRA (range) | goal | "
-        "what RoSA adds, per op (GEMMs) | in all (GEMMs) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "out x in",
+                "tokens",
+                "dtype",
+                "auto picks",
+                "LoRA s",
+                "RoSA s",
+                "RoSA / LoRA (range)",
+                "goal",
+                "what RoSA adds, per op (GEMMs)",
+                "in all (GEMMs)",
+            ]
+        ),
     ]
     for r in rows:
         s = r["seconds"]
         lo, hi = min(r["rosa_over_lora_rounds"]), max(r["rosa_over_lora_rounds"])
         out.append(
-            f"| {r['out']}x{r['in']} | {r['tokens']} | {r['dtype']} | {r['strategy']} | {s['lora']:.3f} | "
-            f"{s['rosa']:.3f} | {r['rosa_over_lora']:.2f}x ({lo:.2f}-{hi:.2f}) | "
-            f"{'met' if r['met'] else '**not met**'} | {_added(r)} | {r['sparse_ops_over_gemm']:.2f} |"
+            markdown_row(
+                [
+                    f"{r['out']}x{r['in']}",
+                    r["tokens"],
+                    r["dtype"],
+                    r["strategy"],
+                    f"{s['lora']:.3f}",
+                    f"{s['rosa']:.3f}",
+                    f"{r['rosa_over_lora']:.2f}x ({lo:.2f}-{hi:.2f})",
+                    "met" if r["met"] else "**not met**",
+                    _added(r),
+                    f"{r['sparse_ops_over_gemm']:.2f}",
+                ]
+            )
         )
     met = sum(r["met"] for r in rows)
     out += ["", f"Goal met on {met} of {len(rows)} rows."]

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import provenance
 from proc_memory import status_kib
+from tables import markdown_row, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("lora", "fwd_bwd", "collect", "collect_capped", "collect_bf16")
@@ -274,15 +275,34 @@ def markdown(results: dict) -> str:
         "",
         provenance.describe(results, "benchmarks/masks.py"),
         "",
-        "| variant | time per micro-batch vs a LoRA step | extra peak RSS vs a LoRA step | accumulators |",
-        "|---|---|---|---|",
-        f"| LoRA training step | 1.00 ({lora['time_s']:.1f} s) | 1.00 ({lora['extra_rss_mib']:.0f} MiB) | - |",
+        *markdown_table(
+            [
+                "variant",
+                "time per micro-batch vs a LoRA step",
+                "extra peak RSS vs a LoRA step",
+                "accumulators",
+            ],
+            [
+                [
+                    "LoRA training step",
+                    f"1.00 ({lora['time_s']:.1f} s)",
+                    f"1.00 ({lora['extra_rss_mib']:.0f} MiB)",
+                    "-",
+                ]
+            ],
+        ),
     ]
     for key, text in labels.items():
         row = summary[key]
         out.append(
-            f"| {text} | {row['time_ratio_vs_lora_step']:.2f} | {row['extra_rss_ratio_vs_lora_step']:.2f} "
-            f"| {row['largest_group_accumulator_mib']:.1f} MiB |"
+            markdown_row(
+                [
+                    text,
+                    f"{row['time_ratio_vs_lora_step']:.2f}",
+                    f"{row['extra_rss_ratio_vs_lora_step']:.2f}",
+                    f"{row['largest_group_accumulator_mib']:.1f} MiB",
+                ]
+            )
         )
     note = provenance.unknown_keys_note(results, JSON_KEYS, "python benchmarks/masks.py")
     if note:

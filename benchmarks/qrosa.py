@@ -43,6 +43,7 @@ from pathlib import Path
 
 import provenance
 import torch
+from tables import markdown_row, markdown_table
 
 VARIANTS = ("qlora", "qrosa_warmup", "qrosa_joint")
 ROSA_R, DENSITY, LORA_ALPHA = 16, 0.006, 16
@@ -314,8 +315,9 @@ def markdown(results: dict) -> str:
         "",
         provenance.describe(results, "benchmarks/qrosa.py"),
         "",
-        "| variant | trainable | peak RSS | memory vs QLoRA | step time vs QLoRA (wall / CPU) |",
-        "|---|---|---|---|---|",
+        *markdown_table(
+            ["variant", "trainable", "peak RSS", "memory vs QLoRA", "step time vs QLoRA (wall / CPU)"]
+        ),
     ]
     for variant in VARIANTS:
         present = [r[variant] for r in rounds if variant in r]
@@ -324,7 +326,11 @@ def markdown(results: dict) -> str:
         peak = statistics.median(run["train_peak_rss_mib"] for run in present)
         label = _LABELS[variant].format(r=settings["qlora"]["r"])
         if variant == "qlora":
-            out.append(f"| {label} | {present[0]['trainable']:,} | {peak:.0f} MiB | 1.000 | 1.00 / 1.00 |")
+            out.append(
+                markdown_row(
+                    [label, f"{present[0]['trainable']:,}", f"{peak:.0f} MiB", "1.000", "1.00 / 1.00"]
+                )
+            )
             continue
         s = summary[variant]
         wall, cpu = s["time_ratio"], s["cpu_time_ratio"]
@@ -337,9 +343,15 @@ def markdown(results: dict) -> str:
         else:
             time_verdict = "**not met**"
         out.append(
-            f"| {label} | {present[0]['trainable']:,} | {peak:.0f} MiB "
-            f"| {s['memory_ratio']:.3f} ({_verdict(s['memory_ratio'], mem_t)}) "
-            f"| {wall:.2f} / {cpu:.2f} ({time_verdict}) |"
+            markdown_row(
+                [
+                    label,
+                    f"{present[0]['trainable']:,}",
+                    f"{peak:.0f} MiB",
+                    f"{s['memory_ratio']:.3f} ({_verdict(s['memory_ratio'], mem_t)})",
+                    f"{wall:.2f} / {cpu:.2f} ({time_verdict})",
+                ]
+            )
         )
     joint = summary.get("qrosa_joint") if isinstance(summary, dict) else None
     if joint and not joint.get("meets_targets", True):

@@ -69,6 +69,7 @@ def _accuracy(module: ModuleType, results: dict) -> str:
 def startup_markdown(results: dict) -> str:
     """The start-up section, used while benchmarks/startup.py has no ``markdown`` of its own."""
     import provenance
+    from tables import markdown_row, markdown_table
 
     runs = results["results"]
     floor = next((r for name, r in runs.items() if "floor" in name), None)
@@ -78,12 +79,11 @@ def startup_markdown(results: dict) -> str:
         "",
         provenance.describe(results, "benchmarks/startup.py"),
         "",
-        "| command | best s | median s | best, over the interpreter's own start |",
-        "|---|---|---|---|",
+        *markdown_table(["command", "best s", "median s", "best, over the interpreter's own start"]),
     ]
     for name, r in runs.items():
         extra = "-" if r is floor or floor is None else f"{r['best_s'] - floor['best_s']:+.3f} s"
-        out.append(f"| {name} | {r['best_s']:.3f} | {r['median_s']:.3f} | {extra} |")
+        out.append(markdown_row([name, f"{r['best_s']:.3f}", f"{r['median_s']:.3f}", extra]))
     if any("rosa.cli" in r["argv"] for r in runs.values()):
         out += ["", "No installed `rosa` console script was found: `python -m rosa.cli` stood in for it."]
     return "\n".join(out) + "\n"

@@ -78,6 +78,7 @@ from pathlib import Path
 import numpy as np
 import provenance
 import torch
+from tables import markdown_row, markdown_table
 
 from rosa.sparse import ops, support_from_flat_index, torch_ops
 from rosa.sparse.strategy import COST_MODELS, CostModel, cpu_kernels
@@ -723,10 +724,17 @@ def markdown(results: dict) -> str:
         "",
         provenance.describe(results, "benchmarks/sparse_ops.py"),
         "",
-        "| shape (out x in), dtype, density | 3 sparse ops / GEMM | on MKL's kernels / GEMM "
-        "| dense-masked / 3 sparse ops | fold / 3 sparse ops | measured faster "
-        "| peak extra MiB (spmm / fold / dense-masked) |",
-        "|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "shape (out x in), dtype, density",
+                "3 sparse ops / GEMM",
+                "on MKL's kernels / GEMM",
+                "dense-masked / 3 sparse ops",
+                "fold / 3 sparse ops",
+                "measured faster",
+                "peak extra MiB (spmm / fold / dense-masked)",
+            ]
+        ),
     ]
     for r in shown:
         t, rr, b = r["seconds"], r["round_ratios"], r["bytes"]
@@ -735,14 +743,18 @@ def markdown(results: dict) -> str:
             return f"{b[key] / MiB:.1f}" if b.get(key) is not None else "-"
 
         out.append(
-            f"| {r['label']} {_shape(r)}, {r.get('dtype', 'fp32')}, {_pct(r['density'])} "
-            f"| {_cell(t, rr, 'spmm_strategy_extra', 'gemm')} "
-            f"| {_cell(t, rr, 'mkl_strategy_extra', 'gemm')} "
-            f"| {_cell(t, rr, 'dense_masked_extra', 'spmm_strategy_extra')} "
-            f"| {_cell(t, rr, 'fold_strategy_extra', 'spmm_strategy_extra')} "
-            f"| {faster(r)} "
-            f"| {mib('spmm_strategy_peak_extra')} / {mib('fold_strategy_peak_extra')} / "
-            f"{mib('dense_masked_peak_extra')} |"
+            markdown_row(
+                [
+                    f"{r['label']} {_shape(r)}, {r.get('dtype', 'fp32')}, {_pct(r['density'])}",
+                    _cell(t, rr, "spmm_strategy_extra", "gemm"),
+                    _cell(t, rr, "mkl_strategy_extra", "gemm"),
+                    _cell(t, rr, "dense_masked_extra", "spmm_strategy_extra"),
+                    _cell(t, rr, "fold_strategy_extra", "spmm_strategy_extra"),
+                    faster(r),
+                    f"{mib('spmm_strategy_peak_extra')} / {mib('fold_strategy_peak_extra')} / "
+                    f"{mib('dense_masked_peak_extra')}",
+                ]
+            )
         )
     out.append("")
 

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import provenance
 from proc_memory import reset_peak_rss, status_kib
+from tables import markdown_row, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks" / "step.json"
@@ -580,25 +581,44 @@ def markdown(report: dict) -> str:
         "",
         provenance.describe(report, "benchmarks/step.py"),
         "",
-        "| setting | dtype | method | trainable | step s | x LoRA | peak RSS growth MiB | allocator peak MiB "
-        "| memory x LoRA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(
+            [
+                "setting",
+                "dtype",
+                "method",
+                "trainable",
+                "step s",
+                "x LoRA",
+                "peak RSS growth MiB",
+                "allocator peak MiB",
+                "memory x LoRA",
+            ]
+        ),
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['setting']} | {r['dtype']} | {NAMES[r['method']]} | failed | | | | | |")
+            lines.append(markdown_row([r["setting"], r["dtype"], NAMES[r["method"]], "failed", *[""] * 5]))
             continue
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "-"
         lines.append(
-            f"| {r['setting']} | {r['dtype']} | {NAMES[r['method']]} | {r['trainable']:,} | {r['step_s']:.2f} "
-            f"| {r['time_vs_lora']:.2f} | {rss} | {r['allocator_peak_mib']:.0f} | {r['memory_vs_lora']:.3f} |"
+            markdown_row(
+                [
+                    r["setting"],
+                    r["dtype"],
+                    NAMES[r["method"]],
+                    f"{r['trainable']:,}",
+                    f"{r['step_s']:.2f}",
+                    f"{r['time_vs_lora']:.2f}",
+                    rss,
+                    f"{r['allocator_peak_mib']:.0f}",
+                    f"{r['memory_vs_lora']:.3f}",
+                ]
+            )
         )
-    lines += ["", "| setting | dtype | target | measured | |", "|---|---|---|---|---|"]
+    lines += ["", *markdown_table(["setting", "dtype", "target", "measured", ""])]
     for c in report["targets"]:
-        lines.append(
-            f"| {c['setting']} | {c['dtype']} | {c['target']} | {c['value']:.2f} | "
-            f"{'met' if c['met'] else '**not met**'} |"
-        )
+        verdict = "met" if c["met"] else "**not met**"
+        lines.append(markdown_row([c["setting"], c["dtype"], c["target"], f"{c['value']:.2f}", verdict]))
     lines += [
         "",
         "![step time and memory](docs/benchmarks/step.png)",

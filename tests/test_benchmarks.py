@@ -487,3 +487,11 @@ def test_the_loss_ratio_table_pairs_rosa_with_lora_on_the_same_seed(accuracy):
     table = accuracy._loss_ratio_table(runs)
     assert "| viggo | low | 150 | 1 | 1.50 | 0.50 |" in table
     assert "| viggo | low | 150 | 2 |" not in table
+
+
+def test_markdown_tables_refuse_a_row_of_the_wrong_width():
+    tables = load_benchmark("tables")
+    lines = tables.markdown_table(["a", "b"], [[1, ""]])
+    assert lines == ["| a | b |", "|---|---|", "| 1 | |"]
+    with pytest.raises(ValueError, match="a table row of 3 cells in a table of 2 columns"):
+        tables.markdown_table(["a", "b"], [[1, 2, 3]])
