@@ -703,3 +703,23 @@ def test_names_ignore_peft_prefix():
     model = wrap_rosa(tiny_llama())
     assert list(mask_layers(Wrapper(model))) == list(mask_layers(model))
     assert all(isinstance(x, RosaLayer) for x in mask_layers(model).values())
+
+
+def test_mask_summary_counts_what_each_layer_holds():
+    """nnz from the layer's support, realised density = nnz / (out * in), against the budget the configured
+    density gives (a random mask fills the budget exactly)."""
+    from rosa.mask import mask_summary
+
+    model = wrap_rosa(tiny_llama(), density=0.05)
+    collect_mask(model, make_batches(1), method="random")
+    summary = mask_summary(model)
+    assert summary and summary.keys() == {n for n, _ in _rosa_layers(model)}
+    for name, layer in _rosa_layers(model):
+        row = summary[name]
+        weights = layer.out_features * layer.in_features
+        assert row["nnz"] == layer.nnz(ADAPTER) == row["budget"] == round(0.05 * weights)
+        assert row["realised_density"] == pytest.approx(row["nnz"] / weights)
+
+
+def _rosa_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RosaLayer)]

@@ -71,8 +71,9 @@ class RosaLayer(BaseTunerLayer):
         adapter_name: str,
         r: int,
         lora_alpha: float,
+        *,
+        density: float,  # no default here: RosaConfig's is the one (the tuner passes it)
         lora_dropout: float = 0.0,
-        density: float = 0.0,
         capacity: int | None = None,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,

@@ -133,7 +133,7 @@ class _LayerMeasure:
     def subspaces(self) -> None:
         """The top eigenvectors of both second moments (the subspaces holding the most gradient energy)."""
         top = max(self.ranks)
-        # fp32 eigensolver (4x faster than fp64 here): the sums were kept in fp64, the top vectors need no more
+        # an fp32 eigensolver (several times faster than fp64): the sums were kept in fp64, the top vectors need no more
         self.u = torch.linalg.eigh(self.left.float()).eigenvectors.flip(1)[:, :top]
         self.v = torch.linalg.eigh(self.right.float()).eigenvectors.flip(1)[:, :top]
         self.left = self.right = None  # type: ignore[assignment]

@@ -91,7 +91,8 @@ def has_mask(model: nn.Module, adapter_name: str | None = None) -> bool:
 
 
 def mask_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str, dict[str, float]]:
-    """Per layer: nnz, budget, capacity and realised density (for logs and tests)."""
+    """Per layer: nnz, budget, capacity and ``realised_density`` (nnz over the layer's weights; the layer's
+    configured ``density`` is what sets its budget)."""
     adapter = resolve_adapter(model, adapter_name)
     out = {}
     for name, layer in mask_layers(model, adapter).items():
@@ -100,7 +101,7 @@ def mask_summary(model: nn.Module, adapter_name: str | None = None) -> dict[str,
             "nnz": nnz,
             "budget": layer_budget(layer, adapter),
             "capacity": layer.capacity[adapter],
-            "density": nnz / max(1, layer.out_features * layer.in_features),
+            "realised_density": nnz / max(1, layer.out_features * layer.in_features),
         }
     return out
 

@@ -21,9 +21,8 @@ from . import cpu_build, torch_ops
 SUPPORTED = {torch.float32: 0, torch.bfloat16: 1}  # dtype -> the kernels' dtype code
 PANELS = (8, 16, 32, 64)  # token panel widths the kernels are compiled for
 # The widest panel used and the bytes of a column block of a packed panel (block columns x panel tokens, fp32),
-# which should stay in a core's L2 cache while the nonzeros of every row use it. Measured on the 2-core development
-# machine (AMD EPYC, 512 KiB of L2 a core; 4096x4096 and 11008x4096 at 1%, 512 tokens, fp32 and bf16): 32 tokens
-# and 512 KiB against 64 / 256 KiB, 32 / 256 KiB and 16 / 256 KiB, 0.85-0.95x the time of the next best.
+# which should stay in a core's L2 cache (512 KiB a core is common) while the nonzeros of every row use it; both
+# were chosen by timing the neighbouring sizes with benchmarks/layer.py.
 WIDEST_PANEL = 32
 BLOCK_BYTES = 512 * 1024
 MIN_BLOCK_COLUMNS = 64

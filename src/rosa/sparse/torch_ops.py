@@ -101,9 +101,7 @@ def _transpose_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # further away each time, so the tokens are taken in blocks whose slice of X^T (in x block) fits SDDMM_BLOCK_BYTES;
 # below SDDMM_UNBLOCKED_BYTES one pass over all tokens is cheaper than the blocks' copies. Blocks hold at least
 # SDDMM_MIN_BLOCK tokens: shorter dot products cost more per element than the cache misses they save.
-# (Interleaved in-process A/Bs on the 2-core development machine, fp32, 1% density, against one pass: about 0.6-0.66x
-# the time at 2048 tokens for 4096x4096 and 11008x4096, roughly even (0.9-1.1x) at 512 tokens; slower for 576x576
-# and 1536x576 at 1024 tokens, whose X^T (2.4 MB) stays under the threshold. benchmarks/layer.py times the result.)
+# The thresholds were set by A/B timing against one pass; benchmarks/layer.py times the result.
 SDDMM_BLOCK_BYTES = 1 << 20
 SDDMM_UNBLOCKED_BYTES = 4 << 20
 SDDMM_MIN_BLOCK = 64
