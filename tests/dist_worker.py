@@ -53,8 +53,9 @@ def tiny_model() -> nn.Module:
 
     base = tiny_llama(seed=0)
     rosa_config = RosaConfig(
-        r=4, lora_alpha=8, density=0.05, target_modules=TARGETS, warmup_steps=2, mask_steps=2
-    )
+        r=4, lora_alpha=8, density=0.05, target_modules=TARGETS, warmup_steps=2, mask_steps=2,
+        fisher_granularity="example",  # the schedule's statistic; the worker scores the other one beside it
+    )  # fmt: skip
     return get_rosa_model(base, rosa_config), rosa_config
 
 

@@ -43,3 +43,16 @@ def test_the_optimizer_helper_applies_the_default_ratio():
     assert groups[SPARSE_GROUP]["lr"] == pytest.approx(1e-2 / DEFAULT_SPARSE_LR_RATIO)
     same = {g["name"]: g for g in rosa_param_groups(model, lr=1e-2, sparse_lr_ratio=1.0)}
     assert same[SPARSE_GROUP]["lr"] == 1e-2
+
+
+def test_the_mask_statistic_is_the_one_the_epoch_protocol_chose():
+    """benchmarks/accuracy_epoch.py chooses RoSA's defaults on validation loss, one coordinate at a time; the
+    library's defaults follow each choice once it is made (the fisher granularity first, the sparse rate last)."""
+    epoch = load_benchmark("accuracy_epoch")
+    results = json.loads((ROOT / "docs/benchmarks/accuracy_epoch.json").read_text())
+    first = epoch.chosen_defaults(results, stage=1)
+    assert first is not None, "the first stage of the candidates has not run on both tasks"
+    assert RosaConfig().fisher_granularity == first["granularity"]
+    last = epoch.chosen_defaults(results, stage=3)
+    if last is not None:
+        assert RosaConfig().sparse_lr_ratio == last["sparse_lr_ratio"]

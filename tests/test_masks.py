@@ -246,7 +246,7 @@ def test_user_callable_is_honoured(pair):
     supports = collect_mask(rosa, make_batches(1), method=first_entries)
     layers = mask_layers(rosa)
     assert [c[0] for c in calls] == list(layers)
-    assert all(c[1] == ["examples", "fisher", "micro_batches"] for c in calls)
+    assert all(c[1] == ["fisher", "micro_batches"] for c in calls)  # the default fisher: per micro-batch
     for name, layer in layers.items():
         assert supports[name].flat_index().tolist() == list(range(layer_budget(layer, ADAPTER)))
 
@@ -506,7 +506,7 @@ def test_sparse_only_layers_without_trainable_params():
     plain = tiny_llama()
     rosa = wrap_rosa(copy.deepcopy(plain), r=0)
     batches = make_batches(2)
-    supports = collect_mask(rosa, batches)  # the default: per-example fisher
+    supports = collect_mask(rosa, batches, fisher_granularity="example")
     grads = per_example_grads_float64(merged_dense_copy(rosa, plain), list(supports), batches)
     for name, layer in mask_layers(rosa).items():
         expected = reference_topk(torch.stack(grads[name]).pow(2).mean(0), layer_budget(layer, ADAPTER))

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RosaConfig
+from .config import config_default
 from .layer import LORA_A, LORA_B
 from .sparse.delta import VALUES
 
 LORA_GROUP, SPARSE_GROUP, OTHER_GROUP = "rosa_lora", "rosa_sparse", "other"
 # lr / sparse lr when neither is given nor found on the model: RosaConfig's own default, in one place
-DEFAULT_SPARSE_LR_RATIO: float = RosaConfig.__dataclass_fields__["sparse_lr_ratio"].default
+DEFAULT_SPARSE_LR_RATIO: float = config_default("sparse_lr_ratio")
 
 
 def param_role(name: str) -> str:

@@ -3,7 +3,7 @@
 RoSA starts from the robust-PCA view of fine-tuning: the update is a low-rank part plus a sparse part. Which of
 the two a layer needs is a property of the layer and the task (the reference chose the split by hand per task).
 This module measures it on the pretrained model, before any adapter exists, from the same per-example gradients
-the default mask statistic squares (each example's ``G_i = dY_i^T X_i``, from hooks: no weight gradient):
+the reference mask statistic squares (each example's ``G_i = dY_i^T X_i``, from hooks: no weight gradient):
 
 1. A layer of shape ``out x in`` has a budget of ``P = budget_rank * (out + in)`` trainable weights (LoRA rank
    ``budget_rank``'s worth). Rank ``r`` costs ``r * (out + in)`` of it and leaves ``k(r) = P - r * (out + in)``

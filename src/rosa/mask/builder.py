@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..config import MASK_ALLOCATIONS
+from ..config import MASK_ALLOCATIONS, config_default
 from ..layer import RosaLayer
 from ..sparse.support import Support, support_from_flat_index
 from .layers import MaskError, layer_budget
@@ -100,7 +100,7 @@ class MaskBuilder:
         accumulator_dtype: torch.dtype = torch.float32,
         stats: Iterable[str] | None = None,
         max_micro_batches: int | None = None,
-        fisher_granularity: str = "example",
+        fisher_granularity: str | None = None,
     ) -> None:
         if allocation not in MASK_ALLOCATIONS:
             raise MaskError(f"allocation must be one of {MASK_ALLOCATIONS}, got {allocation!r}")
@@ -114,7 +114,7 @@ class MaskBuilder:
             raise MaskError(f"method {method!r} needs the {method!r} statistic")
         self.accumulator_dtype = accumulator_dtype
         self.max_micro_batches = max_micro_batches
-        self.fisher_granularity = fisher_granularity
+        self.fisher_granularity = fisher_granularity or config_default("fisher_granularity")
         self.budgets = {n: layer_budget(layer, adapter_name) for n, layer in self.layers.items()}
         # layers with no sparse values (density 0 there) are never observed or scored: their support stays empty
         self.selectable = {

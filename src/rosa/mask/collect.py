@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import config_default
 from ..sparse.support import Support
 from .builder import MaskBuilder
 from .layers import MaskError, apply_mask, mask_layers, model_config, resolve_adapter
@@ -100,13 +101,15 @@ def collect_mask(
     """
     adapter = resolve_adapter(model, adapter_name)
     config = config if config is not None else model_config(model, adapter)
-    method = method if method is not None else getattr(config, "mask_method", "fisher")
-    allocation = allocation if allocation is not None else getattr(config, "mask_allocation", "layer")
-    if memory_budget is None:
-        memory_budget = getattr(config, "mask_memory_budget", None)
-    seed = seed if seed is not None else getattr(config, "mask_seed", 0)
-    if fisher_granularity is None:
-        fisher_granularity = getattr(config, "fisher_granularity", "example")
+
+    def setting(value: Any, name: str) -> Any:  # given, else the config's, else RosaConfig's default
+        return value if value is not None else getattr(config, name, config_default(name))
+
+    method = setting(method, "mask_method")
+    allocation = setting(allocation, "mask_allocation")
+    memory_budget = setting(memory_budget, "mask_memory_budget")
+    seed = setting(seed, "mask_seed")
+    fisher_granularity = setting(fisher_granularity, "fisher_granularity")
     batches = list(batches) if batches is not None else []
     if stats is None:
         stats = default_stats(method, have_data=bool(batches))
