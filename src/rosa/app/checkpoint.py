@@ -1,4 +1,5 @@
-"""Atomic, pickle-free training checkpoints: adapter, optimizer, LR schedule, RNG, data position, schedule.
+"""Atomic, pickle-free training checkpoints: adapter, optimizer, LR schedule, RNG, data position, schedule; and
+``CheckpointSaver``, which writes them for ``rosa train`` on rank 0 with every rank's RNG state.
 
 A checkpoint is a folder ``step-<N>`` holding the PEFT adapter files, ``state.safetensors`` (every tensor of
 the optimizer state, RNG states and the RoSA restart snapshot) and ``state.json`` (everything else). It is
@@ -16,6 +17,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .. import distributed
+from .run_config import RunConfig
 
 LATEST = "latest"
 
@@ -107,3 +111,63 @@ def _fsync_dir(path: Path) -> None:
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _rng_tensors(ctx: distributed.ProcessContext) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state (dropout draws differ per rank), gathered for rank 0's checkpoint (which also
+    stores rank 0's torch state as ``rng.torch``, all a single-process run needs)."""
+    mine = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    if not ctx.distributed and "cuda" not in mine:
+        return {}
+    states = distributed.gather_objects(mine, ctx)
+    return {
+        f"rng.{kind}.rank{rank}": value.clone()
+        for rank, state in enumerate(states)
+        for kind, value in state.items()
+    }
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], ctx: distributed.ProcessContext) -> None:
+    torch.set_rng_state(tensors.get(f"rng.torch.rank{ctx.rank}", tensors["rng.torch"]))
+    cuda = tensors.get(f"rng.cuda.rank{ctx.rank}")
+    if cuda is not None and ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, ctx.device)
+
+
+class CheckpointSaver:
+    """Checkpoints written by rank 0 holding what every rank needs to resume (each rank's RNG state)."""
+
+    def __init__(self, out, model, optimizer, lr_scheduler, sampler, schedule, run: RunConfig, ctx) -> None:
+        self.parts = (out, model, optimizer, lr_scheduler, sampler, schedule)
+        self.run = run
+        self.ctx = ctx
+        self.last_step: int | None = None
+
+    def save(self, step: int, before: dict | None, events: list[dict[str, Any]]) -> None:
+        """At a step boundary, on every rank together (each contributes its RNG state)."""
+        from ..schedule.state import snapshot_tensors
+
+        out, model, optimizer, lr_scheduler, sampler, schedule = self.parts
+        rng = _rng_tensors(self.ctx)
+        if self.ctx.is_main:
+            state = schedule.state_dict()  # the restart snapshot must survive a resume before the mask
+            save_checkpoint(
+                out,
+                step,
+                model,
+                optimizer,
+                lr_scheduler,
+                {**snapshot_tensors(state), **rng},
+                {
+                    "sampler": sampler.state_dict(),
+                    "before": before,
+                    "processes": self.ctx.world,
+                    "mask_fixed_step": state["mask_fixed_step"],
+                    "schedule_events": events,
+                },
+                keep=self.run.train.keep_checkpoints,
+            )
+        distributed.barrier(self.ctx)
+        self.last_step = step

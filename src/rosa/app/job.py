@@ -20,11 +20,11 @@ import torch
 
 from .. import distributed
 from .batches import CausalLMCollator, LengthGroupedBatchSampler, tokenize_examples
-from .checkpoint import load_checkpoint, restore_optimizer
+from .checkpoint import load_checkpoint, restore_optimizer, restore_rng
 from .data import Example
 from .evaluate import response_token_count, summed_response_loss
 from .run_config import RunConfig, RunConfigError, lr_warmup
-from .run_folder import RunError, check_process_count, restore_rng
+from .run_folder import RunError, check_process_count
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,9 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..mask.files import readable_by_umask
-from .checkpoint import write_atomic
+from .checkpoint import CheckpointSaver, write_atomic
 from .run_config import RunConfig, load_run_config
 from .run_folder import (
-    CheckpointSaver,
     GracefulStop,
     RunError,
     check_resume_settings,
