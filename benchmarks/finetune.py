@@ -174,6 +174,8 @@ def train_once(
         "trainable": trainable_counts(model, params, adapter),
         "linear_weights": linear_weights,
         "resumed_at": state["resumed_at"],
+        # which code trained which steps: a run resumed in a later checkout names every commit it ran under
+        "segments": [*state["segments"], {"from_step": state["step"], "commit": provenance.git_commit()}],
         **extra,
     }
     if schedule is not None:
@@ -251,6 +253,7 @@ def _fresh_state() -> dict[str, Any]:
         "step": 0,
         "losses": [],
         "resumed_at": [],
+        "segments": [],
         "schedule_events": [],
         "mask_fixed_step": None,
         "snapshot": {},
@@ -279,6 +282,7 @@ def _save(work, step, model, optimizer, lr_schedule, sampler, schedule, state, s
         "step": step,
         "losses": state["losses"],
         "resumed_at": state["resumed_at"],
+        "segments": [*state["segments"], {"from_step": state["step"], "commit": provenance.git_commit()}],
         "schedule_events": state["schedule_events"] + (schedule.events if schedule is not None else []),
         "mask_fixed_step": rosa_state["mask_fixed_step"],
         "train_seconds": state["train_seconds"] + elapsed,
@@ -322,6 +326,8 @@ def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler) -> dict[s
         )
     state["snapshot"] = snapshot_from(tensors)
     state["resumed_at"] = [*state["resumed_at"], state["step"]]
+    if not state["segments"]:  # a checkpoint written before segments were recorded
+        state["segments"] = [{"from_step": 0, "commit": "not recorded"}]
     print(f"resumed at step {state['step']} from {checkpoint}", flush=True)
     return state
 

@@ -88,6 +88,8 @@ def test_a_stopped_run_resumes_to_the_same_result(
     resumed = _run(finetune, ADAPTERS[name], work=work)
     expected = uninterrupted[name]
     assert resumed["resumed_at"] == [resumes_at]
+    assert [seg["from_step"] for seg in resumed["segments"]] == [0, resumes_at]  # each with its commit
+    assert [seg["from_step"] for seg in expected["segments"]] == [0]
     assert len(resumed["losses"]) == STEPS
     torch.testing.assert_close(resumed["losses"], expected["losses"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(resumed["val_loss"], expected["val_loss"], rtol=1e-5, atol=1e-6)
