@@ -26,7 +26,8 @@ import provenance
 import torch
 from tqdm.auto import tqdm
 
-CHECKPOINT_STATE = "finetune.json"  # beside the checkpoint's own files: what this module adds to it
+STATE_KEY = "finetune"  # what this module adds to a checkpoint's state.json (written with it, atomically)
+OLD_STATE_FILE = "finetune.json"  # where checkpoints of commit c3f29a5 kept it (read, never written)
 MASK_BATCHES = 8  # the first batches an adapter function sees (RoSA's mask_steps in both protocols)
 
 
@@ -269,11 +270,19 @@ def _latest(work: Path | None) -> Path | None:
     if work is None:
         return None
     found = latest_checkpoint(work)
-    return found if found is not None and (found / CHECKPOINT_STATE).is_file() else None
+    return found if found is not None and _module_state(found) is not None else None
+
+
+def _module_state(checkpoint: Path) -> dict[str, Any] | None:
+    """This module's part of ``checkpoint``, or None if it has none (not one of ours)."""
+    state = json.loads((checkpoint / "state.json").read_text()).get(STATE_KEY)
+    if state is None and (checkpoint / OLD_STATE_FILE).is_file():
+        state = json.loads((checkpoint / OLD_STATE_FILE).read_text())
+    return state
 
 
 def _save(work, step, model, optimizer, lr_schedule, sampler, schedule, state, started, cpu_started) -> None:
-    from rosa.app.checkpoint import save_checkpoint, write_atomic
+    from rosa.app.checkpoint import save_checkpoint
     from rosa.schedule.state import snapshot_tensors
 
     rosa_state = schedule.state_dict() if schedule is not None else {"mask_fixed_step": None, "snapshot": {}}
@@ -289,17 +298,16 @@ def _save(work, step, model, optimizer, lr_schedule, sampler, schedule, state, s
         "wall_seconds": state["wall_seconds"] + elapsed,
         "cpu_seconds": state["cpu_seconds"] + time.process_time() - cpu_started,
     }
-    folder = save_checkpoint(
+    save_checkpoint(
         work,
         step,
         model,
         optimizer,
         lr_schedule,
         snapshot_tensors(rosa_state),
-        {"sampler": sampler.state_dict()},
+        {"sampler": sampler.state_dict(), STATE_KEY: mine},
         keep=1,
     )
-    write_atomic(folder / CHECKPOINT_STATE, json.dumps(mine))
 
 
 def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler) -> dict[str, Any]:
@@ -319,7 +327,7 @@ def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler) -> dict[s
     lr_schedule.load_state_dict(saved["lr_scheduler"])
     sampler.load_state_dict(saved["sampler"])
     torch.set_rng_state(tensors["rng.torch"])
-    state = {**_fresh_state(), **json.loads((checkpoint / CHECKPOINT_STATE).read_text())}
+    state = {**_fresh_state(), **_module_state(checkpoint)}
     if state["step"] != saved["step"] or len(state["losses"]) != state["step"]:
         raise RuntimeError(
             f"{checkpoint}: inconsistent checkpoint (step {saved['step']}); delete it to restart"

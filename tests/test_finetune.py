@@ -134,3 +134,20 @@ def test_the_methods_train_what_they_say(uninterrupted):
     )
     for result in uninterrupted.values():
         assert sum(result["losses"][-3:]) < sum(result["losses"][:3])
+
+
+def test_a_checkpoint_of_the_first_layout_resumes(finetune, uninterrupted, tmp_path):
+    """Checkpoints written at commit c3f29a5 kept this module's state in finetune.json beside state.json (a kill
+    between the two writes lost the checkpoint; it now travels inside state.json): they still resume."""
+    import json
+
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError):
+        _run(finetune, ADAPTERS["lora"], work=work, stop_at=7, error=RuntimeError)
+    (checkpoint,) = (work / "checkpoints").glob("step-*")
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / finetune.OLD_STATE_FILE).write_text(json.dumps(state.pop(finetune.STATE_KEY)))
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    resumed = _run(finetune, ADAPTERS["lora"], work=work)
+    assert resumed["resumed_at"] == [6]
+    torch.testing.assert_close(resumed["losses"], uninterrupted["lora"]["losses"], rtol=1e-5, atol=1e-5)
