@@ -6,7 +6,8 @@ weights) is fine-tuned on ViGGO (sentence -> meaning representation) and SQL (qu
 file with a fixed seed (``SPLIT_SEED``): ``TEST_ROWS`` rows for the score, ``VAL_ROWS`` more for the learning-rate
 search, the rest for training. ViGGO's own ``valid.csv`` is not used, so both tasks are treated alike.
 
-Methods, all trained by the same loop (``train_once``) on the same batches (seed, order, length grouping),
+Methods, all trained by the same loop (``finetune.train_once``: RoSA's schedule runs inside the optimizer step,
+from the library; fisher per example, the statistic of every run here) on the same batches (seed, order, length grouping),
 steps, schedule (linear LR warm-up over 10% of the steps, then cosine), AdamW without weight decay, gradient
 clipping at 1.0 and fp32 weights:
 
@@ -14,7 +15,7 @@ clipping at 1.0 and fp32 weights:
 - ``lora``: PEFT's own LoRA, rank ``r`` on every linear layer of the decoder (``all-linear``: the head is left
   out), alpha = 2r.
 - ``spa``: RoSA with rank 0 (sparse only) at the budget's density; its fisher mask is scored on the first
-  ``MASK_STEPS`` training batches of the pretrained model before the first step (``rosa.masks.collect_mask``).
+  ``MASK_STEPS`` training batches of the pretrained model before the first step (the library's rule for r = 0).
 - ``rosa``: RoSA at half the budget's rank plus the density that fills the rest of the budget: LoRA-only
   warm-up for 10% of the steps, fisher statistics over the next ``MASK_STEPS`` micro-batches of ordinary
   training, then the sparse values and the low-rank factors train together, continuing from the warmed-up
@@ -40,8 +41,8 @@ wins; while the winner is at an edge of the grid the grid grows by one x3 step p
 by the first, probe-only policy are reused as the finalist at their rate, never trained again or dropped.
 
 Resumable: every finished probe and run is added to the JSON at once (atomically, under a lock, so two suites may
-share the file, e.g. one per task with ``--threads 1`` each) and skipped on the next call; Ctrl-C loses at most
-the run in progress. A run (probes excluded) took 12-14 minutes on the 2-core
+share the file, e.g. one per task with ``--threads 1`` each) and skipped on the next call; a run stopped midway
+goes on from its last checkpoint (``finetune.train_once``, every 25 steps and at Ctrl-C). A run (probes excluded) took 12-14 minutes on the 2-core
 CPU for SpA and RoSA on ViGGO (LoRA: 24 CPU-minutes over 2 threads); each probe about 2 minutes.
 
     python benchmarks/accuracy.py                            # everything: main comparison + mask studies
@@ -267,6 +268,7 @@ def adapter_for(spec: Spec, warmup: int):
             mask_method=spec.mask_method,
             mask_allocation=spec.allocation,
             mask_seed=SEED,
+            fisher_granularity="example",  # every run of this protocol used it (the default then)
             warmup_steps=warmup if spec.method == "rosa" and spec.lora_warmup else 0,
             mask_steps=MASK_STEPS,
             restart_after_mask=spec.restart,
@@ -291,7 +293,9 @@ def warmup_steps(steps: int) -> int:
     return finetune.Recipe(lr=1.0, steps=steps, warmup_fraction=WARMUP_FRACTION).warmup
 
 
-def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -> dict[str, Any]:
+def train_once(
+    spec: Spec, lr: float, steps: int, score_test: bool, desc: str, work: Path | None = None
+) -> dict[str, Any]:
     """Fine-tune a fresh copy of the model (``finetune.train_once``): losses, validation loss and, when asked,
     test exact match."""
     if spec.mask_at_start:
@@ -309,7 +313,7 @@ def train_once(spec: Spec, lr: float, steps: int, score_test: bool, desc: str) -
     )
     result = finetune.train_once(
         splits(spec.task), spec.task, adapter_for(spec, recipe.warmup), recipe, score_test=score_test,
-        eval_batch=16, desc=desc,
+        eval_batch=16, desc=desc, work=work,
     )  # fmt: skip
     return {"spec": asdict(spec), **result}
 
@@ -342,9 +346,11 @@ def probe_finalists(spec: Spec, results: dict[str, Any], path: Path) -> list[flo
 def _probe(source: Spec, lr: float, results: dict[str, Any], path: Path) -> float:
     key = f"{source.key}/probe{PROBE_STEPS}/lr{lr:g}"
     if key not in results["probes"]:
-        probe = train_once(source, lr, PROBE_STEPS, score_test=False, desc=f"probe {key}")
+        work = finetune.work_folder(path, key)
+        probe = train_once(source, lr, PROBE_STEPS, score_test=False, desc=f"probe {key}", work=work)
         probe.pop("losses")
         record_result(results, path, "probes", key, probe)
+        finetune.remove_work(work)
         print(f"  probe {key}: val loss {probe['val_loss']:.4f} ({probe['wall_seconds']:.0f} s)", flush=True)
     return results["probes"][key]["val_loss"]
 
@@ -410,8 +416,10 @@ def _run_at(spec: Spec, results: dict[str, Any], path: Path) -> None:
         print(f"  {spec.key}: the run first recorded as {policy_key}", flush=True)
         return
     print(f"run {spec.key}", flush=True)
-    run = train_once(spec, spec.fixed_lr, spec.steps, score_test=True, desc=spec.key)
+    work = finetune.work_folder(path, spec.key)
+    run = train_once(spec, spec.fixed_lr, spec.steps, score_test=True, desc=spec.key, work=work)
     record_result(results, path, "runs", spec.key, run)
+    finetune.remove_work(work)
     print(f"  {spec.key}: exact match {run['exact_match']:.1%} ({run['wall_seconds']:.0f} s)", flush=True)
 
 

@@ -248,11 +248,6 @@ def comparison(methods: list[str], budgets: list[str], seeds: list[int], default
     ]
 
 
-def work_folder(path: Path, key: str) -> Path:
-    """Where a run in progress keeps its checkpoints (ignored by git, removed once the run is recorded)."""
-    return path.with_name(f".{path.name}.work") / key.replace("/", "-")
-
-
 def run(specs: list[Spec], path: Path) -> None:
     """Train what the file lacks; a spec another live process is training (its claim) is left to it."""
     for spec in specs:
@@ -266,7 +261,7 @@ def run(specs: list[Spec], path: Path) -> None:
             if spec.key in results_store.load(path, empty_results())["runs"]:  # finished while we looked
                 continue
             print(f"run {spec.key} at lr {spec.lr:g}", flush=True)
-            work = work_folder(path, spec.key)
+            work = finetune.work_folder(path, spec.key)
             result = train_once(spec, work)
             results_store.record(path, "runs", spec.key, result, empty_results())
             finetune.remove_work(work)

@@ -119,8 +119,14 @@ def train_once(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(recipe.warmup, recipe.steps))
+    settings = _settings(recipe, model)
     checkpoint = _latest(work)
-    state = _restore(checkpoint, model, optimizer, lr_schedule, sampler) if checkpoint else _fresh_state()
+    state = (
+        _restore(checkpoint, model, optimizer, lr_schedule, sampler, settings)
+        if checkpoint
+        else _fresh_state()
+    )
+    state["settings"] = settings
     schedule = _rosa_schedule(model, optimizer, recipe, state)
     if schedule is not None and checkpoint is None:
         schedule.score_before_training(first(schedule.mask_steps))
@@ -146,8 +152,9 @@ def train_once(
             optimizer.zero_grad(set_to_none=True)
             losses.append(round(loss.item(), 5))
             done = step + 1
-            due = done % save_every == 0 or stop.requested
-            if work is not None and due and done < recipe.steps and _can_save(schedule):
+            # the last step too: a stop during the test scoring goes straight back to it
+            due = done % save_every == 0 or done == recipe.steps or stop.requested
+            if work is not None and due and _can_save(schedule):
                 _save(
                     work, done, model, optimizer, lr_schedule, sampler, schedule, state, started, cpu_started
                 )
@@ -270,7 +277,20 @@ def _latest(work: Path | None) -> Path | None:
     if work is None:
         return None
     found = latest_checkpoint(work)
-    return found if found is not None and _module_state(found) is not None else None
+    if found is not None and _module_state(found) is None:
+        raise RuntimeError(
+            f"{found} holds no state of benchmarks/finetune.py: remove {work} to train this run over"
+        )
+    return found
+
+
+def _settings(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be resumed: the recipe and the adapter's config."""
+    from dataclasses import asdict
+
+    config = getattr(model, "peft_config", {}).get("default")
+    adapter = config.to_dict() if config is not None else None
+    return json.loads(json.dumps({"recipe": asdict(recipe), "adapter": adapter}, sort_keys=True, default=str))
 
 
 def _module_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -292,6 +312,7 @@ def _save(work, step, model, optimizer, lr_schedule, sampler, schedule, state, s
         "losses": state["losses"],
         "resumed_at": state["resumed_at"],
         "segments": [*state["segments"], {"from_step": state["step"], "commit": provenance.git_commit()}],
+        "settings": state["settings"],
         "schedule_events": state["schedule_events"] + (schedule.events if schedule is not None else []),
         "mask_fixed_step": rosa_state["mask_fixed_step"],
         "train_seconds": state["train_seconds"] + elapsed,
@@ -310,8 +331,21 @@ def _save(work, step, model, optimizer, lr_schedule, sampler, schedule, state, s
     )
 
 
-def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler) -> dict[str, Any]:
-    """Load ``checkpoint`` into the freshly built run; return this module's state (with the snapshot)."""
+def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler, settings: dict) -> dict[str, Any]:
+    """Load ``checkpoint`` into the freshly built run; return this module's state (with the snapshot). A
+    checkpoint trained with other settings is refused (checkpoints of commit c3f29a5 recorded none)."""
+    saved_settings = (_module_state(checkpoint) or {}).get("settings")
+    if saved_settings is not None and saved_settings != settings:
+        changed = sorted(
+            f"{part}.{k}"
+            for part in ("recipe", "adapter")
+            for k in set(saved_settings[part] or {}) | set(settings[part] or {})
+            if (saved_settings[part] or {}).get(k) != (settings[part] or {}).get(k)
+        )
+        raise RuntimeError(
+            f"{checkpoint} was trained with other settings ({', '.join(changed)}): remove {checkpoint.parent.parent} "
+            "to train this run over"
+        )
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -338,6 +372,12 @@ def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler) -> dict[s
         state["segments"] = [{"from_step": 0, "commit": "not recorded"}]
     print(f"resumed at step {state['step']} from {checkpoint}", flush=True)
     return state
+
+
+def work_folder(results: Path, key: str) -> Path:
+    """Where the run ``key`` of the results file ``results`` keeps its checkpoints while it trains (beside the
+    file, ignored by git; :func:`remove_work` once the run is recorded)."""
+    return results.with_name(f".{results.name}.work") / key.replace("/", "-")
 
 
 def remove_work(work: Path) -> None:

@@ -1,6 +1,7 @@
 """Markdown tables as every benchmark prints them and the docs show them: a header row, a rule, the rows.
 
-A row with the wrong number of cells is refused: a table whose columns slid by one would still render."""
+A table whose columns slid by one would still render: ``markdown_table`` refuses a row of the wrong width, as
+``markdown_row`` does when given the width, and tests/test_readme.py checks every table the docs publish."""
 
 from __future__ import annotations
 

@@ -271,7 +271,7 @@ def _fake_training(accuracy, monkeypatch, probe_loss, run_loss):
     trained = []
     monkeypatch.setattr(accuracy, "_probe", lambda source, lr, results, path: probe_loss(lr))
 
-    def train(spec, lr, steps, score_test, desc):
+    def train(spec, lr, steps, score_test, desc, work=None):
         trained.append(spec.key)
         return {
             "spec": asdict(spec),

@@ -32,17 +32,18 @@ def _examples(n: int, seed: int) -> list[Example]:
 DATA = (_examples(40, 0), _examples(8, 1), [])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ADAPTERS = {
-    "lora": LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS),
+    # dropout on: a resume must restore the RNG as well
+    "lora": LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, lora_dropout=0.1),
     # LoRA-only warm-up, then the mask, a restart and a re-warm-up: a resume may land in every phase
     "rosa": RosaConfig(
-        r=2, lora_alpha=4, density=0.05, target_modules=TARGETS, warmup_steps=4, mask_steps=2,
+        r=2, lora_alpha=4, lora_dropout=0.1, density=0.05, target_modules=TARGETS, warmup_steps=4, mask_steps=2,
         restart_after_mask=True, rewarmup_steps=3, sparse_lr_ratio=2.0,
     ),
     "spa": RosaConfig(r=0, density=0.05, target_modules=TARGETS, mask_steps=2),  # mask before step 0
 }  # fmt: skip
 
 
-def _run(finetune, adapter, work=None, stop_at=None, error=RuntimeError, save_every=3):
+def _run(finetune, adapter, work=None, stop_at=None, error=RuntimeError, save_every=3, lr=1e-2):
     """Train STEPS steps; ``stop_at``: the forward of that step raises ``error`` (a process killed there) or,
     with ``error=None``, sends this process SIGINT (Ctrl-C)."""
     calls = {"n": 0}
@@ -63,7 +64,7 @@ def _run(finetune, adapter, work=None, stop_at=None, error=RuntimeError, save_ev
             model.register_forward_pre_hook(stop)
         return model, tiny_tokenizer(VOCAB)
 
-    recipe = finetune.Recipe(lr=1e-2, steps=STEPS, batch=4, max_length=24)
+    recipe = finetune.Recipe(lr=lr, steps=STEPS, batch=4, max_length=24)
     return finetune.train_once(
         DATA, "synthetic", adapter, recipe, score_test=False, work=work, save_every=save_every,
         model_loader=load, desc="test",
@@ -151,3 +152,26 @@ def test_a_checkpoint_of_the_first_layout_resumes(finetune, uninterrupted, tmp_p
     resumed = _run(finetune, ADAPTERS["lora"], work=work)
     assert resumed["resumed_at"] == [6]
     torch.testing.assert_close(resumed["losses"], uninterrupted["lora"]["losses"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(finetune, tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError):
+        _run(finetune, ADAPTERS["lora"], work=work, stop_at=7, error=RuntimeError)
+    with pytest.raises(RuntimeError, match=r"trained with other settings \(recipe.lr\): remove .*work"):
+        _run(finetune, ADAPTERS["lora"], work=work, lr=3e-3)
+    with pytest.raises(RuntimeError, match=r"other settings \(adapter.r\)"):
+        _run(finetune, LoraConfig(r=3, lora_alpha=4, target_modules=TARGETS, lora_dropout=0.1), work=work)
+
+
+def test_a_finished_run_goes_straight_to_scoring(finetune, uninterrupted, tmp_path, monkeypatch):
+    """The last step is a checkpoint too: a run stopped while it scores resumes with no training step."""
+    work = tmp_path / "work"
+    first = _run(finetune, ADAPTERS["rosa"], work=work)
+    assert (work / "checkpoints" / f"step-{STEPS}").is_dir()
+    calls = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: calls.append(1))
+    again = _run(finetune, ADAPTERS["rosa"], work=work)
+    assert calls == [] and again["resumed_at"] == [STEPS]
+    torch.testing.assert_close(again["val_loss"], first["val_loss"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(first["val_loss"], uninterrupted["rosa"]["val_loss"], rtol=1e-5, atol=1e-6)

@@ -37,6 +37,23 @@ def test_every_marker_pair_is_present_and_well_formed(report, document):
         assert start <= end
 
 
+def test_every_table_row_has_its_headers_width(report, document):
+    """A row whose cells slid by one still renders; here it fails (generated and hand-written tables alike)."""
+    table: list[str] = []
+    lines = [*(ROOT / document).read_text().splitlines(), ""]
+    for number, line in enumerate(lines, 1):
+        if line.startswith("|"):
+            table.append(line)
+            width = table[0].count("|")
+            assert line.count("|") == width, (
+                f"{document}:{number}: {line.count('|') - 1} cells under {width - 1} headers"
+            )
+        else:
+            table = []
+    if document == "docs/benchmarks.md":  # (the README's evidence is prose)
+        assert any(line.startswith("|---") for line in lines), "no table found: the check above checked nothing"
+
+
 def test_the_documents_are_what_the_jsons_give(report, document):
     current = (ROOT / document).read_text()
     expected = report.regenerate(current, document)

@@ -186,3 +186,26 @@ def test_a_file_with_a_transposed_support_but_no_csr_is_refused(tmp_path):
 
     with pytest.raises(AdapterFileError, match="transposed support without the CSR"):
         set_peft_model_state_dict(target, load_file(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_checkpoint_clean_up_keeps_the_one_just_written(tmp_path, keep):
+    """Old checkpoints go oldest first; the one just written stays even when a folder of a later step (one that
+    ``latest`` no longer reaches) is there, and that one goes."""
+    from peft import LoraConfig, get_peft_model
+
+    from rosa.app.checkpoint import latest_checkpoint, save_checkpoint
+
+    model = get_peft_model(word_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    def save(step):
+        return save_checkpoint(tmp_path, step, model, optimizer, schedule, {}, {}, keep=keep)
+
+    for step in (10, 20, 50):
+        save(step)
+    save(30)  # a run that went back: step-50 is stale
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == (["step-30"] if keep == 1 else ["step-20", "step-30"])
+    assert latest_checkpoint(tmp_path).name == "step-30"

@@ -73,9 +73,19 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     write_atomic(root / LATEST, final.name)
-    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+    # keep this one and the newest keep - 1 before it; a folder of a later step is one ``latest`` no longer
+    # reaches (left by a run that went back), never the one just written
+    earlier = sorted((p for p in root.glob("step-*") if _step_of(p) < step), key=_step_of)
+    for old in earlier[: max(0, len(earlier) - (keep - 1))] + [
+        p for p in root.glob("step-*") if _step_of(p) > step
+    ]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(folder: Path) -> int:
+    suffix = folder.name.removeprefix("step-")
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

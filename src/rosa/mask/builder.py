@@ -126,7 +126,7 @@ class MaskBuilder:
                 memory_budget,
                 n_stats=len(self.stats),
                 accumulator_dtype=accumulator_dtype,
-                per_example="fisher" in self.stats and fisher_granularity == "example",
+                per_example="fisher" in self.stats and self.fisher_granularity == "example",
             )
             if self.stats and self.selectable
             else []

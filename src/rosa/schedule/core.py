@@ -140,7 +140,7 @@ class RosaSchedule:
                 accumulator_dtype=accumulator_dtype,
                 stats=stats,
                 max_micro_batches=self.mask_steps,
-                fisher_granularity=getattr(config, "fisher_granularity", "example"),
+                fisher_granularity=getattr(config, "fisher_granularity", None),  # None: RosaConfig's default
             )
             if self.builder.needs_data and self.mask_steps < 1:
                 raise MaskError(f"mask method {method_name(self.method)!r} needs mask_steps >= 1")
