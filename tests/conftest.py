@@ -1,8 +1,13 @@
 """Shared test setup. Triton kernels run on CPU tensors under the interpreter when no GPU is present; the
-variable must be set before anything imports triton."""
+variable must be set before anything imports triton. The tests never reach the Hugging Face hub: offline mode is
+set before huggingface_hub reads it (a Trainer's background hub lookup once crashed the whole run in getaddrinfo
+on a machine with no route out)."""
 
 import os
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
 import torch
