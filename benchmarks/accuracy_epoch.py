@@ -324,13 +324,39 @@ def summary(results: dict[str, Any]) -> str:
     return head + "\n\n" + (_comparison(results) or _progress(results))
 
 
+COMPARISON_SEEDS = {"low": 3, "mid": 2}  # seeds per budget the comparison asks for (both methods, both tasks)
+
+
 def _progress(results: dict[str, Any]) -> str:
-    done = sorted(k for k, r in results["runs"].items() if "val_loss" in r)
+    """How far the protocol has got, in one paragraph: the candidates' choices so far, the comparison's runs."""
+    runs = [r for r in results["runs"].values() if "val_loss" in r]
+    candidates_run = sum(
+        r["spec"]["method"] == "rosa" and r["spec"]["steps"] == CANDIDATE_STEPS for r in runs
+    )
+    compared = sum(r["spec"]["steps"] is None and "exact_match" in r for r in runs)
+    planned = sum(2 * len(TASKS) * n for n in COMPARISON_SEEDS.values())
+    chosen = []
+    for stage, describe in enumerate(
+        (
+            lambda d: f"fisher per {d['granularity'].replace('_', '-')}",
+            lambda d: f"split {d['split']}",
+            lambda d: f"sparse lr / {d['sparse_lr_ratio']:g}",
+        ),
+        1,
+    ):
+        decided = chosen_defaults(results, stage=stage)
+        if decided is None:
+            break
+        chosen.append(describe(decided))
+    so_far = (
+        f"the candidates chose {', '.join(chosen)} ({len(chosen)} of 3 stages)"
+        if chosen
+        else "none chosen yet"
+    )
     return (
-        f"Not measured yet. {len(done)} run{'s' * (len(done) != 1)} of the protocol "
-        f"{'have' if len(done) != 1 else 'has'} finished ({', '.join(f'`{k}`' for k in done) or 'none'}): "
-        "RoSA's defaults are chosen on validation loss by the 150-step candidates first, and the one-epoch "
-        "comparison runs after them."
+        f"Not measured yet. RoSA's defaults are chosen on validation loss by 150-step candidates, one coordinate "
+        f"at a time ({candidates_run} candidate runs so far; {so_far}); {compared} of the comparison's {planned} "
+        "one-epoch runs have finished."
     )
 
 

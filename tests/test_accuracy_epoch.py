@@ -187,3 +187,17 @@ def test_a_split_beyond_the_budget_is_refused(bench):
 
     with pytest.raises(ValueError, match="does not fit the budget"):
         bench.rosa_adapter(bench.Spec("viggo", "rosa", split="r5"), warmup=5)(tiny_llama(0), [])
+
+
+def test_progress_names_each_choice_made_and_counts_the_comparison(bench):
+    results = bench.empty_results()
+    assert "none chosen yet" in bench._progress(results) and "0 of the comparison's 20" in bench._progress(results)
+    for spec in bench.lora_references(list(bench.TASKS)):
+        _with(bench, results, spec, 0.1)
+    for spec in bench.candidates(results, list(bench.TASKS)):
+        _with(bench, results, spec, 0.08 if spec.granularity == "micro_batch" else 0.09)
+    lora = bench.Spec("viggo", "lora")  # one epoch, scored
+    results["runs"][lora.key] = {**_result(bench, lora, 0.1), "exact_match": 0.5}
+    text = bench._progress(results)
+    assert "4 candidate runs so far; the candidates chose fisher per micro-batch (1 of 3 stages)" in text
+    assert "1 of the comparison's 20 one-epoch runs" in text
