@@ -361,14 +361,61 @@ def _progress(results: dict[str, Any]) -> str:
 
 
 def report(results: dict[str, Any], plot: Path | None = None) -> str:
-    """The markdown the docs show: the comparison with its verdict, then the candidates (all from the JSON)."""
-    parts = (_comparison(results), _candidates(results))
+    """The markdown the docs show: the comparison with its verdict, every one-epoch run, then the candidates
+    (all from the JSON)."""
+    parts = (_comparison(results), _epoch_runs(results), _candidates(results))
     text = "\n\n".join(p for p in parts if p) if any(parts) else _progress(results)
     text += "\n"
     print(text)
     if plot is not None:
         _plot(results, plot)
     return text
+
+
+def _epoch_runs(results: dict[str, Any]) -> str:
+    """Each one-epoch run as it finished (paired or not yet), with what ran and where."""
+    runs = sorted(
+        (r for r in results["runs"].values() if r["spec"]["steps"] is None and "exact_match" in r),
+        key=lambda r: (list(BUDGETS).index(r["spec"]["budget"]), r["spec"]["task"], r["spec"]["seed"]),
+    )
+    if not runs:
+        return ""
+    lines = markdown_table(
+        [
+            "task",
+            "budget",
+            "method",
+            "seed",
+            "lr",
+            "steps",
+            "exact match",
+            "val loss",
+            "wall / CPU min",
+            "commit",
+        ]
+    )
+    for r in runs:
+        s = r["spec"]
+        method = "LoRA" if s["method"] == "lora" else f"RoSA ({s['split']}, fisher per {s['granularity']}, "
+        method += "" if s["method"] == "lora" else f"sparse lr / {s['sparse_lr_ratio']:g})"
+        lines.append(
+            markdown_row(
+                [
+                    s["task"],
+                    s["budget"],
+                    method,
+                    s["seed"],
+                    f"{r['lr']:g}",
+                    r["steps"],
+                    f"{100 * r['exact_match']:.1f}% ({r['correct']}/{r['count']})",
+                    f"{r['val_loss']:.4f}",
+                    f"{r['wall_seconds'] / 60:.0f} / {r['cpu_seconds'] / 60:.0f}",
+                    r["commit"][:7],
+                ],
+                width=10,
+            )
+        )
+    return "One-epoch runs so far:\n\n" + "\n".join(lines)
 
 
 def _cells(results: dict[str, Any]) -> dict[tuple, dict[str, dict[int, dict]]]:
@@ -418,6 +465,8 @@ def _comparison(results: dict[str, Any]) -> str:
             )
         )
         verdicts.append((task, budget, mean, se, len(seeds)))
+    if not verdicts:  # runs of one method only: nothing to compare yet (the progress paragraph says so)
+        return ""
     at_least = [v for v in verdicts if v[2] >= -1e-9]
     ahead = [v for v in verdicts if v[4] > 1 and v[2] > v[3]]
     target = (

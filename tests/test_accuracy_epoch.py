@@ -191,7 +191,9 @@ def test_a_split_beyond_the_budget_is_refused(bench):
 
 def test_progress_names_each_choice_made_and_counts_the_comparison(bench):
     results = bench.empty_results()
-    assert "none chosen yet" in bench._progress(results) and "0 of the comparison's 20" in bench._progress(results)
+    assert "none chosen yet" in bench._progress(results) and "0 of the comparison's 20" in bench._progress(
+        results
+    )
     for spec in bench.lora_references(list(bench.TASKS)):
         _with(bench, results, spec, 0.1)
     for spec in bench.candidates(results, list(bench.TASKS)):
@@ -201,3 +203,19 @@ def test_progress_names_each_choice_made_and_counts_the_comparison(bench):
     text = bench._progress(results)
     assert "4 candidate runs so far; the candidates chose fisher per micro-batch (1 of 3 stages)" in text
     assert "1 of the comparison's 20 one-epoch runs" in text
+
+
+def test_runs_of_one_method_only_make_no_comparison_table(bench):
+    results = bench.empty_results()
+    lora = bench.Spec("viggo", "lora")
+    results["runs"][lora.key] = {
+        **_result(bench, lora, 0.1),
+        **{"exact_match": 0.5, "correct": 250, "count": 500, "lr": 9e-3, "steps": 568},
+        **{"wall_seconds": 600, "cpu_seconds": 540, "commit": "0123456789abcdef"},
+    }
+    assert bench._comparison(results) == ""
+    assert "1 of the comparison's 20 one-epoch runs have finished" in bench.summary(results)
+    assert (
+        "| viggo | low | LoRA | 0 | 0.009 | 568 | 50.0% (250/500) | 0.1000 | 10 / 9 | 0123456 |"
+        in bench.report(results)
+    )
