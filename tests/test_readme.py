@@ -51,7 +51,9 @@ def test_every_table_row_has_its_headers_width(report, document):
         else:
             table = []
     if document == "docs/benchmarks.md":  # (the README's evidence is prose)
-        assert any(line.startswith("|---") for line in lines), "no table found: the check above checked nothing"
+        assert any(line.startswith("|---") for line in lines), (
+            "no table found: the check above checked nothing"
+        )
 
 
 def test_the_documents_are_what_the_jsons_give(report, document):
