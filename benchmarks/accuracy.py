@@ -235,9 +235,7 @@ def budget_split(model: torch.nn.Module, spec: Spec) -> dict[str, Any]:
     if spec.method == "lora":
         return {"r": BUDGETS[spec.budget], "density": 0.0, "budget": budget, "linear_weights": weights}
     r = 0 if spec.method == "spa" else BUDGETS[spec.budget] // 2 if spec.rank is None else spec.rank
-    if not 0 <= r <= BUDGETS[spec.budget]:
-        raise ValueError(f"rank {r} does not fit the budget of LoRA r {BUDGETS[spec.budget]}")
-    density = (budget - r * per_rank) / weights
+    density = finetune.filling_density(shapes, BUDGETS[spec.budget], r)
     return {"r": r, "density": density, "budget": budget, "linear_weights": weights}
 
 

@@ -163,7 +163,7 @@ def rosa_adapter(spec: Spec, warmup: int):
         r = budget_rank // 2 if spec.split == "auto" else int(spec.split.removeprefix("r"))
         if not 0 <= r <= budget_rank:
             raise ValueError(f"split {spec.split} does not fit the budget of LoRA rank {budget_rank}")
-        density = (budget_rank - r) * sum(o + i for o, i in shapes) / sum(o * i for o, i in shapes)
+        density = finetune.filling_density(shapes, budget_rank, r)
         config = RosaConfig(
             task_type="CAUSAL_LM",
             r=r,

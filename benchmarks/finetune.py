@@ -60,6 +60,14 @@ def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
     ]
 
 
+def filling_density(shapes: list[tuple[int, int]], budget_rank: int, r: int) -> float:
+    """The density that, beside rank ``r``, spends the trainable weights of LoRA at rank ``budget_rank`` on
+    layers of these (out, in) shapes."""
+    if not 0 <= r <= budget_rank:
+        raise ValueError(f"rank {r} does not fit the budget of LoRA rank {budget_rank}")
+    return (budget_rank - r) * sum(o + i for o, i in shapes) / sum(o * i for o, i in shapes)
+
+
 def adapt(model: torch.nn.Module, adapter: Any) -> torch.nn.Module:
     """``adapter``: None (full fine-tuning), a ``peft.LoraConfig`` or a ``rosa.RosaConfig``."""
     if adapter is None:
@@ -334,7 +342,8 @@ def _save(work, step, model, optimizer, lr_schedule, sampler, schedule, state, s
 def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler, settings: dict) -> dict[str, Any]:
     """Load ``checkpoint`` into the freshly built run; return this module's state (with the snapshot). A
     checkpoint trained with other settings is refused (checkpoints of commit c3f29a5 recorded none)."""
-    saved_settings = (_module_state(checkpoint) or {}).get("settings")
+    mine = _module_state(checkpoint)  # (_latest has made sure it exists)
+    saved_settings = mine.get("settings")
     if saved_settings is not None and saved_settings != settings:
         changed = sorted(
             f"{part}.{k}"
@@ -361,7 +370,7 @@ def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler, settings:
     lr_schedule.load_state_dict(saved["lr_scheduler"])
     sampler.load_state_dict(saved["sampler"])
     torch.set_rng_state(tensors["rng.torch"])
-    state = {**_fresh_state(), **_module_state(checkpoint)}
+    state = {**_fresh_state(), **mine}
     if state["step"] != saved["step"] or len(state["losses"]) != state["step"]:
         raise RuntimeError(
             f"{checkpoint}: inconsistent checkpoint (step {saved['step']}); delete it to restart"
