@@ -261,6 +261,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         if i > 0:
             times.append(time.perf_counter() - tick)
     rss_peak = status_kib("VmHWM") * 1024 - rss_start if device.type == "cpu" else None
+    sparse_ops_s = _sparse_op_seconds(step) if args.variant in ("rosa", "rosa_collect") else None
 
     # The allocator's view: every tensor storage alive at the worst moment of one step.
     held = {
@@ -287,6 +288,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "allocator_peak_bytes": total,
         "allocator_peak_without_weights_bytes": total - weights,
         "cuda_max_allocated_bytes": cuda_peak,
+        "sparse_ops_s": sparse_ops_s,
     }
     if args.variant in ("rosa", "rosa_collect"):
         from rosa.model import rosa_layers
@@ -299,6 +301,16 @@ def run_variant(args: argparse.Namespace) -> dict:
         ]
         result["strategies"] = {s: strategies.count(s) for s in sorted(set(strategies))}
     return result
+
+
+def _sparse_op_seconds(step) -> float:
+    """Seconds one step spends inside rosa's sparse ops (the ``rosa::`` custom ops, self time, under the
+    profiler): the part of RoSA's step that LoRA's does not have, measured in the step itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("rosa::")) / 1e6
 
 
 # --- the driver -----------------------------------------------------------------------------------------
@@ -334,7 +346,7 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
         if not ok:
             rows.append({"setting": setting, "dtype": dtype, "method": method, "error": mine[0]["error"]})
             continue
-        ratios, mem = [], []
+        ratios, mem, sparse = [], [], []
         for rnd in rounds:
             this = next(
                 (r for r in rnd if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)), None
@@ -345,6 +357,8 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
             if this and lora and "error" not in this and "error" not in lora:
                 ratios.append(this["step_s"] / lora["step_s"])
                 mem.append(this["allocator_peak_bytes"] / lora["allocator_peak_bytes"])
+                if this.get("sparse_ops_s") is not None:
+                    sparse.append(this["sparse_ops_s"] / lora["step_s"])
         rows.append(
             {
                 "setting": setting,
@@ -359,6 +373,8 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
                 "allocator_peak_mib": statistics.median(r["allocator_peak_bytes"] / 2**20 for r in ok),
                 "memory_vs_lora": statistics.median(mem) if mem else None,
                 "strategies": ok[0].get("strategies"),
+                # rosa's sparse ops in one step, as a fraction of LoRA's step in the same round
+                "sparse_ops_vs_lora": statistics.median(sparse) if sparse else None,
             }
         )
     return rows
@@ -489,6 +505,26 @@ def _findings(report: dict) -> list[str]:
             + ". Supra pays a dense weight-gradient GEMM; where RoSA's own extra time goes, op by op, is in the "
             "layer benchmark below. The Triton path needs a GPU and is not measured here."
         )
+    for setting in ("block7b", "smollm2"):
+        for d in ("fp32", "bf16"):
+            rosa, supra = get(setting, d, "rosa"), get(setting, d, "supra")
+            if not rosa or rosa.get("sparse_ops_vs_lora") is None:
+                continue
+            share, total = rosa["sparse_ops_vs_lora"], rosa["time_vs_lora"]
+            text = (
+                f"Where RoSA's extra time goes ({setting} {d}): inside its sparse ops (profiled in a step of its "
+                f"own) it spends {share:.2f}x LoRA's step, of the {total - 1:+.2f}x by which its step differs "
+                f"from LoRA's; the other {total - 1 - share:+.2f}x is the rest of the step (adding the sparse "
+                "output, the optimizer on the sparse values) and the spread between processes."
+            )
+            if supra and supra.get("time_vs_lora"):
+                needed = supra["time_vs_lora"] / SPEEDUP_VS_SUPRA
+                text += (
+                    f" Supra's step took {supra['time_vs_lora']:.2f}x LoRA's, so RoSA >= {SPEEDUP_VS_SUPRA:g}x "
+                    f"faster than Supra needs RoSA's step at <= {needed:.2f}x LoRA's"
+                    + (": less than LoRA's step plus RoSA's sparse ops alone." if needed < 1 + share else ".")
+                )
+            out.append(text)
     mem = []
     for setting in ("smollm2", "block7b"):
         for d in ("fp32", "bf16"):

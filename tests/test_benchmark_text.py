@@ -258,3 +258,44 @@ def test_gpu_benchmark_runs_the_layer_path_under_the_interpreter(tmp_path, monke
     assert results["provenance"]["command"].endswith("--reps 1")
     text = gpu.markdown(results)
     assert "| 24x20, 30% |" in text and "checks against float64 passed" in text
+
+
+# --- step: where RoSA's extra time goes ---------------------------------------------------------------------
+
+
+def _step_result(method: str, step_s: float, sparse_ops_s: float | None = None) -> dict:
+    return {
+        "setting": "block7b",
+        "dtype": "fp32",
+        "method": method,
+        "trainable": 10,
+        "step_s": step_s,
+        "step_times_s": [step_s],
+        "peak_rss_bytes": 2**20,
+        "allocator_peak_bytes": 2**20,
+        "sparse_ops_s": sparse_ops_s,
+    }
+
+
+def test_step_reports_the_sparse_ops_share_of_lora_step_per_round():
+    step = load_benchmark("step")
+    rounds = [
+        [_step_result("lora", 2.0), _step_result("supra", 3.6), _step_result("rosa", 2.4, sparse_ops_s=0.2)],
+        [_step_result("lora", 4.0), _step_result("supra", 7.2), _step_result("rosa", 4.4, sparse_ops_s=0.6)],
+        [_step_result("lora", 1.0), _step_result("supra", 1.8), _step_result("rosa", 1.1, sparse_ops_s=0.05)],
+    ]
+    rows = step.summarise(rounds)
+    rosa = next(r for r in rows if r["method"] == "rosa")
+    # per round: 0.2 / 2 = 0.1, 0.6 / 4 = 0.15, 0.05 / 1 = 0.05 -> median 0.1; times: 1.2, 1.1, 1.1 -> 1.1
+    assert rosa["sparse_ops_vs_lora"] == pytest.approx(0.10)
+    assert rosa["time_vs_lora"] == pytest.approx(1.10)
+    assert next(r for r in rows if r["method"] == "lora")["sparse_ops_vs_lora"] is None
+    report = {
+        "rows": rows,
+        "targets": step.targets(rows),
+        "settings": {"density": 0.01, "device": "cpu", "rounds": 3},
+    }
+    text = "\n".join(step._findings(report))
+    assert "it spends 0.10x LoRA's step, of the +0.10x" in text
+    # Supra at 1.8x LoRA: 1.8x faster than Supra needs RoSA at <= 1.00x LoRA, below LoRA + the sparse ops alone
+    assert "needs RoSA's step at <= 1.00x LoRA's: less than LoRA's step plus RoSA's sparse ops alone" in text
