@@ -263,7 +263,10 @@ def test_gpu_benchmark_runs_the_layer_path_under_the_interpreter(tmp_path, monke
 # --- step: where RoSA's extra time goes ---------------------------------------------------------------------
 
 
-def _step_result(method: str, step_s: float, sparse_ops_s: float | None = None) -> dict:
+def _step_result(
+    method: str, step_s: float, sparse: float = 0.0, dense: float = 1.0, other: float = 0.5
+) -> dict:
+    wall = sparse + dense + other
     return {
         "setting": "block7b",
         "dtype": "fp32",
@@ -273,29 +276,43 @@ def _step_result(method: str, step_s: float, sparse_ops_s: float | None = None) 
         "step_times_s": [step_s],
         "peak_rss_bytes": 2**20,
         "allocator_peak_bytes": 2**20,
-        "sparse_ops_s": sparse_ops_s,
+        "profiled_step": {"wall_s": wall, "sparse_ops_s": sparse, "dense_matmul_s": dense, "other_s": other},
     }
 
 
-def test_step_reports_the_sparse_ops_share_of_lora_step_per_round():
+def test_step_splits_rosa_excess_over_lora_into_sparse_ops_matmuls_and_the_rest():
     step = load_benchmark("step")
-    rounds = [
-        [_step_result("lora", 2.0), _step_result("supra", 3.6), _step_result("rosa", 2.4, sparse_ops_s=0.2)],
-        [_step_result("lora", 4.0), _step_result("supra", 7.2), _step_result("rosa", 4.4, sparse_ops_s=0.6)],
-        [_step_result("lora", 1.0), _step_result("supra", 1.8), _step_result("rosa", 1.1, sparse_ops_s=0.05)],
+    rounds = [  # LoRA's profiled step: 1.5 s in every round
+        [
+            _step_result("lora", 2.0),
+            _step_result("supra", 3.6),
+            _step_result("rosa", 2.4, sparse=0.15, dense=1.15),
+        ],
+        [_step_result("lora", 4.0), _step_result("supra", 7.2), _step_result("rosa", 4.4, sparse=0.3)],
+        [
+            _step_result("lora", 1.0),
+            _step_result("supra", 1.8),
+            _step_result("rosa", 1.1, sparse=0.6, other=0.35),
+        ],
     ]
     rows = step.summarise(rounds)
     rosa = next(r for r in rows if r["method"] == "rosa")
-    # per round: 0.2 / 2 = 0.1, 0.6 / 4 = 0.15, 0.05 / 1 = 0.05 -> median 0.1; times: 1.2, 1.1, 1.1 -> 1.1
-    assert rosa["sparse_ops_vs_lora"] == pytest.approx(0.10)
-    assert rosa["time_vs_lora"] == pytest.approx(1.10)
-    assert next(r for r in rows if r["method"] == "lora")["sparse_ops_vs_lora"] is None
+    x = rosa["excess_vs_lora"]
+    # per round, over 1.5 s: sparse 0.1, 0.2, 0.4 -> 0.2; matmuls 0.1, 0, 0 -> 0; rest 0, 0, -0.1 -> 0;
+    # whole step 0.2, 0.2, 0.3 -> 0.2
+    assert (x["sparse_ops_s"], x["dense_matmul_s"], x["other_s"]) == pytest.approx((0.2, 0.0, 0.0))
+    assert x["wall_s"] == pytest.approx(0.2)
+    assert rosa["time_vs_lora"] == pytest.approx(1.10)  # timed steps: 1.2, 1.1, 1.1
+    lora = next(r for r in rows if r["method"] == "lora")
+    assert lora["excess_vs_lora"] == {k: 0 for k in step.PROFILE_PARTS}
     report = {
         "rows": rows,
         "targets": step.targets(rows),
         "settings": {"density": 0.01, "device": "cpu", "rounds": 3},
     }
     text = "\n".join(step._findings(report))
-    assert "it spends 0.10x LoRA's step, of the +0.10x" in text
+    assert (
+        "+0.20x in all = rosa's sparse ops +0.20x + the dense matmuls +0.00x + everything else +0.00x" in text
+    )
     # Supra at 1.8x LoRA: 1.8x faster than Supra needs RoSA at <= 1.00x LoRA, below LoRA + the sparse ops alone
     assert "needs RoSA's step at <= 1.00x LoRA's: less than LoRA's step plus RoSA's sparse ops alone" in text
