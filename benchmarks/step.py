@@ -530,9 +530,10 @@ def _findings(report: dict) -> list[str]:
                 f"Where RoSA's extra time goes ({setting} {d}; one more step of each method under the profiler, "
                 f"the difference in units of LoRA's profiled step, median over rounds): {x['wall_s']:+.2f}x in "
                 f"all = rosa's sparse ops {x['sparse_ops_s']:+.2f}x + the dense matmuls {x['dense_matmul_s']:+.2f}x "
-                f"+ everything else {x['other_s']:+.2f}x. The dense matmuls are the same ones in both methods, so "
-                "their difference is the spread between processes on this machine, not work RoSA adds; the "
-                "sparse ops are what RoSA adds by design."
+                f"+ everything else {x['other_s']:+.2f}x. The sparse ops are the work RoSA adds by design. The dense "
+                "matmuls are the same ones in both methods: a difference there is no added arithmetic but the same "
+                "matmuls taking longer in one process than in the other (the spread between processes, or memory "
+                "effects such as first-touch page faults on fresh buffers, which a profile does not separate)."
             )
             if supra and supra.get("time_vs_lora"):
                 needed = supra["time_vs_lora"] / SPEEDUP_VS_SUPRA
