@@ -12,7 +12,8 @@ stay validation rows on SQL (with 136 more carved from training, 200 in all) and
 
 Budgets count trainable weights in the adapted linear layers (q, k, v, o, gate, up, down of the 30 decoder
 layers): ``low`` is LoRA rank 4's worth (1.15% of the linear weights), ``mid`` rank 16's (4.6%). LoRA is PEFT's
-own (``all-linear``, alpha = 2r); RoSA spends the same budget on a rank and the density that fills the rest.
+own (``all-linear``, alpha = 2r); RoSA spends the same budget on a rank and the density that fills the rest. The
+split is chosen at ``low`` and keeps its share of the budget at ``mid`` (``r2``: rank 2 of 4 at low, 8 of 16 at mid).
 
 Every run trains through ``finetune.train_once`` (the loop a PEFT user writes; RoSA's schedule runs inside the
 optimizer step, from the library).
@@ -77,6 +78,7 @@ BATCH, MAX_LENGTH, MASK_STEPS, WARMUP_FRACTION = 8, 256, 8, 0.1
 CANDIDATE_STEPS = 150
 EVAL_BATCH = 64  # rows per generation batch when scoring the test rows
 BUDGETS = {"low": 4, "mid": 16}  # the LoRA rank whose trainable count is the budget
+CANDIDATE_BUDGET = "low"  # the budget the candidates choose RoSA's split at (see split_rank)
 # The rate the first protocol's policy kept at 150 steps, the same for LoRA and RoSA at every cell.
 RATES = {("viggo", "low"): 9e-3, ("sql", "low"): 3e-3, ("viggo", "mid"): 3e-3, ("sql", "mid"): 3e-3}
 GRANULARITIES = ("example", "micro_batch")
@@ -93,7 +95,7 @@ class Spec:
     steps: int | None = None  # None: one epoch
     seed: int = 0
     granularity: str = "example"
-    split: str = "r2"  # "r<rank>" (the density fills the budget) or "auto"
+    split: str = "r2"  # "r<k>": k/4 of the budget on rank, the density filling the rest (split_rank); or "auto"
     sparse_lr_ratio: float = 3.5
     score_test: bool = True
 
@@ -150,6 +152,20 @@ def splits(task: str) -> tuple[list, list, list]:
 # ------------------------------------------------------------------------------------------------ one run
 
 
+def split_rank(split: str, budget: str) -> int:
+    """RoSA's rank for a fixed split at ``budget``. The candidates choose the split at the budget ``low`` (LoRA
+    rank 4's worth), so ``r<k>`` names the share of the budget spent on rank: k/4 of it. At another budget the
+    share is kept (``r2`` is rank 8 of mid's 16), as the first protocol did (half the budget's rank)."""
+    k = int(split.removeprefix("r"))
+    candidates = BUDGETS[CANDIDATE_BUDGET]
+    if not 0 <= k <= candidates:
+        raise ValueError(f"split {split} does not fit the budget of LoRA rank {candidates}")
+    r, rest = divmod(k * BUDGETS[budget], candidates)
+    if rest:
+        raise ValueError(f"split {split} keeps no whole rank at budget {budget}")
+    return r
+
+
 def rosa_adapter(spec: Spec, warmup: int):
     """The function ``finetune.train_once`` calls to build RoSA at ``spec``'s split of the budget: rank ``r``
     with the density filling the rest (alpha = 2r as LoRA's), or ``auto``: ``rosa.split.plan_split`` chooses
@@ -160,9 +176,7 @@ def rosa_adapter(spec: Spec, warmup: int):
     def build(model: torch.nn.Module, first: list) -> tuple[Any, dict[str, Any]]:
         shapes = finetune.linear_shapes(model)
         budget_rank = BUDGETS[spec.budget]
-        r = budget_rank // 2 if spec.split == "auto" else int(spec.split.removeprefix("r"))
-        if not 0 <= r <= budget_rank:
-            raise ValueError(f"split {spec.split} does not fit the budget of LoRA rank {budget_rank}")
+        r = budget_rank // 2 if spec.split == "auto" else split_rank(spec.split, spec.budget)
         density = finetune.filling_density(shapes, budget_rank, r)
         config = RosaConfig(
             task_type="CAUSAL_LM",
@@ -178,7 +192,7 @@ def rosa_adapter(spec: Spec, warmup: int):
             sparse_lr_ratio=spec.sparse_lr_ratio,
         )
         if spec.split != "auto":
-            return config, {}
+            return config, {"rank": r, "density": density}
         plan = plan_split(model, config, first[:MASK_STEPS], budget_rank=budget_rank)
         return plan.config, {"split_plan": plan.summary()}
 

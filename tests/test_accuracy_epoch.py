@@ -170,23 +170,34 @@ def test_every_split_spends_the_budget_of_lora(bench, split):
     from rosa import get_rosa_model
     from rosa.mask.layers import mask_layers
 
-    spec = bench.Spec("viggo", "rosa", split=split, sparse_lr_ratio=2.0)
-    config, extra = bench.rosa_adapter(spec, warmup=5)(tiny_llama(0), [])
-    assert extra == {} and config.sparse_lr_ratio == 2.0 and config.rewarmup_steps == 5
-    model = get_rosa_model(tiny_llama(0), config)
-    layers = mask_layers(model).values()
-    lora = sum(p.numel() for n, p in model.named_parameters() if "rosa_A" in n or "rosa_B" in n)
-    sparse = sum(layer.in_features * layer.out_features * config.density for layer in layers)
-    budget = bench.BUDGETS["low"] * sum(layer.in_features + layer.out_features for layer in layers)
-    assert len(layers) == 7 * 2 and lora == int(split[1:]) * budget / bench.BUDGETS["low"]
-    assert lora + sparse == pytest.approx(budget)
+    for budget in ("low", "mid"):
+        spec = bench.Spec("viggo", "rosa", budget=budget, split=split, sparse_lr_ratio=2.0)
+        config, extra = bench.rosa_adapter(spec, warmup=5)(tiny_llama(0), [])
+        assert extra == {"rank": config.r, "density": config.density}
+        assert config.sparse_lr_ratio == 2.0 and config.rewarmup_steps == 5
+        model = get_rosa_model(tiny_llama(0), config)
+        layers = mask_layers(model).values()
+        lora = sum(p.numel() for n, p in model.named_parameters() if "rosa_A" in n or "rosa_B" in n)
+        sparse = sum(layer.in_features * layer.out_features * config.density for layer in layers)
+        total = bench.BUDGETS[budget] * sum(layer.in_features + layer.out_features for layer in layers)
+        # the split is a share of the budget, chosen at low (LoRA rank 4): r<k> spends k/4 of it on rank
+        assert len(layers) == 7 * 2 and lora == int(split[1:]) / 4 * total
+        assert lora + sparse == pytest.approx(total)
 
 
 def test_a_split_beyond_the_budget_is_refused(bench):
     from tiny_models import tiny_llama
 
-    with pytest.raises(ValueError, match="does not fit the budget"):
-        bench.rosa_adapter(bench.Spec("viggo", "rosa", split="r5"), warmup=5)(tiny_llama(0), [])
+    for budget in ("low", "mid"):
+        with pytest.raises(ValueError, match="does not fit the budget"):
+            bench.rosa_adapter(bench.Spec("viggo", "rosa", budget=budget, split="r5"), warmup=5)(
+                tiny_llama(0), []
+            )
+
+
+def test_the_split_keeps_its_share_of_the_budget_at_mid(bench):
+    assert [bench.split_rank(f"r{k}", "low") for k in range(5)] == [0, 1, 2, 3, 4]
+    assert [bench.split_rank(f"r{k}", "mid") for k in range(5)] == [0, 4, 8, 12, 16]
 
 
 def test_progress_names_each_choice_made_and_counts_the_comparison(bench):
