@@ -136,6 +136,25 @@ def test_values_only_and_x_only_gradients():
     assert_matches(xx.grad, ref.grad_x, 1e-12, "grad x", ref.mag.grad_x)
 
 
+def test_sparse_linear_dispatches_once_in_the_forward():
+    """The forward runs one rosa op, not sparse_linear and then spmm: the second dispatch cost a layer call about
+    as much as the kernel at one token. The backward still goes through the spmm_t / sddmm ops (torch.compile
+    traces it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    mask = density_mask(9, 7, 0.3, generator(0))
+    csr = csr_of(mask)
+    x, grad_out, values = _inputs(mask, 4, torch.float32, seed=1)
+    v = values.clone().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = ops.sparse_linear(x, v, *csr.args())
+    forward = [e.name for e in prof.events() if e.name.startswith("rosa::")]
+    assert forward == ["rosa::sparse_linear"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y.backward(grad_out)
+    assert "rosa::sddmm" in {e.name for e in prof.events()}
+
+
 # --- gradcheck and opcheck -----------------------------------------------------------------------------
 
 GRADCHECK_MASKS = [

@@ -265,7 +265,10 @@ def sparse_linear(
 ) -> Tensor:
     """``x @ S^T`` for 2-D x, differentiable in x and values."""
     _check_sparse_linear(x, values, row_offsets, col_idx, t_row_offsets, t_col_idx, t_perm)
-    return spmm(x, values, row_offsets, col_idx, row_offsets.shape[0] - 1)
+    # The kernel itself, not the rosa::spmm op: this body only ever sees real tensors (fake ones go to the fake
+    # below), the checks above cover spmm's, and a second dispatch would cost a layer call about as much as
+    # the kernel does at decoding's one token.
+    return backend_for(x.device).spmm(x, values, row_offsets, col_idx, row_offsets.shape[0] - 1)
 
 
 @sparse_linear.register_fake
