@@ -95,7 +95,9 @@ class Spec:
     steps: int | None = None  # None: one epoch
     seed: int = 0
     granularity: str = "example"
-    split: str = "r2"  # "r<k>": k/4 of the budget on rank, the density filling the rest (split_rank); or "auto"
+    split: str = (
+        "r2"  # "r<k>": k/4 of the budget on rank, the density filling the rest (split_rank); or "auto"
+    )
     sparse_lr_ratio: float = 3.5
     score_test: bool = True
 
@@ -410,8 +412,11 @@ def _epoch_runs(results: dict[str, Any]) -> str:
     )
     for r in runs:
         s = r["spec"]
-        method = "LoRA" if s["method"] == "lora" else f"RoSA ({s['split']}, fisher per {s['granularity']}, "
-        method += "" if s["method"] == "lora" else f"sparse lr / {s['sparse_lr_ratio']:g})"
+        method = (
+            "LoRA"
+            if s["method"] == "lora"
+            else f"RoSA ({s['split']}, fisher per {s['granularity']}, sparse lr / {s['sparse_lr_ratio']:g})"
+        )
         lines.append(
             markdown_row(
                 [

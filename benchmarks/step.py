@@ -310,8 +310,9 @@ DENSE_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 def _profiled_step(step) -> dict:
     """One more step under the profiler, its wall time cut in three (self times, seconds): rosa's sparse ops (the
     ``rosa::`` custom ops, which LoRA's step does not have), the dense matmuls (the same ones in every method
-    but Supra and full fine-tuning, so a difference there between LoRA's and RoSA's processes is the spread
-    between processes, not RoSA's work) and everything else."""
+    but Supra and full fine-tuning, so a difference there between LoRA's and RoSA's processes is no added
+    arithmetic: the spread between processes, or memory effects a profile does not separate) and everything
+    else."""
     from torch.profiler import ProfilerActivity, profile
 
     tick = time.perf_counter()
