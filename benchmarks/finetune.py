@@ -15,6 +15,7 @@ uninterrupted one (tests/test_finetune.py). The benchmark deletes ``work`` once 
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import time
@@ -298,7 +299,31 @@ def _settings(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
 
     config = getattr(model, "peft_config", {}).get("default")
     adapter = config.to_dict() if config is not None else None
-    return json.loads(json.dumps({"recipe": asdict(recipe), "adapter": adapter}, sort_keys=True, default=str))
+    return _canonical(
+        json.loads(json.dumps({"recipe": asdict(recipe), "adapter": adapter}, default=_jsonable))
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Sets (PEFT keeps ``target_modules`` as one) as sorted lists: their order changes with each process's hash
+    seed, so a set written as it iterates made every resume see "other settings"."""
+    return sorted(value, key=str) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with every set written as a string (checkpoints before this fix: ``"{'q_proj', 'v_proj'}"``)
+    read back as a sorted list, so an old checkpoint compares equal to the same settings today."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, str) and value.startswith("{'") and value.endswith("'}"):
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+        return sorted(parsed, key=str) if isinstance(parsed, set) else value
+    return value
 
 
 def _module_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -344,6 +369,7 @@ def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler, settings:
     checkpoint trained with other settings is refused (checkpoints of commit c3f29a5 recorded none)."""
     mine = _module_state(checkpoint)  # (_latest has made sure it exists)
     saved_settings = mine.get("settings")
+    saved_settings = _canonical(saved_settings) if saved_settings is not None else None
     if saved_settings is not None and saved_settings != settings:
         changed = sorted(
             f"{part}.{k}"

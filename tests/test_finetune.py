@@ -164,6 +164,25 @@ def test_a_checkpoint_of_other_settings_is_refused(finetune, tmp_path):
         _run(finetune, LoraConfig(r=3, lora_alpha=4, target_modules=TARGETS, lora_dropout=0.1), work=work)
 
 
+def test_a_checkpoint_resumes_whatever_order_its_target_set_was_written_in(finetune, tmp_path):
+    """PEFT keeps ``target_modules`` as a set, whose order changes with each process's hash seed: checkpoints
+    written before the fix hold it as that set's string, in the order of the process that wrote it."""
+    import json
+
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError):
+        _run(finetune, ADAPTERS["lora"], work=work, stop_at=7, error=RuntimeError)
+    (checkpoint,) = (work / "checkpoints").glob("step-*")
+    state = json.loads((checkpoint / "state.json").read_text())
+    written = state[finetune.STATE_KEY]["settings"]["adapter"]["target_modules"]
+    assert written == sorted(TARGETS)  # written in an order no process's hash seed decides
+    as_before_the_fix = "{" + ", ".join(map(repr, TARGETS[::-1])) + "}"  # not sorted: a process's own order
+    state[finetune.STATE_KEY]["settings"]["adapter"]["target_modules"] = as_before_the_fix
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    resumed = _run(finetune, ADAPTERS["lora"], work=work)
+    assert resumed["resumed_at"] == [6]
+
+
 def test_a_finished_run_goes_straight_to_scoring(finetune, uninterrupted, tmp_path, monkeypatch):
     """The last step is a checkpoint too: a run stopped while it scores resumes with no training step."""
     work = tmp_path / "work"
