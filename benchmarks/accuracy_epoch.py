@@ -372,7 +372,7 @@ def _progress(results: dict[str, Any]) -> str:
     return (
         f"Not measured yet. RoSA's defaults are chosen on validation loss by 150-step candidates, one coordinate "
         f"at a time ({candidates_run} candidate runs so far; {so_far}); {compared} of the comparison's {planned} "
-        "one-epoch runs have finished."
+        f"one-epoch runs {'has' if compared == 1 else 'have'} finished."
     )
 
 

@@ -225,7 +225,7 @@ def test_runs_of_one_method_only_make_no_comparison_table(bench):
         **{"wall_seconds": 600, "cpu_seconds": 540, "commit": "0123456789abcdef"},
     }
     assert bench._comparison(results) == ""
-    assert "1 of the comparison's 20 one-epoch runs have finished" in bench.summary(results)
+    assert "1 of the comparison's 20 one-epoch runs has finished" in bench.summary(results)
     assert (
         "| viggo | low | LoRA | 0 | 0.009 | 568 | 50.0% (250/500) | 0.1000 | 10 / 9 | 0123456 |"
         in bench.report(results)
