@@ -464,3 +464,62 @@ def test_bf16_layer_saves_no_second_copy_of_its_input(strategy):
     index_bytes = nnz * 8 * 3 + (160 + 1) * 8 * 2  # at most: column, flat and transposed indices, two offsets
     assert saved_bytes(rosa, x) <= saved_bytes(lora, x) + index_bytes
     assert rosa(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("r", [4, 0])
+def test_forward_makes_at_most_one_activation_more_than_peft_lora_and_leaves_the_base_output_alone(r):
+    """The sparse term goes into the LoRA sum in place (fresh activation-sized tensors cost page faults on CPU),
+    never into the base layer's own output, which a hook or another adapter may hold."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rosa import get_rosa_model
+    from rosa.masks import collect_mask
+
+    tokens, out_features = 64, 40
+
+    class CountActivations(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fresh = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            name = func._schema.name
+            if not name.endswith("_") and func not in (
+                torch.ops.aten.view.default,
+                torch.ops.aten._unsafe_view.default,
+            ):
+                outs = result if isinstance(result, (tuple, list)) else (result,)
+                self.fresh += sum(
+                    isinstance(t, torch.Tensor) and t.numel() == tokens * out_features for t in outs
+                )
+            return result
+
+    def fresh_activations(model, x) -> int:
+        with CountActivations() as counter:
+            model(x).sum().backward()
+        return counter.fresh
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 24)
+    base = nn.Sequential(nn.Linear(24, out_features))
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    rosa = get_rosa_model(
+        copy.deepcopy(base), RosaConfig(r=r, lora_alpha=8, density=0.1, target_modules=["0"])
+    )
+    collect_mask(rosa, [None], lambda m, _: m(x).pow(2).sum(), method="random")
+    with torch.no_grad():
+        for layer in rosa.modules():
+            if isinstance(layer, RosaLinear):
+                layer.rosa_values["default"].normal_()
+    if r:
+        assert fresh_activations(rosa, x) <= fresh_activations(lora, x) + 1  # + the sparse op's output
+
+    seen = []
+    layer = next(m for m in rosa.modules() if isinstance(m, RosaLinear))
+    layer.base_layer.register_forward_hook(lambda module, args, output: seen.append((output, output.clone())))
+    y = rosa(x)
+    ((output, as_made),) = seen
+    assert torch.equal(output, as_made)
+    delta = layer.get_delta_weight("default").double()
+    torch.testing.assert_close(y.double(), as_made.double() + x.double() @ delta.t(), rtol=1e-5, atol=1e-5)
