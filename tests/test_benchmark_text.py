@@ -316,3 +316,36 @@ def test_step_splits_rosa_excess_over_lora_into_sparse_ops_matmuls_and_the_rest(
     )
     # Supra at 1.8x LoRA: 1.8x faster than Supra needs RoSA at <= 1.00x LoRA, below LoRA + the sparse ops alone
     assert "needs RoSA's step at <= 1.00x LoRA's: less than LoRA's step plus RoSA's sparse ops alone" in text
+
+
+def test_step_profile_counts_the_forward_kernel_among_rosa_sparse_ops(monkeypatch):
+    """sparse_linear's forward runs its kernel without a second dispatch, so the kernel's time shows up under
+    the autograd node torch wraps the op in, not under a ``rosa::`` event: it must still count as rosa's."""
+    import time
+
+    import torch
+    from torch import nn
+
+    import rosa.sparse.ops as ops
+    from rosa import RosaConfig, get_rosa_model
+    from rosa.masks import collect_mask
+
+    step = load_benchmark("step")
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    model = get_rosa_model(
+        nn.Sequential(nn.Linear(16, 24)).requires_grad_(False),
+        RosaConfig(r=2, lora_alpha=4, density=0.2, target_modules=["0"], sparse_strategy="spmm"),
+    )
+    collect_mask(model, [None], lambda m, _: m(x).pow(2).sum(), method="random")
+    backend = ops.backend_for(x.device)
+    slow = 0.05
+
+    def slow_spmm(*args, **kwargs):
+        time.sleep(slow)
+        return original(*args, **kwargs)
+
+    original = backend.spmm
+    monkeypatch.setattr(backend, "spmm", slow_spmm)
+    profile = step._profiled_step(lambda: model(x).sum().backward())
+    assert profile["sparse_ops_s"] >= slow * 0.9
