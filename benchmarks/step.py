@@ -470,6 +470,18 @@ def _pct_over(ratio: float) -> str:
     return f"{100 * (ratio - 1):.0f}% {'above' if ratio >= 1 else 'below'}"
 
 
+def _dense_matmul_range(rounds: list[list[dict]], setting: str, dtype: str, method: str) -> tuple | None:
+    """The fastest and slowest profiled dense matmuls of one method over the rounds: the same arithmetic in every
+    round, so how far it moves between processes is the machine's noise floor for comparing two methods."""
+    times = [
+        r["profiled_step"]["dense_matmul_s"]
+        for rnd in rounds
+        for r in rnd
+        if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method) and r.get("profiled_step")
+    ]
+    return (min(times), max(times)) if times else None
+
+
 def _findings(report: dict) -> list[str]:
     """The 'what this shows' bullets: every number and every verdict computed from the JSON."""
     rows = [r for r in report["rows"] if "error" not in r]
@@ -543,6 +555,13 @@ def _findings(report: dict) -> list[str]:
                 "matmuls taking longer in one process than in the other (the spread between processes, or memory "
                 "effects such as first-touch page faults on fresh buffers, which a profile does not separate)."
             )
+            spread = _dense_matmul_range(report.get("raw", []), setting, d, "lora")
+            if spread and spread[0] > 0:
+                text += (
+                    f" LoRA's own dense matmuls, the same arithmetic in every round, took {spread[0]:.2f}-"
+                    f"{spread[1]:.2f} s under the profiler ({spread[1] / spread[0]:.2f}x from fastest to slowest "
+                    "process): this machine's noise between two processes, against which the parts above are read."
+                )
             if supra and supra.get("time_vs_lora"):
                 needed = supra["time_vs_lora"] / SPEEDUP_VS_SUPRA
                 text += (

@@ -309,13 +309,19 @@ def test_step_splits_rosa_excess_over_lora_into_sparse_ops_matmuls_and_the_rest(
         "rows": rows,
         "targets": step.targets(rows),
         "settings": {"density": 0.01, "device": "cpu", "rounds": 3},
+        "raw": rounds,
     }
     text = "\n".join(step._findings(report))
     assert (
         "+0.20x in all = rosa's sparse ops +0.20x + the dense matmuls +0.00x + everything else +0.00x" in text
     )
+    # LoRA's dense matmuls took 1.0 s in every round: no spread between processes
+    assert "took 1.00-1.00 s under the profiler (1.00x from fastest to slowest process)" in text
     # Supra at 1.8x LoRA: 1.8x faster than Supra needs RoSA at <= 1.00x LoRA, below LoRA + the sparse ops alone
     assert "needs RoSA's step at <= 1.00x LoRA's: less than LoRA's step plus RoSA's sparse ops alone" in text
+    rounds[1][0] = _step_result("lora", 4.0, dense=1.3)  # the same matmuls, slower in one process
+    text = "\n".join(step._findings({**report, "raw": rounds}))
+    assert "took 1.00-1.30 s under the profiler (1.30x from fastest to slowest process)" in text
 
 
 def test_step_profile_counts_the_forward_kernel_among_rosa_sparse_ops(monkeypatch):
