@@ -479,13 +479,17 @@ def _comparison(results: dict[str, Any]) -> str:
                     _pct([lora[s] for s in seeds]),
                     _pct([rosa[s] for s in seeds]),
                     ", ".join(f"{100 * d:+.1f}" for d in diffs),
-                    f"{100 * mean:+.1f} ± {100 * se:.1f}",
+                    f"{100 * mean:+.1f} ± {100 * se:.1f}"
+                    if len(diffs) > 1
+                    else f"{100 * mean:+.1f} (one seed: no SE)",
                 ]
             )
         )
         verdicts.append((task, budget, mean, se, len(seeds)))
     if not verdicts:  # runs of one method only: nothing to compare yet (the progress paragraph says so)
         return ""
+    # a verdict only once every cell has the seeds the protocol asks for (3 at the low budget, 2 at mid)
+    complete = len(verdicts) == 4 and all(v[4] >= COMPARISON_SEEDS[v[1]] for v in verdicts)
     at_least = [v for v in verdicts if v[2] >= -1e-9]
     ahead = [v for v in verdicts if v[4] > 1 and v[2] > v[3]]
     target = (
@@ -494,10 +498,10 @@ def _comparison(results: dict[str, Any]) -> str:
         f"one paired SE; "
         + (
             "**met**."
-            if len(verdicts) == 4 and len(at_least) == 4 and len(ahead) >= 2
+            if complete and len(at_least) == 4 and len(ahead) >= 2
             else "**not met**."
-            if len(verdicts) == 4
-            else "not all cells measured yet."
+            if complete
+            else "not all cells have their seeds yet."
         )
     )
     return "\n".join(rows) + "\n\n" + target

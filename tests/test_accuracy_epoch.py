@@ -118,7 +118,21 @@ def test_comparison_pairs_seeds_and_reports_the_paired_difference(bench):
     # differences +3, +2, +1 points: mean +2.0, paired SE 1 / sqrt(3) = 0.58
     assert "| +3.0, +2.0, +1.0 | +2.0 ± 0.6 |" in text
     assert "1 of 1 cells measured have RoSA >= LoRA, 1 ahead by more than one paired SE" in text
-    assert "not all cells measured yet" in text
+    assert "not all cells have their seeds yet" in text
+
+
+def test_no_verdict_before_every_cell_has_its_seeds_and_one_seed_shows_no_se(bench):
+    results = bench.empty_results()
+    defaults = {"granularity": "example", "split": "r1", "sparse_lr_ratio": 3.5}
+    for spec in bench.comparison(
+        ["lora", "rosa"], ["low", "mid"], [0], defaults
+    ):  # four cells, one seed each
+        score = 0.5 if spec.method == "lora" else 0.6
+        results["runs"][spec.key] = {**_result(bench, spec, 0.1), "exact_match": score}
+    text = bench._comparison(results)
+    assert "| +10.0 | +10.0 (one seed: no SE) |" in text and "nan" not in text
+    assert "4 of 4 cells measured have RoSA >= LoRA, 0 ahead by more than one paired SE" in text
+    assert "not all cells have their seeds yet" in text and "not met" not in text
 
 
 def test_a_finished_run_is_not_trained_again(bench, tmp_path, monkeypatch):
