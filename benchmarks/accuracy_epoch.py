@@ -95,9 +95,8 @@ class Spec:
     steps: int | None = None  # None: one epoch
     seed: int = 0
     granularity: str = "example"
-    split: str = (
-        "r2"  # "r<k>": k/4 of the budget on rank, the density filling the rest (split_rank); or "auto"
-    )
+    # "r<k>": k/4 of the budget on rank, the density filling the rest (split_rank); or "auto"
+    split: str = "r2"
     sparse_lr_ratio: float = 3.5
     score_test: bool = True
 

@@ -299,9 +299,7 @@ def _settings(recipe: Recipe, model: torch.nn.Module) -> dict[str, Any]:
 
     config = getattr(model, "peft_config", {}).get("default")
     adapter = config.to_dict() if config is not None else None
-    return _canonical(
-        json.loads(json.dumps({"recipe": asdict(recipe), "adapter": adapter}, default=_jsonable))
-    )
+    return json.loads(json.dumps({"recipe": asdict(recipe), "adapter": adapter}, default=_jsonable))
 
 
 def _jsonable(value: Any) -> Any:
@@ -368,8 +366,7 @@ def _restore(checkpoint: Path, model, optimizer, lr_schedule, sampler, settings:
     """Load ``checkpoint`` into the freshly built run; return this module's state (with the snapshot). A
     checkpoint trained with other settings is refused (checkpoints of commit c3f29a5 recorded none)."""
     mine = _module_state(checkpoint)  # (_latest has made sure it exists)
-    saved_settings = mine.get("settings")
-    saved_settings = _canonical(saved_settings) if saved_settings is not None else None
+    saved_settings = _canonical(mine.get("settings"))  # (None: a checkpoint of c3f29a5)
     if saved_settings is not None and saved_settings != settings:
         changed = sorted(
             f"{part}.{k}"

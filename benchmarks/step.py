@@ -347,6 +347,16 @@ def _child(setting: str, dtype: str, method: str, args: argparse.Namespace) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _results_of(rounds: list[list[dict]], setting: str, dtype: str, method: str) -> list[dict]:
+    """One variant's results, a round at a time."""
+    return [
+        r
+        for rnd in rounds
+        for r in rnd
+        if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)
+    ]
+
+
 def summarise(rounds: list[list[dict]]) -> list[dict]:
     """Median over rounds per (setting, dtype, method), with per-round ratios to LoRA."""
     rows = []
@@ -355,12 +365,7 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
         key=lambda k: (k[0], k[1], METHODS.index(k[2])),
     )
     for setting, dtype, method in keys:
-        mine = [
-            r
-            for rnd in rounds
-            for r in rnd
-            if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)
-        ]
+        mine = _results_of(rounds, setting, dtype, method)
         ok = [r for r in mine if "error" not in r]
         if not ok:
             rows.append({"setting": setting, "dtype": dtype, "method": method, "error": mine[0]["error"]})
@@ -475,9 +480,8 @@ def _dense_matmul_range(rounds: list[list[dict]], setting: str, dtype: str, meth
     round, so how far it moves between processes is the machine's noise floor for comparing two methods."""
     times = [
         r["profiled_step"]["dense_matmul_s"]
-        for rnd in rounds
-        for r in rnd
-        if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method) and r.get("profiled_step")
+        for r in _results_of(rounds, setting, dtype, method)
+        if r.get("profiled_step")
     ]
     return (min(times), max(times)) if times else None
 
