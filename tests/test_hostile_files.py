@@ -578,3 +578,27 @@ def test_an_unreachable_hub_adapter_fails_once_with_the_reason(fake_hub):
     assert not fake_hub.downloads
     with pytest.raises(ValueError, match=r"Can't find 'adapter_config\.json'"):
         rosa.RosaConfig.from_pretrained("/nonexistent/folder/adapter")
+
+
+@pytest.mark.parametrize("spec", [[10**8], [3, WORD_LLAMA["vocab_size"]], {"embed_tokens": [10**8]}])
+def test_token_indices_outside_the_embedding_are_refused_before_peft_indexes_with_them(tmp_path, spec):
+    """In a config, and in a saved adapter's config: one line naming the token, never PEFT's IndexError (a
+    device-side assert on CUDA)."""
+    config = rosa.RosaConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, trainable_token_indices=spec
+    )
+    with pytest.raises(rosa.RosaConfigError, match="outside the embedding's"):
+        rosa.get_rosa_model(word_llama(), config)
+    folder = tmp_path / "adapter"
+    good = rosa.RosaConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, trainable_token_indices=[5]
+    )
+    model = rosa_llama(good)
+    set_random_masks(model)
+    model.save_pretrained(folder)
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    saved["trainable_token_indices"] = spec
+    (folder / "adapter_config.json").write_text(json.dumps(saved))
+    for load in (LOADERS["peft"], LOADERS["rosa"]):
+        with pytest.raises(rosa.RosaConfigError, match="outside the embedding's"):
+            load(word_llama(), folder)

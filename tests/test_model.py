@@ -24,7 +24,9 @@ from helpers import (
     word_llama,
 )
 from peft import PeftModelForCausalLM
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
+from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import LlamaForCausalLM
 
 import rosa
@@ -126,6 +128,40 @@ def test_merge_and_unload_matches_unmerged():
     assert type(merged) is LlamaForCausalLM
     assert not any(isinstance(m, RosaLayer) for m in merged.modules())
     assert_close(logits_of(merged, ids), unmerged, "merge_and_unload")
+
+
+@pytest.mark.parametrize(
+    "extra, merged_first",
+    [({}, True), ({"modules_to_save": ["norm"]}, False), ({"trainable_token_indices": [3, 7]}, False)],
+    ids=["already_merged", "modules_to_save", "trainable_tokens"],
+)
+def test_merge_to_dense_gives_the_adapted_model_and_saves_as_a_plain_one(tmp_path, extra, merged_first):
+    """``rosa merge``'s fold: a layer merged already adds nothing twice; the trained copy of a module_to_save
+    and the trained token rows are what the plain model holds; it saves and reloads as an ordinary checkpoint
+    with the adapted model's logits (PEFT's own merge_and_unload is the reference)."""
+    from rosa.merge import merge_to_dense
+
+    config = rosa.RosaConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, density=0.05, **extra)
+    model = rosa_llama(config)
+    set_random_masks(model)
+    torch.manual_seed(1)
+    with torch.no_grad():  # move every trainable tensor off its initial value, the non-RoSA ones included
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    ids = sample_ids()
+    expected = logits_of(model, ids)
+    if merged_first:
+        model.merge_adapter()
+    dense = merge_to_dense(model, torch.float32)
+    assert not any(
+        isinstance(m, (RosaLayer, BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in dense.modules()
+    )
+    assert not hasattr(dense, "peft_config") and not dense._forward_pre_hooks
+    assert_close(logits_of(dense, ids), expected, "merge_to_dense")
+    dense.save_pretrained(tmp_path / "dense")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "dense")
+    assert_close(logits_of(reloaded, ids), expected, "reloaded")
 
 
 def test_merge_adapter_then_unmerge_restores_the_base_weights():

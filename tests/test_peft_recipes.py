@@ -21,7 +21,7 @@ from helpers import (
     training_args,
     word_llama,
 )
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, PeftModelForCausalLM, get_peft_model
 from tiny_models import tiny_llama, tiny_tokenizer
 from transformers import Trainer, TrainingArguments
 
@@ -77,6 +77,20 @@ def test_trainer_without_anything_added_runs_the_whole_schedule(tmp_path):
         torch.testing.assert_close(p, expected[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
+def test_a_peft_model_without_task_type_runs_the_whole_schedule(tmp_path):
+    """``get_peft_model(model, RosaConfig())`` (no task_type) is a plain PeftModel, whose forward calls the base
+    model directly, past the tuner: the same adapter as with task_type, mask and sparse rate included."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(0, initializer_range=0.2), _config(task_type=None))
+    assert type(model) is PeftModel
+    trained = _trained(model, tmp_path / "plain")
+    assert schedule_of(model) is not None and schedule_of(model).phase == JOINT
+    expected = _trained(_model(), tmp_path / "causal")
+    assert trained.keys() == expected.keys()
+    for name, p in trained.items():
+        torch.testing.assert_close(p, expected[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
 def test_the_ratio_is_what_moves_the_sparse_values(tmp_path):
     """Without the scaling (ratio 1) the values end elsewhere: the comparison above can fail."""
     trained = _trained(_model(), tmp_path / "a")
@@ -87,7 +101,8 @@ def test_the_ratio_is_what_moves_the_sparse_values(tmp_path):
     assert values and all((trained[n] - other[n]).abs().max() > 100 * ATOL for n in values)
 
 
-def test_sft_trainer_given_the_config_trains_rosa_and_the_adapter_reloads(tmp_path):
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])  # None: RosaConfig()'s own, a plain PeftModel
+def test_sft_trainer_given_the_config_trains_rosa_and_the_adapter_reloads(tmp_path, task_type):
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = tiny_tokenizer(VOCAB)
@@ -98,9 +113,10 @@ def test_sft_trainer_given_the_config_trains_rosa_and_the_adapter_reloads(tmp_pa
         model=word_llama(0),
         processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"text": texts}),
-        peft_config=_config(),
+        peft_config=_config(task_type=task_type),
         args=SFTConfig(**{k: v for k, v in args.items() if k in SFTConfig.__dataclass_fields__}),
     )
+    assert type(sft.model) is (PeftModel if task_type is None else PeftModelForCausalLM)
     values = [v.detach().clone() for v in sparse_values(sft.model)]
     sft.train()
     model = sft.model
@@ -154,10 +170,34 @@ def test_sparse_only_without_a_mask_collects_while_nothing_trains():
     assert schedule_of(model).mask_fixed_step == 2
 
 
-def test_a_model_with_its_mask_needs_no_schedule():
-    model = rosa.get_rosa_model(word_llama(0), _config())
-    set_random_masks(model, seed=1)
-    ids = sample_ids()
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert schedule_of(model) is None
+def test_a_model_with_its_mask_trains_jointly_at_the_sparse_rate():
+    """A model that has its mask already (set by hand, or an adapter loaded to train on) collects nothing: its
+    schedule starts joint and applies the sparse values' rate, the same adapter as an optimizer holding them in a
+    group at lr / ratio. (A resumed run is such a model: its sparse values must not jump to the full rate.)"""
+
+    def run(grouped: bool):
+        torch.manual_seed(0)
+        model = rosa.get_rosa_model(word_llama(0), _config())
+        set_random_masks(model, seed=1)
+        masks = {n: layer.support("default").to_dense_mask() for n, layer in mask_layers(model).items()}
+        params = [p for p in model.parameters() if p.requires_grad]
+        plain = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        optimizer = create_rosa_optimizer(model, lr=1e-2) if grouped else plain
+        model.train()
+        for step in range(3):
+            ids = sample_ids(seed=step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for n, layer in mask_layers(model).items():
+            assert torch.equal(layer.support("default").to_dense_mask(), masks[n]), n
+        return model
+
+    plain, grouped = run(False), run(True)
+    schedule = schedule_of(plain)
+    assert [e["event"] for e in schedule.events] == ["schedule_started", "mask_present"]
+    assert schedule.phase == JOINT and schedule.mask_fixed_step is None
+    expected = dict(grouped.named_parameters())
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, expected[name], rtol=RTOL, atol=ATOL, msg=name)

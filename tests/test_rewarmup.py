@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import rosa
 from rosa.masks import MaskError
 from rosa.optim import LORA_GROUP, SPARSE_GROUP, create_rosa_optimizer
+from rosa.schedule import schedule_of
 from rosa.scheduler import JOINT, RosaScheduler, RosaTrainerCallback, load_schedule_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -245,3 +246,65 @@ def test_trainer_resume_reaches_the_same_adapter(tmp_path, resume_at):
     for name, p in again.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _plain_trainer(model, out, **kw):
+    """Trainer with its own AdamW and nothing of rosa's added: the schedule starts itself."""
+    return _trainer(model, out, 8, callback=TrainerCallback(), own_optimizer=True, **kw)
+
+
+def test_trainer_without_the_callback_resumes_in_the_ramp_where_it_stopped(tmp_path):
+    """Resumed mid-ramp (step 6; mask fixed at 4), the model's own schedule takes the step counters Trainer
+    restored with the optimizer: the sparse rate and the rest of the re-warm-up go on, and the run ends where the
+    uninterrupted one does."""
+    full = _peft_rosa()
+    _plain_trainer(full, tmp_path / "full", save_strategy="no").train()
+    first = _peft_rosa()
+    _plain_trainer(first, tmp_path / "run", save_strategy="steps", save_steps=2).train()
+    again = _peft_rosa(adapter_seed=5)
+    _plain_trainer(again, tmp_path / "run", save_strategy="no").train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6")
+    )
+    schedule = schedule_of(again)
+    assert schedule.mask_fixed_step == 4 and schedule.rewarmup_steps == 4
+    expected = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    for name, p in again.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_callback_resumes_a_checkpoint_from_another_folder(tmp_path):
+    """A checkpoint outside ``output_dir`` (its schedule file is not where the callback looks): the mask's step
+    comes from the optimizer's counters, and the run ends where the uninterrupted one does."""
+    full = _peft_rosa()
+    _trainer(full, tmp_path / "full", 8, RosaTrainerCallback(), save_strategy="no").train()
+    first = _peft_rosa()
+    _trainer(first, tmp_path / "run", 8, RosaTrainerCallback(), save_strategy="steps", save_steps=6).train()
+    moved = tmp_path / "elsewhere" / "checkpoint-6"
+    moved.parent.mkdir()
+    (tmp_path / "run" / "checkpoint-6").rename(moved)
+    again = _peft_rosa(adapter_seed=5)
+    callback = RosaTrainerCallback()
+    _trainer(again, tmp_path / "other", 8, callback, save_strategy="no").train(
+        resume_from_checkpoint=str(moved)
+    )
+    assert callback.scheduler.mask_fixed_step == 4
+    expected = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    for name, p in again.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_resume_before_the_mask_without_the_schedules_state_says_what_the_restart_will_do(tmp_path, caplog):
+    """Trainer without the callback, resumed at step 2 (before the mask): no snapshot of the initial A and B was
+    saved, so the restart cannot return to them. The run goes on, and says so."""
+    first = _peft_rosa()
+    _plain_trainer(first, tmp_path / "run", save_strategy="steps", save_steps=2).train()
+    again = _peft_rosa(adapter_seed=5)
+    with caplog.at_level("WARNING", logger="rosa.schedule.core"):
+        _plain_trainer(again, tmp_path / "run", save_strategy="no").train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")
+        )
+    assert "before the mask was fixed" in caplog.text and "at the resume, not at the start" in caplog.text
+    # the schedule learns the step count at the first optimizer step: collection starts at the next micro-batch
+    assert schedule_of(again).mask_fixed_step == 5

@@ -274,7 +274,7 @@ def test_trainer_end_to_end(tmp_path):
 
 
 def test_the_callback_takes_the_schedules_own_options_and_refuses_others():
-    from rosa.schedule.core import DRIVER_OPTIONS, user_options
+    from rosa.schedule.callback import DRIVER_OPTIONS, user_options
 
     callback = RosaTrainerCallback(rewarmup_steps=3, mask_path="mask.safetensors")
     assert callback.options == {"rewarmup_steps": 3, "mask_path": "mask.safetensors"}
@@ -282,3 +282,86 @@ def test_the_callback_takes_the_schedules_own_options_and_refuses_others():
     for wrong in ("start_step", "optimizer", "mask_pth"):
         with pytest.raises(TypeError, match=wrong):
             RosaTrainerCallback(**{wrong: 1})
+
+
+# --- the schedule's lifetime ------------------------------------------------------------------------------
+
+
+def _trained_peft_model():
+    """A PEFT RoSA model after one training step, its schedule started by the model itself."""
+    import rosa
+
+    model = rosa.get_rosa_model(tiny_llama(), rosa_config(task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    model(**make_batches(1)[0]).loss.backward()
+    optimizer.step()
+    return model
+
+
+def test_a_model_no_longer_used_takes_its_schedule_with_it():
+    import gc
+    import weakref
+
+    from rosa.schedule import schedule_of
+
+    model = _trained_peft_model()
+    assert schedule_of(model) is not None
+    base, schedule = weakref.ref(model.get_base_model()), weakref.ref(schedule_of(model))
+    del model
+    gc.collect()
+    assert base() is None and schedule() is None
+
+
+def test_copies_of_a_model_carry_no_schedule_and_train_their_own():
+    import pickle
+
+    from rosa.schedule import schedule_of
+
+    model = _trained_peft_model()
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert schedule_of(copied) is None and schedule_of(model) is not None
+        copied(**make_batches(1)[0]).loss.backward()  # its own first training forward starts its own
+        assert schedule_of(copied) not in (None, schedule_of(model))
+
+
+def test_unloading_leaves_no_hook_of_rosas_on_the_plain_model():
+    from rosa.schedule.auto import _before_base_forward
+
+    model = _trained_peft_model()
+    base = model.get_base_model()
+    assert _before_base_forward in base._forward_pre_hooks.values()
+    plain = model.merge_and_unload()
+    assert plain is base and _before_base_forward not in plain._forward_pre_hooks.values()
+
+
+def test_a_mask_file_scored_at_another_density_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    from rosa.masks import has_mask, save_mask
+
+    scored = wrap_rosa(tiny_llama(), density=0.05)
+    collect_mask(scored, make_batches(1))
+    save_mask(scored, tmp_path / "mask.safetensors")
+    model = wrap_rosa(tiny_llama(), density=0.1)
+    with pytest.raises(MaskError, match="density"):
+        RosaScheduler(model, rosa_config(density=0.1), mask_path=tmp_path / "mask.safetensors")
+    assert not has_mask(model)
+
+
+def test_scoring_before_training_reads_only_its_batches_and_scores_the_schedules_adapter():
+    """Sparse-only: the mask is scored on the first mask_steps batches (the iterable is not drained) and set on
+    the adapter the schedule was made for, even when another is active."""
+    import rosa
+
+    config = rosa_config(task_type="CAUSAL_LM", r=0, mask_steps=2)
+    model = rosa.get_rosa_model(tiny_llama(), config)
+    model.add_adapter("second", rosa_config(task_type="CAUSAL_LM", r=0, mask_steps=2))
+    sched = RosaScheduler(model, model.peft_config["second"], adapter_name="second")
+
+    def batches():
+        yield from make_batches(2)
+        raise AssertionError("read past mask_steps batches")
+
+    assert sched.score_before_training(batches())
+    layers = mask_layers(model, "second").values()
+    assert all(layer.nnz("second") == layer.budget("second") > 0 for layer in layers)
+    assert all(layer.nnz("default") == 0 for layer in layers)

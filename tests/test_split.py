@@ -149,3 +149,28 @@ def test_second_moments_from_the_factors_equal_those_from_the_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert direct.total == pytest.approx(float(grads.double().square().sum()), rel=1e-6)
     assert factored.total == pytest.approx(direct.total, rel=1e-6)
+
+
+def test_the_memory_plan_counts_every_buffer_a_layer_holds(monkeypatch):
+    """Groups are planned on each layer's peak: its buffers as allocated in either pass (the fp64 second moments
+    of the first, the residual energies of the second) must fit what the planner was told."""
+    import rosa.split as split
+
+    planned: dict[str, int] = {}
+    held: list[int] = []
+    plan_groups, measure_subspaces = split.plan_layer_groups, split._LayerMeasure.subspaces
+
+    def spy_groups(layers, memory_budget, **kw):
+        planned.update(kw["layer_bytes"])
+        return plan_groups(layers, memory_budget, **kw)
+
+    def spy_subspaces(self):
+        first = self.left.nbytes + self.right.nbytes
+        measure_subspaces(self)
+        held.append(max(first, sum(t.nbytes for t in self.residual.values())))
+
+    monkeypatch.setattr(split, "plan_layer_groups", spy_groups)
+    monkeypatch.setattr(split._LayerMeasure, "subspaces", spy_subspaces)
+    plan_split(tiny_llama(), config(), make_batches(n=1), budget_rank=BUDGET_RANK, memory_budget=1.0)
+    assert len(held) == len(planned) > 0
+    assert all(h <= p for h, p in zip(held, planned.values(), strict=True))

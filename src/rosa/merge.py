@@ -71,16 +71,26 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.
 def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Fold the active RoSA adapter into every adapted layer and dequantize every 4-bit layer.
 
-    Returns the underlying transformers model with plain ``nn.Linear`` layers and no quantization config.
+    Returns the underlying transformers model with plain ``nn.Linear`` layers and no quantization config. What
+    PEFT wraps beside the RoSA layers (``modules_to_save``, ``trainable_token_indices``) is unwrapped as PEFT's own
+    ``merge_and_unload`` does: the trained copy, the trained token rows. A layer whose adapter was merged already
+    (``merge_adapter()``) holds its delta in its base weight and adds nothing more.
     """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
     for module in base.modules():
         for child_name, child in module.named_children():
-            if isinstance(child, RosaLayer):
+            if isinstance(child, AuxiliaryTrainingWrapper):
+                unwrapped = child.unload_and_optionally_merge_module(
+                    merge=True, safe_merge=False, adapter_names=None
+                )
+                replacements.append((module, child_name, unwrapped))
+            elif isinstance(child, RosaLayer):
                 inner = child.get_base_layer()
                 weight = child.base_weight().float()
-                for adapter in child.active_adapters:
+                for adapter in [] if child.merged else child.active_adapters:
                     if adapter in child.rosa_values:
                         weight = weight + child.get_delta_weight(adapter).to(weight.device)
                 if child.fan_in_fan_out:  # keep GPT-2's Conv1D layout so the checkpoint stays loadable
@@ -96,6 +106,11 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
                 )
     for parent, child_name, new in replacements:
         setattr(parent, child_name, new)
+    if "peft_config" in vars(base):  # PEFT's copy of the adapter configs: the model holds no adapter any more
+        del base.peft_config
+    from .schedule.auto import remove_schedule_hook
+
+    remove_schedule_hook(base)
     # Drop the quantization markers first: transformers refuses ``.to(dtype)`` on a bitsandbytes model.
     config = base.config
     if getattr(config, "quantization_config", None) is not None:

@@ -37,7 +37,7 @@ from torch import nn
 from .config import RosaConfig, RosaConfigError
 from .layer import Conv1D, RosaLayer, RosaLinear, nnz_budget, rosa_layers
 from .loaded_tensors import check_loaded_state_dict
-from .schedule.core import ensure_schedule
+from .schedule.auto import remove_schedule_hook, watch_training_forwards
 from .serialization import (
     PREFIX,
     SAFETENSORS_NAME,
@@ -60,6 +60,7 @@ class RosaModel(BaseTuner):
         super().__init__(model, config, adapter_name, *args, **kwargs)
         if hasattr(model, "add_model_tags"):  # the saved model card's tags: loading it needs rosa
             model.add_model_tags(["rosa"])
+        watch_training_forwards(self.model)  # its training forwards run the RoSA schedule
 
     def add_weighted_adapter(self, *args, **kwargs):
         """PEFT's LoRA can mix adapters by weights; RoSA adapters cannot be: each has its own sparse support."""
@@ -68,10 +69,11 @@ class RosaModel(BaseTuner):
             "be mixed into one; merge each into the base (merge_and_unload) or switch with set_adapter"
         )
 
-    def forward(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
-            ensure_schedule(self)  # training: the RoSA schedule runs, started here if nothing started it
-        return super().forward(*args, **kwargs)
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        """PEFT's unload and merge_and_unload; the plain model they return keeps no hook of rosa's."""
+        unloaded = super()._unload_and_optionally_merge(*args, **kwargs)
+        remove_schedule_hook(unloaded)
+        return unloaded
 
     def _create_and_replace(
         self,
@@ -102,6 +104,7 @@ class RosaModel(BaseTuner):
         built."""
         if isinstance(config, RosaConfig):
             config.validate()
+            _check_token_indices_fit(self.model, config)
         super()._check_new_adapter_config(config)
 
     @classmethod
@@ -118,6 +121,36 @@ class RosaModel(BaseTuner):
             model, config, adapter_name, state_dict, unwanted_adapter_names
         )
         return compact_state_dict(full)
+
+
+def _check_token_indices_fit(model: nn.Module, config: RosaConfig) -> None:
+    """Every ``trainable_token_indices`` entry names a row of its embedding: PEFT indexes the weight with them
+    unchecked (an IndexError on CPU, a device-side assert on CUDA), and they may come from an adapter file."""
+    spec = config.trainable_token_indices
+    if not spec:
+        return
+    if isinstance(spec, dict):
+        targets = [
+            (f"trainable_token_indices[{name!r}]", indices, module)
+            for name, indices in spec.items()
+            for key, module in model.named_modules()
+            if key.endswith(name)
+        ]
+    else:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        targets = [("trainable_token_indices", spec, embedding)] if embedding is not None else []
+    for label, indices, module in targets:
+        rows = getattr(module, "num_embeddings", None)
+        weight = getattr(module, "weight", None)
+        if rows is None and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            rows = weight.shape[0]
+        if rows is None:
+            continue
+        outside = [i for i in indices if not 0 <= i < rows]
+        if outside:
+            raise RosaConfigError(
+                f"{label}: token {outside[0]} is outside the embedding's {rows} rows ({len(outside)} such)"
+            )
 
 
 def _refuse_transformers_load_adapter() -> None:

@@ -23,7 +23,8 @@ the reference mask statistic squares (each example's ``G_i = dY_i^T X_i``, from 
 Two passes over the batches: the first sums ``G_i G_i^T`` and ``G_i^T G_i``, the second the residual energies at
 each candidate rank (``candidate_ranks``: every rank up to 4, then quarters of the budget rank), one ``out x in``
 accumulator per candidate rank and layer; ``memory_budget`` (GiB) splits the layers into groups of one pass pair
-each when that is too much at once.
+each when that is too much at once (counting per layer the larger of the two passes' buffers: the fp64 ``out x
+out`` and ``in x in`` sums, or the residual accumulators).
 
 The result is an ordinary :class:`~rosa.config.RosaConfig` with a ``rank_pattern``, ``alpha_pattern`` (the
 config's own scaling at every rank) and ``density_pattern`` holding each layer's full name, so it saves, loads
@@ -113,6 +114,15 @@ class _LayerMeasure:
         self.v: torch.Tensor | None = None
         self.low_rank: dict[int, float] = {}
         self.residual: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def peak_bytes(out_features: int, in_features: int, budget: int) -> int:
+        """What one layer holds at most while measured: the collector's fp32 accumulator, plus the fp64 second
+        moments (first pass) or one fp32 residual energy per candidate rank (second pass)."""
+        ranks = candidate_ranks(_max_rank(budget, out_features, in_features))
+        first = 8 * (out_features**2 + in_features**2)
+        second = 4 * out_features * in_features * len(ranks)
+        return 4 * out_features * in_features + max(first, second)
 
     def first_pass(self, g: torch.Tensor, factors: ExampleFactors | None) -> None:
         """``sum_i G_i G_i^T`` and ``sum_i G_i^T G_i``; from the factors where given (``G_i = dY_i^T X_i``:
@@ -230,13 +240,10 @@ def plan_split(
         layers = mask_layers(peft_model, PROBE)
         shapes = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
         shares: dict[str, dict[int, float]] = {}
-        for group in plan_layer_groups(
-            layers, memory_budget, n_stats=len(candidate_ranks(int(budget_rank))) + 1
-        ):
-            measures = {
-                n: _LayerMeasure(*shapes[n], _layer_budget(budget_rank, *shapes[n]), _device(layers[n]))
-                for n in group
-            }
+        budgets = {n: _layer_budget(budget_rank, *shape) for n, shape in shapes.items()}
+        needs = {n: _LayerMeasure.peak_bytes(*shapes[n], budgets[n]) for n in shapes}
+        for group in plan_layer_groups(layers, memory_budget, layer_bytes=needs):
+            measures = {n: _LayerMeasure(*shapes[n], budgets[n], _device(layers[n])) for n in group}
             _measure({n: layers[n] for n in group}, measures, peft_model, batches, loss_fn or default_loss)
             shares.update({n: m.shares() for n, m in measures.items()})
     finally:

@@ -33,13 +33,15 @@ def plan_layer_groups(
     n_stats: int = 1,
     accumulator_dtype: torch.dtype = torch.float32,
     per_example: bool = False,
+    layer_bytes: Mapping[str, int] | None = None,
 ) -> list[list[str]]:
     """Split layers (module order) into groups whose accumulators fit ``memory_budget`` GiB.
 
-    The budget covers ``n_stats`` accumulators per layer plus a reserve of two fp32 ``out x in`` buffers of
-    the largest layer (the micro-batch ``G`` and a scoring/pending temporary), and with ``per_example`` the
-    chunk of per-example gradients (``EXAMPLE_CHUNK_BYTES``, or one example of the largest layer). ``None``:
-    one group. A layer that cannot fit even alone gets its own group, with a warning.
+    The budget covers ``n_stats`` accumulators per layer (or ``layer_bytes[name]``, for a caller that keeps
+    other buffers per layer) plus a reserve of two fp32 ``out x in`` buffers of the largest layer (the
+    micro-batch ``G`` and a scoring/pending temporary), and with ``per_example`` the chunk of per-example
+    gradients (``EXAMPLE_CHUNK_BYTES``, or one example of the largest layer). ``None``: one group. A layer that
+    cannot fit even alone gets its own group, with a warning.
     """
     names = list(layers)
     if memory_budget is None or not names:
@@ -56,7 +58,7 @@ def plan_layer_groups(
     current: list[str] = []
     used = 0
     for name in names:
-        need = sizes[name] * element * n_stats
+        need = layer_bytes[name] if layer_bytes is not None else sizes[name] * element * n_stats
         if need > room:
             warnings.warn(
                 f"mask_memory_budget {memory_budget} GiB is too small for layer {name!r} "

@@ -1,7 +1,8 @@
 """The RoSA training schedule: LoRA-only warm-up, mask collection, restart, re-warm-up, the sparse rate.
 
 - :mod:`~rosa.schedule.core`: :class:`RosaSchedule`, which owns every rule (see its module docstring).
-- :mod:`~rosa.schedule.hooks`: what drives it with no driver: the optimizer's own steps and the model's forward.
+- :mod:`~rosa.schedule.hooks`: what drives it with no driver: the optimizer's own steps.
+- :mod:`~rosa.schedule.auto`: the model's own training forward, which starts one when nobody did.
 - :mod:`~rosa.schedule.optimizer`: what it does to an optimizer it did not build (reset state, scale updates).
 - :mod:`~rosa.schedule.state`: its state in a checkpoint.
 - :mod:`~rosa.schedule.callback`: :class:`RosaTrainerCallback`, what only ``transformers.Trainer`` knows

@@ -19,10 +19,23 @@ from transformers import TrainerCallback
 
 from ..distributed import support_buffer_names
 from ..mask.layers import MaskError
-from .core import RosaSchedule, user_options
+from .core import RosaSchedule
 from .state import SCHEDULE_FILE, load_schedule_state, save_schedule_state
 
 logger = logging.getLogger(__name__)
+
+
+# RosaSchedule's keywords that belong to whoever drives it (the step it starts at, the optimizer, the trainer's
+# warm-up, its name); the others are the user's choice (user_options()), which the callback passes on.
+DRIVER_OPTIONS = ("start_step", "optimizer", "lr_warmup_steps", "started_by")
+
+
+def user_options() -> tuple[str, ...]:
+    """The keyword options of :class:`RosaSchedule` a user chooses (the callback takes the same)."""
+    import inspect
+
+    parameters = inspect.signature(RosaSchedule.__init__).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in DRIVER_OPTIONS)
 
 
 class RosaTrainerCallback(TrainerCallback):
@@ -71,9 +84,12 @@ class RosaTrainerCallback(TrainerCallback):
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SCHEDULE_FILE)
             if os.path.isfile(path):
                 self.scheduler.load_state_dict(load_schedule_state(path))
-            else:
-                logger.warning(
-                    "resumed at step %d without %s: a later restart returns A and B to their values at resume",
+            elif not self.scheduler.resume_from_optimizer(
+                optimizer
+            ):  # a checkpoint from elsewhere: its optimizer
+                logger.warning(  # carries the mask's step, and the schedule warns if a restart is still to come
+                    "resumed at step %d without %s or the schedule's counters in the optimizer: the re-warm-up "
+                    "does not go on, and a later restart returns A and B to their values at resume",
                     state.global_step,
                     path,
                 )

@@ -3,6 +3,7 @@ step 0 (sparse-only), and whether a saved mask fills the budget the config gives
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -28,10 +29,12 @@ def needs_mask_before_training(
     )
 
 
-def check_mask_fills_budget(layers: dict, adapter: str, allocation: str, path: Any) -> None:
-    """A saved mask must spend the budget the config gives (per layer, or in total for global allocation): a
-    mask scored at another density would leave values allocated that never train, or train fewer than asked."""
-    nnz = {n: layer.nnz(adapter) for n, layer in layers.items()}
+def check_mask_fills_budget(
+    layers: dict, adapter: str, allocation: str, path: Any, nnz: Mapping[str, int]
+) -> None:
+    """A saved mask (``nnz`` entries per layer) must spend the budget the config gives (per layer, or in total
+    for global allocation): a mask scored at another density would leave values allocated that never train, or
+    train fewer than asked. Checked before the mask is set, so a refused mask leaves the model as it was."""
     budget = {n: layer.budget(adapter) for n, layer in layers.items()}
     if allocation == "global":
         if sum(nnz.values()) != sum(budget.values()):
@@ -51,10 +54,16 @@ def check_mask_fills_budget(layers: dict, adapter: str, allocation: str, path: A
 
 
 def needs_schedule(model: nn.Module) -> bool:
-    """Whether a RoSA model's active adapter still has a mask to choose: sparse capacity and no support."""
+    """Whether training the model's active adapter needs a schedule: it has sparse capacity and either no mask
+    yet (one to choose) or trainable sparse values (they move at ``sparse_lr_ratio``, and a run resumed in the
+    re-warm-up goes on with it: the optimizer's saved counters say where)."""
     try:
         adapter = resolve_adapter(model)
         layers = mask_layers(model, adapter)
     except MaskError:
         return False
-    return any(layer.capacity.get(adapter, 0) for layer in layers.values()) and not has_mask(model, adapter)
+    if not any(layer.capacity.get(adapter, 0) for layer in layers.values()):
+        return False
+    return not has_mask(model, adapter) or any(
+        layer.rosa_values[adapter].requires_grad for layer in layers.values()
+    )

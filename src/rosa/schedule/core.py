@@ -21,15 +21,14 @@
 Steps 4 and 5 scale the update after ``optimizer.step()`` (see :mod:`rosa.schedule.optimizer`), never the
 optimizer's rates, so any optimizer and LR scheduler keep their own values.
 
-Who drives it: nobody needs to. Every torch optimizer's step runs global hooks (:mod:`rosa.schedule.hooks`)
-that advance the schedule of each model whose parameters it holds, and a RoSA model starts its own schedule at
-its first training forward when none exists: ``Trainer``, ``SFTTrainer(peft_config=RosaConfig())`` and a plain
-loop all run the whole recipe with nothing added. ``RosaSchedule(model, ...)`` creates one explicitly (other
-options, a saved mask, a resumed run); ``RosaTrainerCallback`` does that from Trainer's arguments.
+Who drives it: nobody needs to. Torch's global optimizer-step hooks advance it (:mod:`rosa.schedule.hooks`) and a
+RoSA model starts its own at its first training forward (:mod:`rosa.schedule.auto`). ``RosaSchedule(model, ...)``
+creates one explicitly (other options, a saved mask); ``RosaTrainerCallback`` does that from Trainer's arguments.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -45,15 +44,12 @@ from ..mask.files import load_mask, save_mask
 from ..mask.layers import MaskError, apply_mask, has_mask, mask_layers, model_config, resolve_adapter
 from ..mask.selection import Method, method_name
 from . import optimizer as opt
-from .conditions import check_mask_fills_budget, needs_mask_before_training, needs_schedule
-from .hooks import register, schedule_of
+from .conditions import check_mask_fills_budget, needs_mask_before_training
+from .hooks import register
 
 logger = logging.getLogger(__name__)
 
 WARMUP, COLLECT, JOINT = "warmup", "collect", "joint"
-# RosaSchedule's keywords that belong to whoever drives it (the step it starts at, the optimizer, the trainer's
-# warm-up, its name); the others are the user's choice (user_options()), which RosaTrainerCallback passes on.
-DRIVER_OPTIONS = ("start_step", "optimizer", "lr_warmup_steps", "started_by")
 
 
 class RosaSchedule:
@@ -109,6 +105,7 @@ class RosaSchedule:
         self._scaled: list[tuple[list[torch.Tensor], list[torch.Tensor], float]] = []
         self._forwards_since_step = 0
         self._warned_no_step = False
+        self._snapshot_restored = False
         a = self.adapter_name
         if started_by is not None:
             self._event("schedule_started", by=started_by)
@@ -121,8 +118,10 @@ class RosaSchedule:
             self.phase = JOINT  # density 0 everywhere: plain LoRA, nothing to select
             self._event("no_sparse_budget")
         elif mask_path is not None:
-            load_mask(model, mask_path, adapter_name=a)
-            check_mask_fills_budget(self.layers, a, config.mask_allocation, mask_path)
+            supports = load_mask(model, mask_path, adapter_name=a, apply=False)
+            nnz = {name: support.nnz for name, support in supports.items()}
+            check_mask_fills_budget(self.layers, a, config.mask_allocation, mask_path, nnz)
+            apply_mask(model, supports, a)
             self.phase = JOINT
             self._event("mask_loaded", path=os.fspath(mask_path))
         elif has_mask(model, a):
@@ -148,6 +147,8 @@ class RosaSchedule:
                 self._begin_collection()
                 if self.builder.done:  # data-free method and no warm-up: fix the mask before any step
                     self._fix_mask(None)
+        if self.phase == JOINT:
+            self._snapshot.clear()  # nothing restarts
         register(self)
 
     # --- public -------------------------------------------------------------------------------------------
@@ -180,14 +181,7 @@ class RosaSchedule:
 
     def parameters(self) -> list[torch.Tensor]:
         """The adapter's A, B and sparse values: what an optimizer driving this schedule holds."""
-        a = self.adapter_name
-        params = [layer.rosa_values[a] for layer in self.layers.values()]
-        return params + [
-            p
-            for layer in self.layers.values()
-            if a in layer.rosa_A
-            for p in (layer.rosa_A[a].weight, layer.rosa_B[a].weight)
-        ]
+        return self._values() + self._lora()
 
     def score_before_training(
         self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
@@ -198,8 +192,17 @@ class RosaSchedule:
             self.model, self.config, self.adapter_name, self.method
         ):
             return False
-        batches = list(batches)[: self.mask_steps]
-        collect_mask(self.model, batches, loss_fn, config=self.config, method=self.method, stats=self.stats)
+        batches = list(itertools.islice(batches, self.mask_steps))
+        collect_mask(
+            self.model,
+            batches,
+            loss_fn,
+            config=self.config,
+            method=self.method,
+            stats=self.stats,
+            adapter_name=self.adapter_name,
+            accumulator_dtype=self.accumulator_dtype,
+        )
         self.close()
         self.phase = JOINT
         self._event("mask_fixed", nnz=self._nnz(), restart=False, method=method_name(self.method), rewarmup=0)
@@ -237,6 +240,7 @@ class RosaSchedule:
             for name, (a0, b0) in self._snapshot.items():
                 a0.copy_(state["snapshot"][f"{name}.A"])
                 b0.copy_(state["snapshot"][f"{name}.B"])
+            self._snapshot_restored = True
         fixed = state.get("mask_fixed_step")
         if fixed is not None and self.mask_ready:
             self.mask_fixed_step = int(fixed)
@@ -263,7 +267,7 @@ class RosaSchedule:
     def before_optimizer_step(self, optimizer: Any) -> None:
         """Snapshot what this step must scale (the re-warm-up, the sparse rate)."""
         if self.optimizer_steps == 0:
-            self._resume_from(optimizer)
+            self.resume_from_optimizer(optimizer)
         ramp, sparse = self.lr_factor, 1.0 / self.sparse_lr_ratio
         own = opt.at_own_rate(optimizer, self._values()) if sparse != 1.0 else set()
         factors: dict[float, list[torch.Tensor]] = {}
@@ -303,17 +307,29 @@ class RosaSchedule:
             for p in (layer.rosa_A[a].weight, layer.rosa_B[a].weight)
         ]
 
-    def _resume_from(self, optimizer: Any) -> None:
-        """A schedule that starts on an optimizer restored from a checkpoint takes the counters saved with it
-        (Trainer's ``resume_from_checkpoint`` restores the optimizer, not the schedule)."""
-        counters = opt.read_counters(optimizer, self.parameters())
+    def resume_from_optimizer(self, optimizer: Any) -> bool:
+        """Take the counters an optimizer restored from a checkpoint carries (every step writes them into it):
+        the steps done, unless this schedule was told (``start_step``), and the step the mask was fixed at, so the
+        re-warm-up goes on where it stopped. Trainer's ``resume_from_checkpoint`` restores the optimizer, not the
+        schedule. Returns whether the optimizer had counters."""
+        counters = opt.read_counters(optimizer, self.parameters()) if optimizer is not None else None
         if not counters or not counters.get("optimizer_steps"):
-            return
-        self.optimizer_steps = int(counters["optimizer_steps"])
+            return False
+        if self.optimizer_steps == 0:
+            self.optimizer_steps = int(counters["optimizer_steps"])
         fixed = counters.get("mask_fixed_step")
-        if fixed is not None and self.mask_ready:
+        if fixed is not None and self.mask_ready and self.mask_fixed_step is None:
             self.mask_fixed_step = int(fixed)
+        if not self.mask_ready and self.restart_after_mask and not self._snapshot_restored:
+            logger.warning(
+                "rosa: resumed at optimizer step %d, before the mask was fixed, without the schedule's saved state "
+                "(RosaTrainerCallback writes it into each checkpoint): the mask's statistics are collected afresh "
+                "from the next step, and the restart after the mask returns A and B to their values at the resume, "
+                "not at the start",
+                self.optimizer_steps,
+            )
         self._event("resumed_from_optimizer", mask_fixed_step=self.mask_fixed_step)
+        return True
 
     def _advance(self, optimizer: Any) -> None:
         if self.phase == COLLECT and self.builder.collector is not None:  # (counted at the step that ran it)
@@ -379,22 +395,3 @@ class RosaSchedule:
     def _save_mask(self) -> None:
         if self.save_mask_path is not None and is_main_process():  # every rank holds the same mask
             save_mask(self.model, self.save_mask_path, adapter_name=self.adapter_name, method=self.method)
-
-
-def ensure_schedule(tuner: nn.Module) -> None:
-    """Called by the RoSA tuner at each training forward: the model's schedule notes the pass, and is started
-    here when the adapter still has a mask to choose and nothing started a schedule."""
-    schedule = schedule_of(tuner)
-    if schedule is None:
-        if not needs_schedule(tuner):
-            return
-        schedule = RosaSchedule(tuner, started_by="the model's first training forward")
-    schedule.training_forward()
-
-
-def user_options() -> tuple[str, ...]:
-    """The keyword options of :class:`RosaSchedule` a user chooses (the callback takes the same)."""
-    import inspect
-
-    parameters = inspect.signature(RosaSchedule.__init__).parameters.values()
-    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in DRIVER_OPTIONS)
