@@ -230,6 +230,17 @@ def test_a_mask_of_another_density_is_refused(tmp_path, tiny_model_dir, capsys):
     assert code == 2 and "set the density the mask was scored at (about 0.05" in err, err
 
 
+def test_rosa_mask_refuses_a_mask_to_start_from(tmp_path, tiny_model_dir, capsys):
+    """It would have started from the given mask, scored nothing, written nothing and said it had."""
+    mask, again = tmp_path / "mask.safetensors", tmp_path / "again.safetensors"
+    model = f"model.name={tiny_model_dir}"
+    assert main(["mask", "-q", model, *FAST, "--out", str(mask)]) == 0
+    assert main(["mask", "-q", model, *FAST, f"train.mask_path={mask}", "--out", str(again)]) == 2
+    err = capsys.readouterr().err
+    assert "leave train.mask_path out" in err and len(err.strip().splitlines()) == 1, err
+    assert not again.exists()
+
+
 def test_a_moved_setting_says_where_it_went(tmp_path, tiny_model_dir, capsys):
     code, _ = cli_train(tmp_path, tiny_model_dir, "train.sparse_lr_ratio=4")
     assert code == 2 and "train.sparse_lr_ratio is now rosa.sparse_lr_ratio" in capsys.readouterr().err

@@ -133,6 +133,34 @@ def test_resume_refuses_changed_settings_and_extends_finished_runs(tmp_path, tin
     assert steps == sorted(set(steps)) and steps[-1] == 6  # no step logged twice
 
 
+def test_a_resume_keeps_the_rosa_settings_the_run_started_with(tmp_path, tiny_model_dir, monkeypatch):
+    """The run folder records every RoSA setting, defaults resolved: a rosa whose default changed since (here
+    sparse_lr_ratio) resumes the run with the recorded value, and giving a setting its recorded value again is
+    no change."""
+    import dataclasses
+
+    import yaml
+
+    from rosa import RosaConfig
+    from rosa.app import run_config
+
+    code, out = cli_train(tmp_path, tiny_model_dir)
+    assert code == 0
+    recorded = yaml.safe_load((out / "run_config.yaml").read_text())["rosa"]
+    assert sorted(recorded) == sorted(run_config.rosa_setting_names())
+    assert recorded["sparse_lr_ratio"] == RosaConfig().sparse_lr_ratio and recorded["r"] == 2  # FAST's r
+
+    @dataclasses.dataclass
+    class Later(RosaConfig):  # a later release with another default
+        sparse_lr_ratio: float = 1.5
+
+    monkeypatch.setattr(run_config, "RosaConfig", Later)
+    base = ["train", "-q", f"model.name={tiny_model_dir}", f"output_dir={out}", "--resume", "train.steps=6"]
+    assert main([*base, f"rosa.sparse_lr_ratio={recorded['sparse_lr_ratio']}"]) == 0
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["sparse_lr_ratio"] == recorded["sparse_lr_ratio"]
+
+
 # --- plain LoRA through the schedule ------------------------------------------------------------------------
 
 
@@ -209,3 +237,24 @@ def test_checkpoint_clean_up_keeps_the_one_just_written(tmp_path, keep):
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
     assert names == (["step-30"] if keep == 1 else ["step-20", "step-30"])
     assert latest_checkpoint(tmp_path).name == "step-30"
+
+
+def test_checkpoint_clean_up_leaves_folders_it_did_not_name(tmp_path):
+    """A user's ``step-best`` (or ``step-120-good``, ``step-x``) beside the checkpoints is never removed."""
+    from peft import LoraConfig, get_peft_model
+
+    from rosa.app.checkpoint import save_checkpoint
+
+    model = get_peft_model(word_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    save_checkpoint(tmp_path, 1, model, optimizer, schedule, {}, {}, keep=1)
+    mine = ["step-best", "step-120-good", "step-x", "step-\u0663"]  # the last: an Arabic-Indic digit
+    for name in mine:
+        (tmp_path / "checkpoints" / name).mkdir()
+        (tmp_path / "checkpoints" / name / "notes.txt").write_text("mine")
+    for step in (2, 3):
+        save_checkpoint(tmp_path, step, model, optimizer, schedule, {}, {}, keep=1)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == sorted(["step-3", *mine])
+    assert all((tmp_path / "checkpoints" / name / "notes.txt").read_text() == "mine" for name in mine)

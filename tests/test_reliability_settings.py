@@ -73,7 +73,7 @@ OVERRIDES = {
     "target_modules_number": ("rosa.target_modules=5", r"rosa\.target_modules must be a module name"),
     "task_type": ("rosa.task_type=SEQ_CLS", r"unknown config key 'rosa\.task_type'"),
     "unknown_rosa_key": ("rosa.nonsense=1", r"unknown config key 'rosa\.nonsense'; known keys here: "),
-    "model_name_empty": ("model.name=", r"model\.name is empty"),
+    "model_name_empty": ("model.name=", r"model\.name must be a string, got null"),
     "model_name_blank": ("model.name='   '", r"model\.name is empty"),
     "model_name_very_long": ("model.name=" + "m" * 5000, r"model\.name is 5000 characters long"),
     "trust_remote_code_word": (
@@ -90,6 +90,13 @@ OVERRIDES = {
     "lr_word": ("train.lr=fast", r"train\.lr must be a number, got 'fast'"),
     "model_name_list": ("model.name=[a, b]", r"model\.name must be a string, got \['a', 'b'\]"),
     "alias_in_an_override": ("rosa.target_modules=&x [q_proj]", r"anchors and aliases"),
+    # null where a value is needed, and a number where a path may be null (each was a TypeError deep inside)
+    "lr_null": ("train.lr=null", r"train\.lr must be a number, got null"),
+    "steps_null": ("train.steps=null", r"train\.steps must be an integer, got null"),
+    "output_dir_null": ("output_dir=null", r"output_dir must be a string, got null"),
+    "data_path_number": ("data.path=5", r"data\.path must be a string or null, got 5"),
+    "mask_path_number": ("train.mask_path=5", r"train\.mask_path must be a string or null, got 5"),
+    "limit_boolean": ("eval.limit=true", r"eval\.limit must be an integer or null, got True"),
 }
 
 

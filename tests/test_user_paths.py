@@ -102,6 +102,45 @@ def test_overwrite_removes_only_the_files_rosa_writes(tiny_model_dir, tmp_path):
     assert (folder / "results.json").stat().st_mtime_ns != first
 
 
+def test_overwrite_that_cannot_start_loses_nothing(tiny_model_dir, tmp_path, capsys):
+    """--overwrite with a mistyped data file: refused in one line, and the run it would have replaced is all
+    there, byte for byte; nothing is left set aside."""
+    folder = tmp_path / "run"
+    assert _train(tiny_model_dir, f"output_dir={folder}")[0] == 0
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    bad = ["data.task=jsonl", "data.path=nope.jsonl", "data.prompt_column=a", "data.response_column=b"]
+    assert _train(tiny_model_dir, f"output_dir={folder}", "--overwrite", *bad)[0] == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before and (folder / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_stopped_run_names_its_own_folder_to_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The default folder was taken, so the run went to runs/rosa-default-2: the hint names that one."""
+    import signal
+
+    from rosa.app import train as train_module
+
+    monkeypatch.chdir(tmp_path)
+    assert _train(tiny_model_dir)[0] == 0
+    loop = train_module.train_loop
+
+    def stopped_at_once(job, log, saver, show_progress=True):  # as if Ctrl-C came during the first step
+        step = job.train_step
+
+        def step_then_stop(*args, **kwargs):
+            signal.raise_signal(signal.SIGINT)  # the loop's handler: stop after this step, with a checkpoint
+            return step(*args, **kwargs)
+
+        job.train_step = step_then_stop
+        return loop(job, log, saver, show_progress)
+
+    monkeypatch.setattr(train_module, "train_loop", stopped_at_once)
+    assert _train(tiny_model_dir)[0] == 130
+    err = capsys.readouterr().err
+    assert "rosa train --resume output_dir=runs/rosa-default-2 " in err, err
+
+
 def test_eval_reads_base_and_task_from_a_run_folder(run, tmp_path):
     folder, _ = run
     scores = tmp_path / "scores.json"

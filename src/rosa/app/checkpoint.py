@@ -75,17 +75,18 @@ def save_checkpoint(
     write_atomic(root / LATEST, final.name)
     # keep this one and the newest keep - 1 before it; a folder of a later step is one ``latest`` no longer
     # reaches (left by a run that went back), never the one just written
-    earlier = sorted((p for p in root.glob("step-*") if _step_of(p) < step), key=_step_of)
-    for old in earlier[: max(0, len(earlier) - (keep - 1))] + [
-        p for p in root.glob("step-*") if _step_of(p) > step
-    ]:
+    # (only folders named exactly ``step-<digits>``, as this function names them: never a user's step-best)
+    ours = [p for p in root.glob("step-*") if _step_of(p) is not None and p.is_dir() and not p.is_symlink()]
+    earlier = sorted((p for p in ours if _step_of(p) < step), key=_step_of)
+    for old in earlier[: max(0, len(earlier) - (keep - 1))] + [p for p in ours if _step_of(p) > step]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _step_of(folder: Path) -> int:
+def _step_of(folder: Path) -> int | None:
+    """The step of a checkpoint folder ``step-<N>``; None for any other name."""
     suffix = folder.name.removeprefix("step-")
-    return int(suffix) if suffix.isdigit() else -1
+    return int(suffix) if folder.name.startswith("step-") and suffix.isascii() and suffix.isdigit() else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

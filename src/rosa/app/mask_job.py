@@ -47,6 +47,11 @@ def collect_mask_only(
     from .job import build
 
     check_output_file(mask_out, overwrite)
+    if run.train.mask_path is not None:  # the schedule would start from it and score nothing
+        raise RunConfigError(
+            f"train.mask_path={run.train.mask_path} gives a mask to start from; rosa mask scores a new one: leave "
+            "train.mask_path out"
+        )
     config = run.rosa_config()
     if config.density == 0 and not any(config.density_pattern.values()):
         raise RunConfigError("rosa.density is 0 (plain LoRA): there is no sparse support to select")

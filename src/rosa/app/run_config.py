@@ -9,18 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import RosaConfig, RosaConfigError
 from ..config_checks import short_repr as _short
-
-
-class RunConfigError(ValueError):
-    """The run configuration (file or override) is invalid."""
+from .config_file import RunConfigError, parse_value, read_yaml
 
 
 @dataclass
@@ -110,106 +107,43 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-MAX_CONFIG_BYTES = 1 << 20  # a run config is a few hundred bytes; PyYAML would read any size into memory
-
-
-class RunConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats (``2e-4`` is a float, not the string YAML 1.1 makes it), made
-    strict: no anchors or aliases (a kilobyte of nested aliases expands to gigabytes: the "billion laughs"), no
-    duplicate keys (PyYAML keeps the last silently), and keys are strings."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                "anchors and aliases (&name, *name) are not allowed in a run config",
-                event.start_mark,
-            )
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise yaml.constructor.ConstructorError(
-                        None, None, "merge keys (<<) are not allowed in a run config", key_node.start_mark
-                    )
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"keys must be plain names, got {key_node.value!r}"[:200],
-                        key_node.start_mark,
-                    )
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key_node.value!r}"[:200], key_node.start_mark
-                    )
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+    def with_every_rosa_setting(self) -> RunConfig:
+        """These settings with ``rosa`` holding every RosaConfig setting of the method, defaults resolved: what a
+        run folder records, so that a resume goes on with the settings the run started with even where a later
+        rosa changes a default."""
+        config = self.rosa_config()
+        every = {name: _plain(getattr(config, name)) for name in rosa_setting_names()}
+        return dataclasses.replace(self, rosa=every)
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error in one line: the problem and where (PyYAML's own message spans several, with a snippet)."""
-    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
-    mark = getattr(e, "problem_mark", None)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"{problem}{where}"
-
-
-def _read_yaml(path: Path) -> Any:
-    """Parse a run config file; every problem is a RunConfigError naming the file."""
-    if not path.exists():
-        raise RunConfigError(f"config file not found: {path}")
-    if not path.is_file():
-        raise RunConfigError(f"config file {path} is not a regular file")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise RunConfigError(f"{path}: {size} bytes, too large for a run config (at most {MAX_CONFIG_BYTES})")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise RunConfigError(
-            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): a run config is a YAML file"
-        ) from None
-    bad = next((i for i, c in enumerate(text) if c == "\x00"), None)
-    if bad is not None:
-        raise RunConfigError(
-            f"{path}: binary data (a NUL character at offset {bad}): a run config is a YAML file"
-        )
-    try:
-        return yaml.load(text, Loader=RunConfigLoader)
-    except yaml.YAMLError as e:
-        raise RunConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    except RecursionError:
-        raise RunConfigError(f"{path}: nested too deeply to be a run config") from None
-
-
-# A dot or an exponent, so plain integers stay ints; PyYAML's own float rule still handles .inf and .nan.
-_FLOAT = re.compile(
-    r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[0-9][0-9_]*[eE][-+]?[0-9]+)$""",
-    re.X,
+# RosaConfig fields that are PEFT's bookkeeping (filled in when an adapter is made or saved), not the method's
+PEFT_BOOKKEEPING = (
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
 )
-RunConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
-def parse_value(text: str) -> Any:
-    """One override value as users write it: ``2e-4`` and ``.5`` are floats, ``[q_proj, v_proj]`` a list."""
-    try:
-        return yaml.load(text, Loader=RunConfigLoader)
-    except yaml.YAMLError as e:
-        raise RunConfigError(
-            f"cannot read the value {text[:200]!r}: {_yaml_problem(e)} (quote it to pass a string)"
-        ) from None
-    except RecursionError:
-        raise RunConfigError(f"cannot read the value {text[:200]!r}: nested too deeply") from None
+def rosa_setting_names() -> list[str]:
+    """The RosaConfig fields a run config records (``rosa.<name>``)."""
+    fields = dataclasses.fields(RosaConfig)
+    return [
+        f.name for f in fields if f.init and f.name not in PEFT_BOOKKEEPING and f.name != "inference_mode"
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """A setting as YAML writes it (PEFT turns a target_modules list into a set)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -217,7 +151,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise RunConfigError(f"{path}: the top level must be a mapping of sections")
@@ -241,7 +175,7 @@ def given_keys(path: str | Path | None = None, overrides: list[str] | None = Non
             keys.append(prefix.rstrip("."))
 
     if path is not None and Path(path).is_file():
-        walk(_read_yaml(Path(path)) or {}, "")  # keys only (the file passed load_run_config already)
+        walk(read_yaml(Path(path)) or {}, "")  # keys only (the file passed load_run_config already)
     keys += [item.partition("=")[0].strip() for item in overrides or []]
     return keys
 
@@ -266,6 +200,7 @@ def _build(cls, raw: dict[str, Any], where: str):
             raise RunConfigError(f"{name} is now {MOVED[name]} (the same meaning, kept with the adapter)")
         raise RunConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(fields))}")
     config = cls()
+    hints = typing.get_type_hints(cls)
     for name, value in raw.items():
         current = getattr(config, name)
         if dataclasses.is_dataclass(current):
@@ -277,7 +212,7 @@ def _build(cls, raw: dict[str, Any], where: str):
                 raise RunConfigError(f"rosa must be a mapping of RosaConfig fields, got {value!r}")
             value = {**current, **value}
         else:
-            value = _coerce(value, current, f"{where}{name}")
+            value = _coerce(value, hints[name], f"{where}{name}")
         setattr(config, name, value)
     if cls is RunConfig:
         config.rosa_config()  # validate the adapter settings now, not after the model is loaded
@@ -377,22 +312,30 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise RunConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    """Check a scalar against the type of its default (ints accepted for floats; None where the default is None)."""
-    if value is None or current is None:
-        return value
-    if isinstance(current, bool):
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Check a scalar against its field's type (``int | None``, ``str``, ...): ints are accepted for floats, null
+    only where the field may be null. (A wrong type would otherwise fail later, deep in a path or a number.)"""
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    optional = type(None) in kinds
+    kind = next((k for k in kinds if k is not type(None)), None)
+    if value is None:
+        if optional or kind not in _KINDS:
+            return value
+        raise RunConfigError(f"{name} must be {_KINDS[kind]}, got null")
+    if kind is bool:
         if not isinstance(value, bool):
-            raise RunConfigError(f"{name} must be true or false, got {value!r}")
+            raise RunConfigError(f"{name} must be true or false, got {_short(value)}")
         return value
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)
         except OverflowError:
             raise RunConfigError(f"{name} must be a finite number, got {_short(value)}") from None
-    if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
-        raise RunConfigError(f"{name} must be {_KINDS[type(current)]}, got {_short(value)}")
+    if kind in _KINDS and (isinstance(value, bool) or not isinstance(value, kind)):
+        raise RunConfigError(
+            f"{name} must be {_KINDS[kind]}{' or null' if optional else ''}, got {_short(value)}"
+        )
     return value
 
 
-_KINDS = {int: "an integer", float: "a number", str: "a string"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

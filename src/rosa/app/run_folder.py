@@ -24,6 +24,15 @@ class RunError(RuntimeError):
     """A run cannot start (bad model, bad data, nothing to resume)."""
 
 
+class RunStopped(KeyboardInterrupt):
+    """Training stopped on request (Ctrl-C, SIGTERM) at a step boundary; ``output_dir`` is the run's folder,
+    which ``rosa train --resume output_dir=...`` continues."""
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__(output_dir)
+        self.output_dir = output_dir
+
+
 # Everything ``rosa train`` writes into a run folder: what --overwrite may remove, and nothing else.
 RUN_FILES = (
     "run_config.yaml",
@@ -42,15 +51,19 @@ def holds_run(out: Path) -> bool:
     return any((out / name).exists() or (out / name).is_symlink() for name in RUN_FILES)
 
 
-def choose_run_folder(out: Path, *, resume: bool, overwrite: bool, given: bool) -> tuple[Path, Path | None]:
-    """Where this run writes, and the checkpoint it resumes from. Nothing is replaced without being asked:
+def choose_run_folder(
+    out: Path, *, resume: bool, overwrite: bool, given: bool
+) -> tuple[Path, Path | None, bool]:
+    """Where this run writes, the checkpoint it resumes from, and whether it replaces the run in the folder.
+    Nothing is replaced without being asked:
 
     - ``--resume``: the folder's latest checkpoint (a finished run has one at its last step: extend it with a
       larger ``train.steps``);
     - a folder that holds no run: used as it is (other files in it are left alone);
-    - a folder holding a run: with ``--overwrite`` rosa's own files in it are removed first (never anything
-      else); when ``output_dir`` was not given, the next free ``<folder>-2``, ``-3``, ... (so the default
-      command can be run again and again); when it was given, refused.
+    - a folder holding a run: with ``--overwrite`` rosa's own files in it are replaced (never anything else;
+      see :func:`replacing_run`: not before the new run has started); when ``output_dir`` was not given, the next
+      free ``<folder>-2``, ``-3``, ... (so the default command can be run again and again); when it was given,
+      refused.
     """
     check_writable(out)
     check_not_in_use(out)
@@ -62,12 +75,16 @@ def choose_run_folder(out: Path, *, resume: bool, overwrite: bool, given: bool) 
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        return out, checkpoint
+        return out, checkpoint, False
+    if (out / ASIDE_NAME).exists():
+        raise RunError(
+            f"{out / ASIDE_NAME} holds the files of a run that an interrupted --overwrite set aside: move them "
+            f"back into {out} or remove that folder, then run again"
+        )
     if not holds_run(out):
-        return out, None
+        return out, None, False
     if overwrite:
-        remove_run_files(out)
-        return out, None
+        return out, None, True
     if given:
         raise RunError(
             f"{out} already holds a run: pass --resume to continue it (with train.steps=N to extend a finished "
@@ -76,7 +93,7 @@ def choose_run_folder(out: Path, *, resume: bool, overwrite: bool, given: bool) 
     n = 2
     while holds_run(out.with_name(f"{out.name}-{n}")) or out.with_name(f"{out.name}-{n}").is_file():
         n += 1
-    return out.with_name(f"{out.name}-{n}"), None
+    return out.with_name(f"{out.name}-{n}"), None, False
 
 
 def check_not_in_use(out: Path) -> None:
@@ -124,6 +141,35 @@ def remove_run_files(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+ASIDE_NAME = ".rosa-replaced"  # where --overwrite keeps the old run's files until the new run has started
+
+
+@contextlib.contextmanager
+def replacing_run(out: Path, replace: bool):
+    """``--overwrite``: the old run's files (``RUN_FILES``) are moved aside while the new run is set up, and put
+    back if it cannot start (bad data, a model that does not load, Ctrl-C): a mistyped command loses nothing.
+    Once the body has finished (the run is about to write), they are removed."""
+    import shutil
+
+    if not replace:
+        yield
+        return
+    aside = out / ASIDE_NAME
+    aside.mkdir()
+    moved = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    for name in moved:
+        os.replace(out / name, aside / name)
+    try:
+        yield
+    except BaseException:
+        remove_run_files(out)  # whatever the failed start wrote
+        for name in moved:
+            os.replace(aside / name, out / name)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
 
 
 LOCK_NAME = ".rosa-run.lock"
@@ -204,7 +250,7 @@ def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -
     for key in keys:
         if key in ("output_dir", "train.steps"):
             continue
-        then, now = _get_path(saved.to_dict(), key), _get_path(given.to_dict(), key)
+        then, now = _setting(saved, key), _setting(given, key)
         if then != now:
             raise RunError(
                 f"--resume continues the run with its own settings: {key} was {then!r}, given {now!r} "
@@ -217,6 +263,14 @@ def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -
             )
         saved.train.steps = given.train.steps
     return saved
+
+
+def _setting(run: RunConfig, key: str) -> Any:
+    """A setting's value; a ``rosa.*`` one as the adapter resolves it (its default when unset, a set of module
+    names in sorted order), so ``rosa.r=16`` given again matches a run that left r at its default of 16."""
+    if key.startswith("rosa."):
+        return run.with_every_rosa_setting().rosa.get(key.removeprefix("rosa."))
+    return _get_path(run.to_dict(), key)
 
 
 def _get_path(tree: dict[str, Any], key: str) -> Any:

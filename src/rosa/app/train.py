@@ -30,8 +30,10 @@ from .run_config import RunConfig, load_run_config
 from .run_folder import (
     GracefulStop,
     RunError,
+    RunStopped,
     check_resume_settings,
     choose_run_folder,
+    replacing_run,
     run_folder_lock,
 )
 
@@ -86,7 +88,7 @@ def train(
     try:
         with contextlib.ExitStack() as held:
             # rank 0 alone reads, chooses and locks the folder; the others follow its choice or its refusal
-            choice: tuple[Path, Path | None, RunConfig] | Exception = RunError("no choice")
+            choice: tuple[Path, Path | None, RunConfig, bool] | Exception = RunError("no choice")
             if ctx.is_main:
                 try:
                     choice = _choose(run, resume, overwrite, given_keys)
@@ -96,17 +98,18 @@ def train(
             choice = distributed.from_main(choice, ctx)
             if isinstance(choice, Exception):
                 raise choice
-            out, checkpoint, run = choice
-            return _run(run, ctx, out, checkpoint, show_progress)
+            out, checkpoint, run, replace = choice
+            return _run(run, ctx, out, checkpoint, show_progress, replace and ctx.is_main)
     finally:
         distributed.close(ctx)
 
 
 def _choose(
     run: RunConfig, resume: bool, overwrite: bool, given_keys: list[str]
-) -> tuple[Path, Path | None, RunConfig]:
-    """The run folder, the checkpoint to resume from and the settings the run goes on with."""
-    out, checkpoint = choose_run_folder(
+) -> tuple[Path, Path | None, RunConfig, bool]:
+    """The run folder, the checkpoint to resume from, the settings the run goes on with, and whether it
+    replaces the run in the folder (``--overwrite``)."""
+    out, checkpoint, replace = choose_run_folder(
         Path(run.output_dir), resume=resume, overwrite=overwrite, given="output_dir" in given_keys
     )
     if checkpoint is not None:  # the run continues with the settings it was started with
@@ -117,10 +120,10 @@ def _choose(
                 "give a larger train.steps to extend it"
             )
     run.output_dir = str(out)
-    return out, checkpoint, run
+    return out, checkpoint, run, replace
 
 
-def _run(run, ctx, out: Path, checkpoint: Path | None, show_progress: bool) -> TrainResult:
+def _run(run, ctx, out: Path, checkpoint: Path | None, show_progress: bool, replace: bool) -> TrainResult:
     from ..model import sparse_parameter_count
     from .evaluate import evaluate_examples
     from .job import build
@@ -133,7 +136,9 @@ def _run(run, ctx, out: Path, checkpoint: Path | None, show_progress: bool) -> T
         return evaluate_examples(model, tokenizer, examples, task, run, label, show_progress, ctx)
 
     before = (lambda *a: evaluate(*a, "before training")) if run.eval.before else None
-    job = build(run, ctx, checkpoint, out / "mask.safetensors", evaluate_before=before)
+    with replacing_run(out, replace):  # --overwrite: the old run goes only once this one has started
+        job = build(run, ctx, checkpoint, out / "mask.safetensors", evaluate_before=before)
+    run = run.with_every_rosa_setting()  # recorded in full: a resume never takes a later default
     if ctx.is_main:
         write_atomic(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
     log = RunLog(out, ctx.is_main, resumed_at=job.start_step if checkpoint is not None else None)
@@ -211,5 +216,5 @@ def train_loop(job, log, saver, show_progress: bool = True) -> int:
                     saver.save(step, job.before, job.events())
                 elif collecting and ctx.is_main:
                     print("rosa: stopped during mask collection: no checkpoint of this step", file=sys.stderr)
-                raise KeyboardInterrupt
+                raise RunStopped(job.run.output_dir)
     return step
