@@ -405,6 +405,7 @@ def _epoch_runs(results: dict[str, Any]) -> str:
             "steps",
             "exact match",
             "val loss",
+            "training loss: lowest / last (50-step means)",
             "wall / CPU min",
             "commit",
         ]
@@ -427,13 +428,42 @@ def _epoch_runs(results: dict[str, Any]) -> str:
                     r["steps"],
                     f"{100 * r['exact_match']:.1f}% ({r['correct']}/{r['count']})",
                     f"{r['val_loss']:.4f}",
+                    _trend_text(r),
                     f"{r['wall_seconds'] / 60:.0f} / {r['cpu_seconds'] / 60:.0f}",
                     r["commit"][:7],
                 ],
-                width=10,
+                width=11,
             )
         )
     return "One-epoch runs so far:\n\n" + "\n".join(lines)
+
+
+def _trend_text(run: dict[str, Any]) -> str:
+    trend = loss_trend(run)
+    if trend is None:
+        return "-"
+    return f"{trend[0]:.3f} / {trend[1]:.3f}" + (" **diverged**" if diverged(run) else "")
+
+
+# A run diverged when its last DIVERGED_WINDOW steps average over DIVERGED_RISE times its lowest such mean. Runs
+# that train end within 1.2x of their lowest at this window (every run in accuracy_epoch.json so far); shorter
+# windows are noisy (length-grouped batches differ in difficulty: 10-step means ended up to 4x their lowest).
+DIVERGED_WINDOW, DIVERGED_RISE = 50, 3.0
+
+
+def loss_trend(run: dict[str, Any]) -> tuple[float, float] | None:
+    """(lowest, last) mean training loss over DIVERGED_WINDOW steps; None for a run shorter than two windows."""
+    losses, w = run.get("losses") or [], DIVERGED_WINDOW
+    if len(losses) < 2 * w:
+        return None
+    means = [sum(losses[i : i + w]) / w for i in range(len(losses) - w + 1)]
+    return min(means), means[-1]
+
+
+def diverged(run: dict[str, Any]) -> bool:
+    """Training went up and stayed up (the learning rate was too high for this seed): see DIVERGED_RISE."""
+    trend = loss_trend(run)
+    return trend is not None and trend[1] > DIVERGED_RISE * trend[0]
 
 
 def _cells(results: dict[str, Any]) -> dict[tuple, dict[str, dict[int, dict]]]:
@@ -455,7 +485,7 @@ def _comparison(results: dict[str, Any]) -> str:
             "RoSA - LoRA, per seed", "mean difference ± paired SE",
         ]
     )  # fmt: skip
-    verdicts = []
+    verdicts, failed = [], []
     for (task, budget), methods in sorted(
         cells.items(), key=lambda c: (list(BUDGETS).index(c[0][1]), c[0][0])
     ):
@@ -477,7 +507,12 @@ def _comparison(results: dict[str, Any]) -> str:
                     ", ".join(map(str, seeds)),
                     _pct([lora[s] for s in seeds]),
                     _pct([rosa[s] for s in seeds]),
-                    ", ".join(f"{100 * d:+.1f}" for d in diffs),
+                    ", ".join(
+                        f"{100 * d:+.1f}"
+                        + (" (LoRA diverged)" if diverged(lora[s]) else "")
+                        + (" (RoSA diverged)" if diverged(rosa[s]) else "")
+                        for s, d in zip(seeds, diffs, strict=True)
+                    ),
                     f"{100 * mean:+.1f} ± {100 * se:.1f}"
                     if len(diffs) > 1
                     else f"{100 * mean:+.1f} (one seed: no SE)",
@@ -485,6 +520,12 @@ def _comparison(results: dict[str, Any]) -> str:
             )
         )
         verdicts.append((task, budget, mean, se, len(seeds)))
+        failed += [
+            f"{'LoRA' if m == 'lora' else 'RoSA'} on {task} at {budget}, seed {s}"
+            for m, runs in (("lora", lora), ("rosa", rosa))
+            for s in seeds
+            if diverged(runs[s])
+        ]
     if not verdicts:  # runs of one method only: nothing to compare yet (the progress paragraph says so)
         return ""
     # a verdict only once every cell has the seeds the protocol asks for (3 at the low budget, 2 at mid)
@@ -503,6 +544,12 @@ def _comparison(results: dict[str, Any]) -> str:
             else "not all cells have their seeds yet."
         )
     )
+    if failed:  # the rate rule is one for every method: a run it was too high for stays in, and is named
+        target += (
+            f" Diverged at the cell's rate (training loss ended over {DIVERGED_RISE:g}x its lowest; see the runs "
+            f"table): {'; '.join(failed)}. Its seed's difference measures the rate's stability, not the adapter "
+            "at a rate that suits it."
+        )
     return "\n".join(rows) + "\n\n" + target
 
 

@@ -241,6 +241,41 @@ def test_runs_of_one_method_only_make_no_comparison_table(bench):
     assert bench._comparison(results) == ""
     assert "1 of the comparison's 20 one-epoch runs has finished" in bench.summary(results)
     assert (
-        "| viggo | low | LoRA | 0 | 0.009 | 568 | 50.0% (250/500) | 0.1000 | 10 / 9 | 0123456 |"
+        "| viggo | low | LoRA | 0 | 0.009 | 568 | 50.0% (250/500) | 0.1000 | - | 10 / 9 | 0123456 |"
         in bench.report(results)
     )
+
+
+def test_a_diverged_run_is_named_and_kept(bench):
+    """A run whose training loss rose and stayed up is marked in the runs table and the comparison, and still
+    counts (the rate rule is one for every method); a run that trains normally is not marked."""
+    results = bench.empty_results()
+    defaults = {"granularity": "micro_batch", "split": "r2", "sparse_lr_ratio": 3.5}
+    trained = [3.0 - 0.01 * i for i in range(200)]  # falls to 1.0
+    blown = trained[:100] + [6.0] * 100  # lowest 50-step mean 2.255, last 6.0: up, but under 3x
+    blown_up = trained[:100] + [20.0] * 100  # last 20.0: over 3x its lowest
+    for spec in bench.comparison(["lora", "rosa"], ["low"], [0, 1], defaults):
+        if spec.task != "viggo":
+            continue
+        losses = blown_up if (spec.method, spec.seed) == ("lora", 1) else trained
+        if (spec.method, spec.seed) == ("rosa", 0):
+            losses = blown
+        run = {
+            **_result(bench, spec, 0.1),
+            "exact_match": 0.0 if losses is blown_up else 0.8,
+            "correct": 0,
+            "count": 500,
+            "losses": losses,
+            "lr": 9e-3,
+            "steps": 200,
+            "wall_seconds": 60,
+            "cpu_seconds": 60,
+            "commit": "0" * 40,
+        }
+        results["runs"][spec.key] = run
+    assert [bench.diverged(r) for r in results["runs"].values()] == [False, False, True, False]
+    text = bench._comparison(results)
+    assert "| +0.0, +80.0 (LoRA diverged) |" in text
+    assert "Diverged at the cell's rate" in text and "LoRA on viggo at low, seed 1" in text
+    runs = bench._epoch_runs(results)
+    assert runs.count("**diverged**") == 1 and "2.255 / 20.000 **diverged**" in runs
