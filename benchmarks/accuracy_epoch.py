@@ -520,12 +520,22 @@ def _comparison(results: dict[str, Any]) -> str:
             )
         )
         verdicts.append((task, budget, mean, se, len(seeds)))
-        failed += [
-            f"{'LoRA' if m == 'lora' else 'RoSA'} on {task} at {budget}, seed {s}"
-            for m, runs in (("lora", lora), ("rosa", rosa))
-            for s in seeds
-            if diverged(runs[s])
-        ]
+        bad = [s for s in seeds if diverged(lora[s]) or diverged(rosa[s])]
+        if bad:  # named, with the cell as it stands without those seeds beside it
+            who = [
+                f"{m} seed {s}"
+                for m, runs in (("LoRA", lora), ("RoSA", rosa))
+                for s in bad
+                if diverged(runs[s])
+            ]
+            kept = [d for s, d in zip(seeds, diffs, strict=True) if s not in bad]
+            rest = (
+                f"without it: {100 * sum(kept) / len(kept):+.1f}"
+                + (f" ± {100 * _sd(kept) / math.sqrt(len(kept)):.1f}" if len(kept) > 1 else " (one seed)")
+                if kept
+                else "no seed left without it"
+            )
+            failed.append(f"{task} at {budget}: {', '.join(who)} ({rest})")
     if not verdicts:  # runs of one method only: nothing to compare yet (the progress paragraph says so)
         return ""
     # a verdict only once every cell has the seeds the protocol asks for (3 at the low budget, 2 at mid)
@@ -547,8 +557,8 @@ def _comparison(results: dict[str, Any]) -> str:
     if failed:  # the rate rule is one for every method: a run it was too high for stays in, and is named
         target += (
             f" Diverged at the cell's rate (training loss ended over {DIVERGED_RISE:g}x its lowest; see the runs "
-            f"table): {'; '.join(failed)}. Its seed's difference measures the rate's stability, not the adapter "
-            "at a rate that suits it."
+            f"table): {'; '.join(failed)}. Such a seed's difference measures the rate's stability, not the adapter "
+            "at a rate that suits it; the verdict counts it."
         )
     return "\n".join(rows) + "\n\n" + target
 

@@ -276,6 +276,9 @@ def test_a_diverged_run_is_named_and_kept(bench):
     assert [bench.diverged(r) for r in results["runs"].values()] == [False, False, True, False]
     text = bench._comparison(results)
     assert "| +0.0, +80.0 (LoRA diverged) |" in text
-    assert "Diverged at the cell's rate" in text and "LoRA on viggo at low, seed 1" in text
+    assert (
+        "Diverged at the cell's rate" in text
+        and "viggo at low: LoRA seed 1 (without it: +0.0 (one seed))" in text
+    )
     runs = bench._epoch_runs(results)
     assert runs.count("**diverged**") == 1 and "2.255 / 20.000 **diverged**" in runs
