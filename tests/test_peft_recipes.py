@@ -201,3 +201,50 @@ def test_a_model_with_its_mask_trains_jointly_at_the_sparse_rate():
     for name, p in plain.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, expected[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_sparse_values_in_a_group_of_their_own_keep_its_rate():
+    """A user who split the sparse values off into a group at lr / ratio set their rate: the schedule does not
+    apply the ratio again (the same adapter as create_rosa_optimizer's named group)."""
+
+    def run(optimizer_of):
+        torch.manual_seed(0)
+        model = rosa.get_rosa_model(word_llama(0), _config())
+        set_random_masks(model, seed=1)
+        optimizer = optimizer_of(model)
+        model.train()
+        for step in range(3):
+            ids = sample_ids(seed=step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return model
+
+    def own_groups(model):
+        values = sparse_values(model)
+        rest = [p for p in model.parameters() if p.requires_grad and all(p is not v for v in values)]
+        groups = [{"params": rest}, {"params": values, "lr": 1e-2 / 3.5}]
+        return torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0)
+
+    mine, reference = run(own_groups), run(lambda m: create_rosa_optimizer(m, lr=1e-2))
+    expected = dict(reference.named_parameters())
+    for name, p in mine.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, expected[name], rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_frozen_sparse_values_start_no_schedule():
+    """Values frozen by the user (only LoRA trains): no mask is chosen, nothing is refused, the values stay 0."""
+    torch.manual_seed(0)
+    model = rosa.get_rosa_model(word_llama(0), _config(warmup_steps=1, mask_steps=1))
+    for v in sparse_values(model):
+        v.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(4):
+        ids = sample_ids(seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert schedule_of(model) is None
+    assert all(v.count_nonzero() == 0 for v in sparse_values(model))

@@ -154,6 +154,21 @@ def test_a_resume_keeps_the_rosa_settings_the_run_started_with(tmp_path, tiny_mo
     class Later(RosaConfig):  # a later release with another default
         sparse_lr_ratio: float = 1.5
 
+    # a nested key (what a YAML file's rosa: {rank_pattern: {q_proj: ...}} gives) is compared too
+    assert (
+        main(
+            [
+                "train",
+                "-q",
+                f"model.name={tiny_model_dir}",
+                f"output_dir={out}",
+                "--resume",
+                "train.steps=6",
+                "rosa.rank_pattern.q_proj=1",
+            ]
+        )
+        == 2
+    )
     monkeypatch.setattr(run_config, "RosaConfig", Later)
     base = ["train", "-q", f"model.name={tiny_model_dir}", f"output_dir={out}", "--resume", "train.steps=6"]
     assert main([*base, f"rosa.sparse_lr_ratio={recorded['sparse_lr_ratio']}"]) == 0

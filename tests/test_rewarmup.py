@@ -297,7 +297,9 @@ def test_the_callback_resumes_a_checkpoint_from_another_folder(tmp_path):
 
 def test_a_resume_before_the_mask_without_the_schedules_state_says_what_the_restart_will_do(tmp_path, caplog):
     """Trainer without the callback, resumed at step 2 (before the mask): no snapshot of the initial A and B was
-    saved, so the restart cannot return to them. The run goes on, and says so."""
+    saved, so the restart cannot return to them. The run goes on, and says so. (The schedule learns the step count
+    at the first optimizer step, so the resumed step's micro-batch is not collected: the mask comes one step later
+    than in the uninterrupted run; the callback's checkpoint file avoids both.)"""
     first = _peft_rosa()
     _plain_trainer(first, tmp_path / "run", save_strategy="steps", save_steps=2).train()
     again = _peft_rosa(adapter_seed=5)

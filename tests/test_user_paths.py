@@ -115,6 +115,54 @@ def test_overwrite_that_cannot_start_loses_nothing(tiny_model_dir, tmp_path, cap
     assert after == before and (folder / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_overwrite_stopped_by_sigterm_while_setting_up_loses_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """torchrun ends the other ranks with SIGTERM when one fails: the old run comes back as it was."""
+    import os
+    import signal
+
+    from rosa.app import job
+
+    folder = tmp_path / "run"
+    assert _train(tiny_model_dir, f"output_dir={folder}")[0] == 0
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    build = job.build
+
+    def build_then_terminated(*args, **kwargs):
+        built = build(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return built
+
+    monkeypatch.setattr(job, "build", build_then_terminated)
+    assert _train(tiny_model_dir, f"output_dir={folder}", "--overwrite")[0] == 130
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_second_interrupt_still_names_the_folder_to_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Stopped at once (no checkpoint of this step): the hint still names the folder, whose last checkpoint
+    resumes; the folder's name is quoted for the shell."""
+    from rosa.app import train as train_module
+
+    folder = tmp_path / "my run"
+    loop = train_module.train_loop
+
+    def interrupted_in_step_three(job, log, saver, show_progress=True):
+        step, calls = job.train_step, []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return step(*args, **kwargs)
+
+        job.train_step = counted
+        return loop(job, log, saver, show_progress)
+
+    monkeypatch.setattr(train_module, "train_loop", interrupted_in_step_three)
+    assert _train(tiny_model_dir, f"output_dir={folder}")[0] == 130
+    assert f"rosa train --resume 'output_dir={folder}' " in capsys.readouterr().err
+
+
 def test_a_stopped_run_names_its_own_folder_to_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The default folder was taken, so the run went to runs/rosa-default-2: the hint names that one."""
     import signal

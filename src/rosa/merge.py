@@ -73,8 +73,8 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
 
     Returns the underlying transformers model with plain ``nn.Linear`` layers and no quantization config. What
     PEFT wraps beside the RoSA layers (``modules_to_save``, ``trainable_token_indices``) is unwrapped as PEFT's own
-    ``merge_and_unload`` does: the trained copy, the trained token rows. A layer whose adapter was merged already
-    (``merge_adapter()``) holds its delta in its base weight and adds nothing more.
+    ``merge_and_unload`` does: the trained copy, the trained token rows. An adapter merged already
+    (``merge_adapter()``) is in its layer's base weight and is not added again.
     """
     from peft.utils.other import AuxiliaryTrainingWrapper
 
@@ -90,8 +90,8 @@ def merge_to_dense(peft_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -
             elif isinstance(child, RosaLayer):
                 inner = child.get_base_layer()
                 weight = child.base_weight().float()
-                for adapter in [] if child.merged else child.active_adapters:
-                    if adapter in child.rosa_values:
+                for adapter in child.active_adapters:  # (one merged already is in the base weight)
+                    if adapter in child.rosa_values and adapter not in child.merged_adapters:
                         weight = weight + child.get_delta_weight(adapter).to(weight.device)
                 if child.fan_in_fan_out:  # keep GPT-2's Conv1D layout so the checkpoint stays loadable
                     inner.weight.data = weight.t().contiguous().to(dtype)

@@ -83,11 +83,14 @@ def run_command(args: argparse.Namespace, config_and_overrides: tuple[str | None
         with _quiet_third_parties(args.quiet):
             return _run(args, *config_and_overrides)
     except KeyboardInterrupt as stop:
+        import shlex
+
         from .run_folder import RunStopped
 
         hint = ""
         if isinstance(stop, RunStopped):  # the folder it ran in: the default one may have been <folder>-2
-            hint = f"; continue with: rosa train --resume output_dir={stop.output_dir} (same config and overrides)"
+            folder = shlex.quote(f"output_dir={stop.output_dir}")
+            hint = f"; continue with: rosa train --resume {folder} (same config and overrides)"
         print(f"\nrosa: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -48,7 +48,8 @@ RUN_FILES = (
 
 
 def holds_run(out: Path) -> bool:
-    return any((out / name).exists() or (out / name).is_symlink() for name in RUN_FILES)
+    names = (*RUN_FILES, ASIDE_NAME)
+    return any((out / name).exists() or (out / name).is_symlink() for name in names)
 
 
 def choose_run_folder(
@@ -72,18 +73,15 @@ def choose_run_folder(
             raise RunError(
                 "--resume continues the run in output_dir, --overwrite replaces it: give one of them"
             )
+        _check_nothing_set_aside(out)
         checkpoint = latest_checkpoint(out)
         if checkpoint is None:
             raise RunError(f"--resume: no checkpoint in {out / 'checkpoints'}")
         return out, checkpoint, False
-    if (out / ASIDE_NAME).exists():
-        raise RunError(
-            f"{out / ASIDE_NAME} holds the files of a run that an interrupted --overwrite set aside: move them "
-            f"back into {out} or remove that folder, then run again"
-        )
     if not holds_run(out):
         return out, None, False
     if overwrite:
+        _check_nothing_set_aside(out)
         return out, None, True
     if given:
         raise RunError(
@@ -94,6 +92,14 @@ def choose_run_folder(
     while holds_run(out.with_name(f"{out.name}-{n}")) or out.with_name(f"{out.name}-{n}").is_file():
         n += 1
     return out.with_name(f"{out.name}-{n}"), None, False
+
+
+def _check_nothing_set_aside(out: Path) -> None:
+    if (out / ASIDE_NAME).exists():
+        raise RunError(
+            f"{out / ASIDE_NAME} holds the files of a run that an interrupted --overwrite set aside: move them "
+            f"back into {out} or remove that folder, then run again"
+        )
 
 
 def check_not_in_use(out: Path) -> None:
@@ -147,29 +153,53 @@ ASIDE_NAME = ".rosa-replaced"  # where --overwrite keeps the old run's files unt
 
 
 @contextlib.contextmanager
-def replacing_run(out: Path, replace: bool):
+def replacing_run(out: Path, replace: bool, ctx: distributed.ProcessContext):
     """``--overwrite``: the old run's files (``RUN_FILES``) are moved aside while the new run is set up, and put
-    back if it cannot start (bad data, a model that does not load, Ctrl-C): a mistyped command loses nothing.
-    Once the body has finished (the run is about to write), they are removed."""
+    back if it cannot start (bad data, a model that does not load, Ctrl-C, a SIGTERM from torchrun because another
+    rank failed): a mistyped command loses nothing. They are removed once every rank has set up. Every rank
+    enters; rank 0 alone moves files."""
     import shutil
 
     if not replace:
         yield
         return
     aside = out / ASIDE_NAME
-    aside.mkdir()
-    moved = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-    for name in moved:
-        os.replace(out / name, aside / name)
+    moved: list[str] = []
+    if ctx.is_main:
+        aside.mkdir()
+        moved = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+        for name in moved:
+            os.replace(out / name, aside / name)
+    try:
+        with _sigterm_interrupts():
+            yield
+            distributed.barrier(ctx)  # every rank has set up (a rank that failed never gets here)
+    except BaseException:
+        if ctx.is_main:
+            remove_run_files(out)  # whatever the failed start wrote
+            for name in moved:
+                os.replace(aside / name, out / name)
+            aside.rmdir()
+        raise
+    if ctx.is_main:
+        shutil.rmtree(aside)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt meanwhile (its default action would end the process past any cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
-    except BaseException:
-        remove_run_files(out)  # whatever the failed start wrote
-        for name in moved:
-            os.replace(aside / name, out / name)
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 LOCK_NAME = ".rosa-run.lock"
@@ -268,8 +298,8 @@ def check_resume_settings(saved: RunConfig, given: RunConfig, keys: list[str]) -
 def _setting(run: RunConfig, key: str) -> Any:
     """A setting's value; a ``rosa.*`` one as the adapter resolves it (its default when unset, a set of module
     names in sorted order), so ``rosa.r=16`` given again matches a run that left r at its default of 16."""
-    if key.startswith("rosa."):
-        return run.with_every_rosa_setting().rosa.get(key.removeprefix("rosa."))
+    if key.startswith("rosa."):  # (a YAML file gives nested keys too: rosa.rank_pattern.q_proj)
+        return _get_path({"rosa": run.with_every_rosa_setting().rosa}, key)
     return _get_path(run.to_dict(), key)
 
 

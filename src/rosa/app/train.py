@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..mask.files import readable_by_umask
-from .checkpoint import CheckpointSaver, write_atomic
+from .checkpoint import CheckpointSaver, latest_checkpoint, write_atomic
 from .run_config import RunConfig, load_run_config
 from .run_folder import (
     GracefulStop,
@@ -99,7 +99,12 @@ def train(
             if isinstance(choice, Exception):
                 raise choice
             out, checkpoint, run, replace = choice
-            return _run(run, ctx, out, checkpoint, show_progress, replace and ctx.is_main)
+            try:
+                return _run(run, ctx, out, checkpoint, show_progress, replace)
+            except KeyboardInterrupt as stop:  # a second Ctrl-C too: the hint names the folder to resume
+                if isinstance(stop, RunStopped) or latest_checkpoint(out) is None:
+                    raise
+                raise RunStopped(str(out)) from None
     finally:
         distributed.close(ctx)
 
@@ -136,7 +141,7 @@ def _run(run, ctx, out: Path, checkpoint: Path | None, show_progress: bool, repl
         return evaluate_examples(model, tokenizer, examples, task, run, label, show_progress, ctx)
 
     before = (lambda *a: evaluate(*a, "before training")) if run.eval.before else None
-    with replacing_run(out, replace):  # --overwrite: the old run goes only once this one has started
+    with replacing_run(out, replace, ctx):  # --overwrite: the old run goes only once this one has started
         job = build(run, ctx, checkpoint, out / "mask.safetensors", evaluate_before=before)
     run = run.with_every_rosa_setting()  # recorded in full: a resume never takes a later default
     if ctx.is_main:

@@ -54,16 +54,16 @@ def check_mask_fills_budget(
 
 
 def needs_schedule(model: nn.Module) -> bool:
-    """Whether training the model's active adapter needs a schedule: it has sparse capacity and either no mask
-    yet (one to choose) or trainable sparse values (they move at ``sparse_lr_ratio``, and a run resumed in the
-    re-warm-up goes on with it: the optimizer's saved counters say where)."""
+    """Whether training the model's active adapter needs a schedule: it has sparse capacity and trainable sparse
+    values, and either no mask yet (one to choose) or a mask (the values move at ``sparse_lr_ratio``, and a run
+    resumed in the re-warm-up goes on with it: the optimizer's saved counters say where). Frozen values (an
+    adapter loaded for inference, a collection pass) need none."""
     try:
         adapter = resolve_adapter(model)
         layers = mask_layers(model, adapter)
     except MaskError:
         return False
-    if not any(layer.capacity.get(adapter, 0) for layer in layers.values()):
-        return False
-    return not has_mask(model, adapter) or any(
-        layer.rosa_values[adapter].requires_grad for layer in layers.values()
+    return any(
+        layer.capacity.get(adapter, 0) and layer.rosa_values[adapter].requires_grad
+        for layer in layers.values()
     )

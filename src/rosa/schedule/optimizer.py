@@ -66,12 +66,18 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[torch.Tensor]) -> int
 
 
 def at_own_rate(optimizer: Any, params: Iterable[torch.Tensor]) -> set[int]:
-    """Ids of ``params`` in a group of their own rate (``create_rosa_optimizer``'s ``rosa_sparse*`` groups)."""
+    """Ids of ``params`` (the sparse values) in a group of their own rate: ``create_rosa_optimizer``'s
+    ``rosa_sparse*`` groups, or any group holding sparse values and nothing else beside a group holding other
+    parameters (whoever split them off set their rate; scaling it again would apply the ratio twice). A
+    sparse-only model's optimizer holds nothing else: there the ratio still applies."""
     ids = {id(p) for p in params}
+    groups = unwrap_optimizer(optimizer).param_groups
+    only_values = [all(id(q) in ids for q in g["params"]) for g in groups]
+    split_off = not all(only_values)
     return {
         id(p)
-        for g in unwrap_optimizer(optimizer).param_groups
-        if str(g.get("name", "")).startswith(SPARSE_GROUP_PREFIX)
+        for g, alone in zip(groups, only_values, strict=True)
+        if str(g.get("name", "")).startswith(SPARSE_GROUP_PREFIX) or (alone and split_off)
         for p in g["params"]
         if id(p) in ids
     }
