@@ -170,6 +170,16 @@ def test_sparse_only_without_a_mask_collects_while_nothing_trains():
     assert schedule_of(model).mask_fixed_step == 2
 
 
+def _train_on_samples(model, optimizer, steps: int) -> None:
+    """A plain loop: ``steps`` optimizer steps, each on its own seeded batch of ``sample_ids``."""
+    model.train()
+    for step in range(steps):
+        ids = sample_ids(seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def test_a_model_with_its_mask_trains_jointly_at_the_sparse_rate():
     """A model that has its mask already (set by hand, or an adapter loaded to train on) collects nothing: its
     schedule starts joint and applies the sparse values' rate, the same adapter as an optimizer holding them in a
@@ -183,12 +193,7 @@ def test_a_model_with_its_mask_trains_jointly_at_the_sparse_rate():
         params = [p for p in model.parameters() if p.requires_grad]
         plain = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
         optimizer = create_rosa_optimizer(model, lr=1e-2) if grouped else plain
-        model.train()
-        for step in range(3):
-            ids = sample_ids(seed=step)
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        _train_on_samples(model, optimizer, 3)
         for n, layer in mask_layers(model).items():
             assert torch.equal(layer.support("default").to_dense_mask(), masks[n]), n
         return model
@@ -212,12 +217,7 @@ def test_sparse_values_in_a_group_of_their_own_keep_its_rate():
         model = rosa.get_rosa_model(word_llama(0), _config())
         set_random_masks(model, seed=1)
         optimizer = optimizer_of(model)
-        model.train()
-        for step in range(3):
-            ids = sample_ids(seed=step)
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        _train_on_samples(model, optimizer, 3)
         return model
 
     def own_groups(model):
@@ -240,11 +240,6 @@ def test_frozen_sparse_values_start_no_schedule():
     for v in sparse_values(model):
         v.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(4):
-        ids = sample_ids(seed=step)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    _train_on_samples(model, optimizer, 4)
     assert schedule_of(model) is None
     assert all(v.count_nonzero() == 0 for v in sparse_values(model))

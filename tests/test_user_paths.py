@@ -173,11 +173,15 @@ def test_a_stopped_run_names_its_own_folder_to_resume(tiny_model_dir, tmp_path, 
     assert _train(tiny_model_dir)[0] == 0
     loop = train_module.train_loop
 
-    def stopped_at_once(job, log, saver, show_progress=True):  # as if Ctrl-C came during the first step
-        step = job.train_step
+    def stopped_at_once(job, log, saver, show_progress=True):  # as if Ctrl-C came during step 3 (after the
+        step, calls = job.train_step, []  # checkpoint of step 2: FAST saves every 2 steps)
 
         def step_then_stop(*args, **kwargs):
-            signal.raise_signal(signal.SIGINT)  # the loop's handler: stop after this step, with a checkpoint
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(
+                    signal.SIGINT
+                )  # the loop's handler: stop after this step, with a checkpoint
             return step(*args, **kwargs)
 
         job.train_step = step_then_stop
@@ -187,6 +191,32 @@ def test_a_stopped_run_names_its_own_folder_to_resume(tiny_model_dir, tmp_path, 
     assert _train(tiny_model_dir)[0] == 130
     err = capsys.readouterr().err
     assert "rosa train --resume output_dir=runs/rosa-default-2 " in err, err
+
+
+def test_a_run_stopped_before_any_checkpoint_suggests_no_resume(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Stopped in step 1, during the mask collection (no checkpoint of it): nothing to resume, so no hint."""
+    import signal
+
+    from rosa.app import train as train_module
+
+    loop = train_module.train_loop
+
+    def stopped_in_step_one(job, log, saver, show_progress=True):
+        step = job.train_step
+
+        def step_then_stop(*args, **kwargs):
+            signal.raise_signal(signal.SIGINT)
+            return step(*args, **kwargs)
+
+        job.train_step = step_then_stop
+        return loop(job, log, saver, show_progress)
+
+    monkeypatch.setattr(train_module, "train_loop", stopped_in_step_one)
+    assert _train(tiny_model_dir, f"output_dir={tmp_path / 'run'}")[0] == 130
+    err = capsys.readouterr().err
+    assert "no checkpoint of this step" in err and "--resume" not in err, err
 
 
 def test_eval_reads_base_and_task_from_a_run_folder(run, tmp_path):

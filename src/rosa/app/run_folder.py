@@ -25,8 +25,8 @@ class RunError(RuntimeError):
 
 
 class RunStopped(KeyboardInterrupt):
-    """Training stopped on request (Ctrl-C, SIGTERM) at a step boundary; ``output_dir`` is the run's folder,
-    which ``rosa train --resume output_dir=...`` continues."""
+    """Training stopped on request (Ctrl-C, SIGTERM) with a checkpoint in ``output_dir``, the run's folder, which
+    ``rosa train --resume output_dir=...`` continues."""
 
     def __init__(self, output_dir: str) -> None:
         super().__init__(output_dir)

@@ -101,8 +101,8 @@ def train(
             out, checkpoint, run, replace = choice
             try:
                 return _run(run, ctx, out, checkpoint, show_progress, replace)
-            except KeyboardInterrupt as stop:  # a second Ctrl-C too: the hint names the folder to resume
-                if isinstance(stop, RunStopped) or latest_checkpoint(out) is None:
+            except KeyboardInterrupt:  # at a step boundary or at once: the hint names the folder to resume
+                if latest_checkpoint(out) is None:
                     raise
                 raise RunStopped(str(out)) from None
     finally:
@@ -221,5 +221,5 @@ def train_loop(job, log, saver, show_progress: bool = True) -> int:
                     saver.save(step, job.before, job.events())
                 elif collecting and ctx.is_main:
                     print("rosa: stopped during mask collection: no checkpoint of this step", file=sys.stderr)
-                raise RunStopped(job.run.output_dir)
+                raise KeyboardInterrupt  # train() names the folder to resume
     return step

@@ -42,9 +42,8 @@ def remove_schedule_hook(base_model: nn.Module) -> None:
         handle.remove()
 
 
-_HOOKS: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # base model -> its hook's handle (holds it weakly)
+# base model -> its hook's handle (the handle holds the model weakly)
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _before_base_forward(base_model: nn.Module, args: tuple) -> None:

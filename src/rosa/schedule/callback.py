@@ -84,10 +84,10 @@ class RosaTrainerCallback(TrainerCallback):
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", SCHEDULE_FILE)
             if os.path.isfile(path):
                 self.scheduler.load_state_dict(load_schedule_state(path))
-            elif not self.scheduler.resume_from_optimizer(
-                optimizer
-            ):  # a checkpoint from elsewhere: its optimizer
-                logger.warning(  # carries the mask's step, and the schedule warns if a restart is still to come
+            # a checkpoint from elsewhere: its optimizer carries the mask's step (and the schedule warns if a
+            # restart is still to come)
+            elif not self.scheduler.resume_from_optimizer(optimizer):
+                logger.warning(
                     "resumed at step %d without %s or the schedule's counters in the optimizer: the re-warm-up "
                     "does not go on, and a later restart returns A and B to their values at resume",
                     state.global_step,

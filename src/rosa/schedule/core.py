@@ -109,11 +109,7 @@ class RosaSchedule:
         a = self.adapter_name
         if started_by is not None:
             self._event("schedule_started", by=started_by)
-        self._snapshot = {
-            name: (layer.rosa_A[a].weight.detach().clone(), layer.rosa_B[a].weight.detach().clone())
-            for name, layer in self.layers.items()
-            if a in layer.rosa_A
-        }
+        self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # A and B to restart to: see below
         if not any(layer.capacity.get(a, 0) for layer in self.layers.values()):
             self.phase = JOINT  # density 0 everywhere: plain LoRA, nothing to select
             self._event("no_sparse_budget")
@@ -127,7 +123,12 @@ class RosaSchedule:
         elif has_mask(model, a):
             self.phase = JOINT
             self._event("mask_present")
-        else:
+        else:  # a mask to choose: A and B as they start, for the restart after it
+            self._snapshot = {
+                name: (layer.rosa_A[a].weight.detach().clone(), layer.rosa_B[a].weight.detach().clone())
+                for name, layer in self.layers.items()
+                if a in layer.rosa_A
+            }
             self.phase = WARMUP
             self.builder = MaskBuilder(
                 self.layers,
@@ -147,8 +148,6 @@ class RosaSchedule:
                 self._begin_collection()
                 if self.builder.done:  # data-free method and no warm-up: fix the mask before any step
                     self._fix_mask(None)
-        if self.phase == JOINT:
-            self._snapshot.clear()  # nothing restarts
         register(self)
 
     # --- public -------------------------------------------------------------------------------------------
