@@ -509,6 +509,7 @@ def _comparison(results: dict[str, Any]) -> str:
                     _pct([rosa[s] for s in seeds]),
                     ", ".join(
                         f"{100 * d:+.1f}"
+                        + _by_row(lora[s], rosa[s])
                         + (" (LoRA diverged)" if diverged(lora[s]) else "")
                         + (" (RoSA diverged)" if diverged(rosa[s]) else "")
                         for s, d in zip(seeds, diffs, strict=True)
@@ -560,7 +561,27 @@ def _comparison(results: dict[str, Any]) -> str:
             f"table): {'; '.join(failed)}. Such a seed's difference measures the rate's stability, not the adapter "
             "at a rate that suits it; the verdict counts it."
         )
-    return "\n".join(rows) + "\n\n" + target
+    table = "\n".join(rows)
+    if " by row" in table:
+        target = (
+            'A seed\'s "± by row" is the paired SE over its test rows (LoRA and RoSA scored on the same rows): '
+            "how far the choice of rows alone could move that difference. " + target
+        )
+    return table + "\n\n" + target
+
+
+def row_paired_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """SE of b's exact match minus a's from their per-row differences on the same test rows (one seed: how far
+    the test rows alone could move it; training noise is what the seeds measure). None without both rows."""
+    if not a.get("hits") or len(a["hits"]) != len(b.get("hits") or ""):
+        return None
+    diffs = [int(y) - int(x) for x, y in zip(a["hits"], b["hits"], strict=True)]
+    return _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+
+
+def _by_row(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
+    se = row_paired_se(lora, rosa)
+    return "" if se is None else f" ± {100 * se:.1f} by row"
 
 
 def _pct(runs: list[dict]) -> str:

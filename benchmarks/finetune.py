@@ -204,6 +204,8 @@ def train_once(
             exact_match=scored["exact_match"],
             correct=scored["correct"],
             count=scored["count"],
+            # which test rows were right, one character each: runs on the same rows pair up row by row
+            hits="".join("1" if h else "0" for h in scored["hits"]),
             samples=scored["samples"][:5],
         )
     result.update(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import asdict, replace
 
 import pytest
@@ -282,3 +284,43 @@ def test_a_diverged_run_is_named_and_kept(bench):
     )
     runs = bench._epoch_runs(results)
     assert runs.count("**diverged**") == 1 and "2.255 / 20.000 **diverged**" in runs
+
+
+def test_a_seed_with_both_runs_rows_shows_their_paired_se(bench):
+    """Runs that recorded which test rows they got right pair up row by row; the SE is the sd of the per-row
+    differences over sqrt(rows), checked here against McNemar's counts (b rows only LoRA got, c only RoSA)."""
+    results = bench.empty_results()
+    defaults = {"granularity": "micro_batch", "split": "r2", "sparse_lr_ratio": 3.5}
+    rng = random.Random(0)
+    lora_hits = "".join(rng.choice("01") for _ in range(500))
+    rosa_hits = "".join(rng.choice("01") if rng.random() < 0.2 else h for h in lora_hits)
+    for spec in bench.comparison(["lora", "rosa"], ["low"], [0, 1], defaults):
+        if spec.task != "viggo":
+            continue
+        hits = lora_hits if spec.method == "lora" else rosa_hits
+        run = {**_result(bench, spec, 0.1), "exact_match": hits.count("1") / 500}
+        if spec.seed == 0:  # seed 1 predates per-row scoring: no row SE for it
+            run["hits"] = hits
+        results["runs"][spec.key] = run
+    b = sum(x == "1" and y == "0" for x, y in zip(lora_hits, rosa_hits))
+    c = sum(x == "0" and y == "1" for x, y in zip(lora_hits, rosa_hits))
+    n, d = 500, (c - b) / 500
+    se = math.sqrt(((b + c) / n - d * d) * n / (n - 1) / n)
+    assert b + c > 0
+    assert bench.row_paired_se(
+        results["runs"]["viggo/lora/low/epoch/seed0"],
+        results["runs"]["viggo/rosa/low/epoch/micro_batch/r2/sr3.5/seed0"],
+    ) == pytest.approx(se, rel=1e-12)
+    text = bench._comparison(results)
+    assert f"| {100 * d:+.1f} ± {100 * se:.1f} by row, {100 * d:+.1f} |" in text
+    assert "paired SE over its test rows" in text
+    runs = {**results["runs"]}
+    for key in runs:  # rows of a different length (another test set) never pair up
+        if "/rosa/" in key and "hits" in runs[key]:
+            runs[key] = {**runs[key], "hits": runs[key]["hits"][:-1]}
+    assert (
+        bench.row_paired_se(
+            runs["viggo/lora/low/epoch/seed0"], runs["viggo/rosa/low/epoch/micro_batch/r2/sr3.5/seed0"]
+        )
+        is None
+    )

@@ -43,7 +43,7 @@ ADAPTERS = {
 }  # fmt: skip
 
 
-def _run(finetune, adapter, work=None, stop_at=None, error=RuntimeError, save_every=3, lr=1e-2):
+def _run(finetune, adapter, work=None, stop_at=None, error=RuntimeError, save_every=3, lr=1e-2, data=DATA):
     """Train STEPS steps; ``stop_at``: the forward of that step raises ``error`` (a process killed there) or,
     with ``error=None``, sends this process SIGINT (Ctrl-C)."""
     calls = {"n": 0}
@@ -66,7 +66,7 @@ def _run(finetune, adapter, work=None, stop_at=None, error=RuntimeError, save_ev
 
     recipe = finetune.Recipe(lr=lr, steps=STEPS, batch=4, max_length=24)
     return finetune.train_once(
-        DATA, "synthetic", adapter, recipe, score_test=False, work=work, save_every=save_every,
+        data, "synthetic", adapter, recipe, score_test=bool(data[2]), work=work, save_every=save_every,
         model_loader=load, desc="test",
     )  # fmt: skip
 
@@ -194,3 +194,15 @@ def test_a_finished_run_goes_straight_to_scoring(finetune, uninterrupted, tmp_pa
     assert calls == [] and again["resumed_at"] == [STEPS]
     torch.testing.assert_close(again["val_loss"], first["val_loss"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(first["val_loss"], uninterrupted["rosa"]["val_loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_scored_run_records_which_test_rows_it_got_right(finetune, monkeypatch):
+    """One character per test row, in order (the report pairs two runs by row): here the model's answers are
+    replaced by the reference on every other row."""
+    import rosa.app.evaluate as evaluate
+
+    test = _examples(6, 2)
+    answers = [e.response if i % 2 == 0 else e.response + " w0" for i, e in enumerate(test)]
+    monkeypatch.setattr(evaluate, "generate_responses", lambda model, tok, prompts, *a, **k: answers)
+    result = _run(finetune, ADAPTERS["lora"], data=(DATA[0], DATA[1], test))
+    assert result["hits"] == "101010" and (result["correct"], result["count"]) == (3, 6)

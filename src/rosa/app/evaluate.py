@@ -229,8 +229,9 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Generate for every example and score it with ``task``'s metric.
 
-    Returns ``{"task", "exact_match", "correct", "count", "max_new_tokens", "samples"}``; ``samples`` holds
-    the first ``num_samples`` examples as ``{"prompt", "reference", "prediction", "correct"}``.
+    Returns ``{"task", "exact_match", "correct", "count", "max_new_tokens", "hits", "samples"}``; ``hits`` is
+    one bool per example, in order (two models scored on the same rows can be compared row by row);
+    ``samples`` holds the first ``num_samples`` examples as ``{"prompt", "reference", "prediction", "correct"}``.
     """
     max_new = max_new_tokens_for(task, max_new_tokens)
     predictions = generate_responses(
@@ -257,6 +258,7 @@ def score_predictions(
         "correct": sum(hits),
         "count": len(hits),
         "max_new_tokens": max_new_tokens_for(task, max_new_tokens),
+        "hits": hits,
         "samples": [
             {"prompt": e.prompt, "reference": e.response, "prediction": p, "correct": h}
             for e, p, h in list(zip(examples, predictions, hits))[:num_samples]
