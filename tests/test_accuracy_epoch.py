@@ -324,3 +324,17 @@ def test_a_seed_with_both_runs_rows_shows_their_paired_se(bench):
         )
         is None
     )
+
+
+def test_the_comparison_sets_validation_loss_beside_exact_match(bench):
+    """Each seed's RoSA / LoRA validation loss, and how many pairs RoSA's is lower in, beside the verdict."""
+    results = bench.empty_results()
+    defaults = {"granularity": "micro_batch", "split": "r2", "sparse_lr_ratio": 3.5}
+    val = {("lora", 0): 0.20, ("rosa", 0): 0.15, ("lora", 1): 0.10, ("rosa", 1): 0.12}
+    for spec in bench.comparison(["lora", "rosa"], ["low"], [0, 1], defaults):
+        if spec.task == "sql":
+            run = {**_result(bench, spec, val[(spec.method, spec.seed)]), "exact_match": 0.4}
+            results["runs"][spec.key] = run
+    text = bench._comparison(results)
+    assert "| +0.0 ± 0.0 | 0.75, 1.20 |" in text
+    assert "RoSA's is lower in 1 of the 2 pairs." in text
