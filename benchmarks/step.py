@@ -347,14 +347,18 @@ def _child(setting: str, dtype: str, method: str, args: argparse.Namespace) -> d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _is(r: dict, setting: str, dtype: str, method: str) -> bool:
+    return (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)
+
+
+def _row(rows: list[dict], setting: str, dtype: str, method: str) -> dict | None:
+    """The one result of a variant among ``rows`` (a round, or the summary), if it ran."""
+    return next((r for r in rows if _is(r, setting, dtype, method)), None)
+
+
 def _results_of(rounds: list[list[dict]], setting: str, dtype: str, method: str) -> list[dict]:
     """One variant's results, a round at a time."""
-    return [
-        r
-        for rnd in rounds
-        for r in rnd
-        if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)
-    ]
+    return [r for rnd in rounds for r in rnd if _is(r, setting, dtype, method)]
 
 
 def summarise(rounds: list[list[dict]]) -> list[dict]:
@@ -372,12 +376,7 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
             continue
         ratios, mem, parts = [], [], {key: [] for key in PROFILE_PARTS}
         for rnd in rounds:
-            this = next(
-                (r for r in rnd if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)), None
-            )
-            lora = next(
-                (r for r in rnd if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, "lora")), None
-            )
+            this, lora = _row(rnd, setting, dtype, method), _row(rnd, setting, dtype, "lora")
             if this and lora and "error" not in this and "error" not in lora:
                 ratios.append(this["step_s"] / lora["step_s"])
                 mem.append(this["allocator_peak_bytes"] / lora["allocator_peak_bytes"])
@@ -412,9 +411,7 @@ def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, checked against the summary."""
 
     def get(setting, dtype, method):
-        return next(
-            (r for r in rows if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)), None
-        )
+        return _row(rows, setting, dtype, method)
 
     checks = []
     for setting, dtype in sorted({(r["setting"], r["dtype"]) for r in rows}):
@@ -491,9 +488,7 @@ def _findings(report: dict) -> list[str]:
     rows = [r for r in report["rows"] if "error" not in r]
 
     def get(setting, dtype, method):
-        return next(
-            (r for r in rows if (r["setting"], r["dtype"], r["method"]) == (setting, dtype, method)), None
-        )
+        return _row(rows, setting, dtype, method)
 
     def check(setting, dtype, target):
         return next(
