@@ -153,14 +153,14 @@ def test_plain_loop_resume_reaches_the_same_adapter(stop):
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-7, msg=name)
 
 
-def _trainer(model, out, max_steps, callback, own_optimizer=False, **kw):
+def _trainer(model, out, max_steps, callback, own_optimizer=False, warmup=3, **kw):
     opt = None if own_optimizer else create_rosa_optimizer(model, lr=1e-2, sparse_lr_ratio=3.5)
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=4,
         max_steps=max_steps,
         learning_rate=1e-2,
-        warmup_steps=3,
+        warmup_steps=warmup,
         lr_scheduler_type="linear",
         logging_steps=1,
         report_to="none",
@@ -227,6 +227,21 @@ def test_trainer_puts_the_sparse_values_under_trainers_warmup_after_the_mask(tmp
         factor = min(1.0, (k + 1) / 3)
         assert step["b"] == pytest.approx(step["lr"] * factor, rel=1e-4), k
         assert step["values"] == pytest.approx(step["lr"] * factor / 3.5, rel=1e-4), k
+
+
+def test_a_trainer_without_lr_warmup_ramps_over_the_mask_steps_with_or_without_the_callback(tmp_path):
+    """No LR warm-up to borrow: the re-warm-up is the steps it took to fix the mask on either path (it was no
+    ramp at all with the callback), and both paths train the same adapter."""
+    with_callback, without = _peft_rosa(), _peft_rosa()
+    _trainer(with_callback, tmp_path / "a", 8, RosaTrainerCallback(), warmup=0, save_strategy="no").train()
+    _trainer(without, tmp_path / "b", 8, TrainerCallback(), warmup=0, save_strategy="no").train()
+    for model in (with_callback, without):
+        schedule = schedule_of(model)
+        assert schedule.mask_fixed_step == 4 and schedule.rewarmup_steps == 4
+    expected = dict(without.named_parameters())
+    for name, p in with_callback.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("resume_at", [2, 6])  # 2: before the mask (snapshot); 6: in the middle of the ramp

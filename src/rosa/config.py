@@ -144,8 +144,8 @@ class RosaConfig(PeftConfig):
         metadata={
             "help": "Optimizer steps over which the parameters that start when the mask is fixed mid-run (the "
             "sparse values; A and B too with restart_after_mask) ramp their learning rate linearly from 0 up "
-            "to the LR scheduler's; None: the run's own LR warm-up where the trainer knows it (rosa train, "
-            "RosaTrainerCallback), else the optimizer steps the run took to fix the mask; 0: no ramp."
+            "to the LR scheduler's; None: the run's own LR warm-up where the trainer knows it and has one (rosa "
+            "train, RosaTrainerCallback), else the optimizer steps the run took to fix the mask; 0: no ramp."
         },
     )
     sparse_lr_ratio: float = field(

@@ -13,8 +13,8 @@
 4. What starts afresh re-warms up, as in the paper's second run: for ``rewarmup_steps`` optimizer steps its
    update is ``min(1, (k + 1) / rewarmup_steps)`` of the optimizer's (k counts the steps since the mask).
    ``rewarmup_steps`` is, in order: ``RosaConfig.rewarmup_steps``; the trainer's LR warm-up where the trainer
-   tells rosa (``rosa train``, ``RosaTrainerCallback``, ``lr_warmup_steps=``); else as many optimizer steps as the
-   run took to fix the mask.
+   tells rosa (``rosa train``, ``RosaTrainerCallback``, ``lr_warmup_steps=``) and has one; else as many optimizer
+   steps as the run took to fix the mask.
 5. Throughout, the sparse values move at ``1 / RosaConfig.sparse_lr_ratio`` of the optimizer's step (unless the
    optimizer already holds them in a group of their own rate: ``rosa.optim.create_rosa_optimizer``).
 
@@ -95,7 +95,8 @@ class RosaSchedule:
         self.restart_after_mask = bool(config.restart_after_mask)
         self.sparse_lr_ratio = float(getattr(config, "sparse_lr_ratio", 1.0))
         configured = rewarmup_steps if rewarmup_steps is not None else getattr(config, "rewarmup_steps", None)
-        self._rewarmup = configured if configured is not None else lr_warmup_steps
+        # a trainer without an LR warm-up has none to lend: the fallback below applies, as without a trainer
+        self._rewarmup = configured if configured is not None else (lr_warmup_steps or None)
         self.optimizer = optimizer
         self.optimizer_steps = int(start_step)
         self.mask_fixed_step: int | None = None  # optimizer steps done when the mask was fixed mid-run
