@@ -482,7 +482,7 @@ def _comparison(results: dict[str, Any]) -> str:
     rows = markdown_table(
         [
             "task", "budget", "lr", "RoSA (defaults)", "seeds", "LoRA exact match", "RoSA exact match",
-            "RoSA - LoRA, per seed", "mean difference ± paired SE", "val loss RoSA / LoRA, per seed",
+            "RoSA - LoRA, per seed (± row SE)", "mean difference ± paired SE", "val loss RoSA / LoRA, per seed",
         ]
     )  # fmt: skip
     verdicts, failed, lower_loss = [], [], []
@@ -508,20 +508,21 @@ def _comparison(results: dict[str, Any]) -> str:
                     _pct([lora[s] for s in seeds]),
                     _pct([rosa[s] for s in seeds]),
                     ", ".join(
-                        f"{100 * d:+.1f}"
-                        + _by_row(lora[s], rosa[s])
-                        + (" (LoRA diverged)" if diverged(lora[s]) else "")
-                        + (" (RoSA diverged)" if diverged(rosa[s]) else "")
+                        f"{100 * d:+.1f}" + _by_row(lora[s], rosa[s]) + _diverged_marks(lora[s], rosa[s])
                         for s, d in zip(seeds, diffs, strict=True)
                     ),
                     f"{100 * mean:+.1f} ± {100 * se:.1f}"
                     if len(diffs) > 1
                     else f"{100 * mean:+.1f} (one seed: no SE)",
-                    ", ".join(f"{rosa[s]['val_loss'] / lora[s]['val_loss']:.2f}" for s in seeds),
+                    ", ".join(_loss_ratio_text(lora[s], rosa[s]) for s in seeds),
                 ]
             )
         )
-        lower_loss += [rosa[s]["val_loss"] < lora[s]["val_loss"] for s in seeds]
+        lower_loss += [  # pairs that both trained, with a loss to compare
+            _loss_ratio(lora[s], rosa[s]) < 1
+            for s in seeds
+            if _loss_ratio(lora[s], rosa[s]) is not None and not _diverged_marks(lora[s], rosa[s])
+        ]
         verdicts.append((task, budget, mean, se, len(seeds)))
         bad = [s for s in seeds if diverged(lora[s]) or diverged(rosa[s])]
         if bad:  # named, with the cell as it stands without those seeds beside it
@@ -557,31 +558,70 @@ def _comparison(results: dict[str, Any]) -> str:
             else "not all cells have their seeds yet."
         )
     )
-    target += (
-        f" Validation loss (what chose the defaults; the test rows' exact match is the verdict): RoSA's is lower "
-        f"in {sum(lower_loss)} of the {len(lower_loss)} pairs."
-    )
+    if lower_loss:
+        target += (
+            f" Validation loss (what chose the defaults; the test rows' exact match is the verdict): RoSA's is "
+            f"lower in {sum(lower_loss)} of the {len(lower_loss)} pairs in which neither run diverged."
+        )
     if failed:  # the rate rule is one for every method: a run it was too high for stays in, and is named
         target += (
             f" Diverged at the cell's rate (training loss ended over {DIVERGED_RISE:g}x its lowest; see the runs "
             f"table): {'; '.join(failed)}. Such a seed's difference measures the rate's stability, not the adapter "
             "at a rate that suits it; the verdict counts it."
         )
-    table = "\n".join(rows)
-    if " by row" in table:
+    if any(row_paired_se(lora, rosa) is not None for lora, rosa in _pairs(cells)):
         target = (
-            'A seed\'s "± by row" is the paired SE over its test rows (LoRA and RoSA scored on the same rows): '
-            "how far the choice of rows alone could move that difference. " + target
+            'A seed\'s "± by row" is one standard error of its difference from the test rows alone (paired: both '
+            "methods scored on the same rows). Every seed uses the same rows, so it does not shrink with seeds; "
+            "the paired SE over seeds is the verdict's. " + target
         )
-    return table + "\n\n" + target
+    return "\n".join(rows) + "\n\n" + target
+
+
+def _pairs(cells: dict[tuple, dict[str, dict[int, dict]]]) -> list[tuple[dict, dict]]:
+    """(LoRA run, RoSA run) of every seed both methods ran, in every cell."""
+    pairs = []
+    for methods in cells.values():
+        lora, rosa = methods.get("lora", {}), methods.get("rosa", {})
+        pairs += [(lora[s], rosa[s]) for s in sorted(set(lora) & set(rosa))]
+    return pairs
+
+
+def _diverged_marks(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
+    return (" (LoRA diverged)" if diverged(lora) else "") + (" (RoSA diverged)" if diverged(rosa) else "")
+
+
+def _loss_ratio(lora: dict[str, Any], rosa: dict[str, Any]) -> float | None:
+    """RoSA's validation loss over LoRA's; None where either is missing, not finite or not positive."""
+    a, b = lora.get("val_loss"), rosa.get("val_loss")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (a, b)):
+        return None
+    return b / a
+
+
+def _loss_ratio_text(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
+    ratio = _loss_ratio(lora, rosa)
+    return ("-" if ratio is None else f"{ratio:.2f}") + _diverged_marks(lora, rosa)
+
+
+def _scored_rows(run: dict[str, Any]) -> str | None:
+    """The run's per-row hits, if it recorded them and they agree with its count of correct rows."""
+    hits = run.get("hits")
+    if not isinstance(hits, str) or not hits or set(hits) - {"0", "1"}:
+        return None
+    if hits.count("1") != run.get("correct", hits.count("1")) or len(hits) != run.get("count", len(hits)):
+        return None
+    return hits
 
 
 def row_paired_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    """SE of b's exact match minus a's from their per-row differences on the same test rows (one seed: how far
-    the test rows alone could move it; training noise is what the seeds measure). None without both rows."""
-    if not a.get("hits") or len(a["hits"]) != len(b.get("hits") or ""):
+    """SE of b's exact match minus a's from their per-row differences on the same test rows: one standard
+    error from the choice of rows alone (training noise is what the seeds measure). None unless both runs
+    recorded rows, as many of them."""
+    rows_a, rows_b = _scored_rows(a), _scored_rows(b)
+    if rows_a is None or rows_b is None or len(rows_a) != len(rows_b):
         return None
-    diffs = [int(y) - int(x) for x, y in zip(a["hits"], b["hits"], strict=True)]
+    diffs = [int(y) - int(x) for x, y in zip(rows_a, rows_b, strict=True)]
     return _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
 
 

@@ -204,8 +204,7 @@ def train_once(
             exact_match=scored["exact_match"],
             correct=scored["correct"],
             count=scored["count"],
-            # which test rows were right, one character each: runs on the same rows pair up row by row
-            hits="".join("1" if h else "0" for h in scored["hits"]),
+            hits=scored["hits"],  # which test rows were right: runs on the same rows pair up row by row
             samples=scored["samples"][:5],
         )
     result.update(

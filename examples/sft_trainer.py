@@ -22,7 +22,8 @@ trainer = SFTTrainer(
         max_steps=args.steps,
         per_device_train_batch_size=8,
         learning_rate=2e-3,
-        warmup_steps=max(1, args.steps // 10),  # also the re-warm-up's length once the mask is fixed
+        # SFTTrainer does not tell rosa this: the re-warm-up after the mask lasts as many steps as fixing it took
+        warmup_steps=max(1, args.steps // 10),
         logging_steps=10,
         save_strategy="no",
         report_to=[],

@@ -278,6 +278,7 @@ def test_a_diverged_run_is_named_and_kept(bench):
     assert [bench.diverged(r) for r in results["runs"].values()] == [False, False, True, False]
     text = bench._comparison(results)
     assert "| +0.0, +80.0 (LoRA diverged) |" in text
+    assert "| 1.00, 1.00 (LoRA diverged) |" in text and "lower in 0 of the 1 pairs in which neither" in text
     assert (
         "Diverged at the cell's rate" in text
         and "viggo at low: LoRA seed 1 (without it: +0.0 (one seed))" in text
@@ -313,17 +314,18 @@ def test_a_seed_with_both_runs_rows_shows_their_paired_se(bench):
     ) == pytest.approx(se, rel=1e-12)
     text = bench._comparison(results)
     assert f"| {100 * d:+.1f} ± {100 * se:.1f} by row, {100 * d:+.1f} |" in text
-    assert "paired SE over its test rows" in text
-    runs = {**results["runs"]}
-    for key in runs:  # rows of a different length (another test set) never pair up
-        if "/rosa/" in key and "hits" in runs[key]:
-            runs[key] = {**runs[key], "hits": runs[key]["hits"][:-1]}
-    assert (
-        bench.row_paired_se(
-            runs["viggo/lora/low/epoch/seed0"], runs["viggo/rosa/low/epoch/micro_batch/r2/sr3.5/seed0"]
-        )
-        is None
+    assert "one standard error of its difference from the test rows alone" in text
+    lora, rosa = (
+        results["runs"]["viggo/lora/low/epoch/seed0"],
+        results["runs"]["viggo/rosa/low/epoch/micro_batch/r2/sr3.5/seed0"],
     )
+    # rows of another length (another test set), rows that disagree with the run's own count, or not 0/1
+    for bad in (
+        {"hits": rosa_hits[:-1]},
+        {"hits": rosa_hits, "correct": rosa_hits.count("1") + 1},
+        {"hits": "2"},
+    ):
+        assert bench.row_paired_se(lora, {**rosa, **bad}) is None
 
 
 def test_the_comparison_sets_validation_loss_beside_exact_match(bench):
@@ -337,4 +339,19 @@ def test_the_comparison_sets_validation_loss_beside_exact_match(bench):
             results["runs"][spec.key] = run
     text = bench._comparison(results)
     assert "| +0.0 ± 0.0 | 0.75, 1.20 |" in text
-    assert "RoSA's is lower in 1 of the 2 pairs." in text
+    assert "RoSA's is lower in 1 of the 2 pairs in which neither run diverged." in text
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), None])
+def test_a_pair_without_a_usable_validation_loss_shows_a_dash_and_is_not_counted(bench, bad):
+    results = bench.empty_results()
+    defaults = {"granularity": "micro_batch", "split": "r2", "sparse_lr_ratio": 3.5}
+    for spec in bench.comparison(["lora", "rosa"], ["low"], [0, 1], defaults):
+        if spec.task == "sql":
+            loss = bad if (spec.method, spec.seed) == ("lora", 1) else 0.2 if spec.method == "lora" else 0.1
+            run = {**_result(bench, spec, loss), "exact_match": 0.4}
+            if loss is None:
+                del run["val_loss"]
+            results["runs"][spec.key] = run
+    text = bench._comparison(results)
+    assert "| 0.50, - |" in text and "RoSA's is lower in 1 of the 1 pairs" in text

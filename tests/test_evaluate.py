@@ -205,7 +205,7 @@ def test_evaluate_task_scores_forced_output(tokenizer, tiny_model):
     assert result["exact_match"] == pytest.approx(2 / 3)  # the model always says "xxxx"
     assert (result["correct"], result["count"], result["task"]) == (2, 3, "synthetic")
     assert [s["correct"] for s in result["samples"]] == [True, False]
-    assert result["hits"] == [True, False, True]  # every row, in order, beyond the samples
+    assert result["hits"] == "101"  # every row, in order, beyond the samples
     assert result["samples"][1] == {
         "prompt": "p2\n",
         "reference": "xxx",

@@ -102,6 +102,22 @@ def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
     assert sched.phase == JOINT and sched.mask_fixed_step is None and sched.lr_factor == 1.0
 
 
+@pytest.mark.parametrize(("lr_warmup", "expected"), [(0, 3), (None, 3), (5, 5)])
+def test_the_trainers_lr_warmup_is_the_ramp_unless_it_has_none(lr_warmup, expected):
+    """``lr_warmup_steps`` as ``rosa train`` passes it: 0 (no LR warm-up) lends no length, and the ramp lasts as
+    many optimizer steps as fixing the mask took (1 LoRA-only step + 2 collection steps)."""
+    model = wrap_rosa(tiny_llama())
+    opt = _optimizer(model, lr=0.1)
+    sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=2), lr_warmup_steps=lr_warmup)
+    for batch in make_batches(4):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step(opt)
+    assert sched.mask_fixed_step == 3 and sched.rewarmup_steps == expected
+    assert sched.lr_factor == pytest.approx(2 / expected)  # the second step after the mask is next
+
+
 def test_an_optimizer_without_the_rosa_parameters_is_refused():
     """FSDP1 without use_orig_params or DeepSpeed hold flattened copies: a restart would silently do nothing."""
     model = wrap_rosa(tiny_llama())

@@ -229,8 +229,9 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Generate for every example and score it with ``task``'s metric.
 
-    Returns ``{"task", "exact_match", "correct", "count", "max_new_tokens", "hits", "samples"}``; ``hits`` is
-    one bool per example, in order (two models scored on the same rows can be compared row by row);
+    Returns ``{"task", "exact_match", "correct", "count", "max_new_tokens", "hits", "samples"}``; ``hits`` has
+    one character per example, in order, "1" where it matched (two models scored on the same rows can be
+    compared row by row; a string stays one line in a results file);
     ``samples`` holds the first ``num_samples`` examples as ``{"prompt", "reference", "prediction", "correct"}``.
     """
     max_new = max_new_tokens_for(task, max_new_tokens)
@@ -258,7 +259,7 @@ def score_predictions(
         "correct": sum(hits),
         "count": len(hits),
         "max_new_tokens": max_new_tokens_for(task, max_new_tokens),
-        "hits": hits,
+        "hits": "".join("1" if h else "0" for h in hits),
         "samples": [
             {"prompt": e.prompt, "reference": e.response, "prediction": p, "correct": h}
             for e, p, h in list(zip(examples, predictions, hits))[:num_samples]

@@ -63,7 +63,7 @@ class TrainSection:
 
 def lr_warmup(train: TrainSection) -> int:
     """The LR warm-up in steps: ``train.lr_warmup_steps``, else 10% of the run (the RoSA schedule's re-warm-up
-    after the mask takes the same length)."""
+    after the mask takes the same length; with none, as many steps as fixing the mask took)."""
     return train.lr_warmup_steps if train.lr_warmup_steps is not None else round(0.1 * train.steps)
 
 

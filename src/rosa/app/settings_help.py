@@ -32,7 +32,8 @@ HELP = {
     "train.lr": "peak learning rate of A and B (the sparse values: lr / rosa.sparse_lr_ratio)",
     "train.mask_path": "start from a saved mask (rosa mask --out): joint training from step 0",
     "train.weight_decay": "AdamW weight decay (not on biases and norms)",
-    "train.lr_warmup_steps": "linear LR warm-up, then cosine decay (null: 10% of train.steps)",
+    "train.lr_warmup_steps": "linear LR warm-up, then cosine decay (null: 10% of train.steps); also the "
+    "re-warm-up after the mask (0: that one lasts as many steps as fixing the mask took)",
     "train.max_grad_norm": "gradient clipping (0: none)",
     "train.seed": "seed of the batch order and the adapter's initialisation",
     "train.log_every": "steps between lines of log.jsonl and TensorBoard",

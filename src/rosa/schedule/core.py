@@ -58,8 +58,8 @@ class RosaSchedule:
     ``config`` defaults to the PEFT model's ``peft_config[adapter]``. ``method`` overrides
     ``config.mask_method`` (and may be a callable, see :mod:`rosa.mask.selection`); ``stats`` names the
     statistics a callable needs. ``start_step`` is the number of optimizer steps already done (a resumed run);
-    ``lr_warmup_steps`` the trainer's own LR warm-up (the re-warm-up's default); ``rewarmup_steps`` overrides
-    the config's. Creating it replaces any schedule the model had.
+    ``lr_warmup_steps`` the trainer's own LR warm-up (the re-warm-up's default unless 0); ``rewarmup_steps``
+    overrides the config's. Creating it replaces any schedule the model had.
     """
 
     def __init__(
