@@ -485,7 +485,7 @@ def _comparison(results: dict[str, Any]) -> str:
             "RoSA - LoRA, per seed (± row SE)", "mean difference ± paired SE", "val loss RoSA / LoRA, per seed",
         ]
     )  # fmt: skip
-    verdicts, failed, lower_loss = [], [], []
+    verdicts, failed, lower_loss, row_se_shown = [], [], [], False
     for (task, budget), methods in sorted(
         cells.items(), key=lambda c: (list(BUDGETS).index(c[0][1]), c[0][0])
     ):
@@ -497,6 +497,11 @@ def _comparison(results: dict[str, Any]) -> str:
         diffs = [rosa[s]["exact_match"] - lora[s]["exact_match"] for s in seeds]
         mean = sum(diffs) / len(diffs)
         se = _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        # per seed, once: the diverged marks, the row SE and the validation-loss ratio
+        marks = {s: _diverged_marks(lora[s], rosa[s]) for s in seeds}
+        row_se = {s: row_paired_se(lora[s], rosa[s]) for s in seeds}
+        ratio = {s: _loss_ratio(lora[s], rosa[s]) for s in seeds}
+        row_se_shown |= any(v is not None for v in row_se.values())
         rows.append(
             markdown_row(
                 [
@@ -508,23 +513,22 @@ def _comparison(results: dict[str, Any]) -> str:
                     _pct([lora[s] for s in seeds]),
                     _pct([rosa[s] for s in seeds]),
                     ", ".join(
-                        f"{100 * d:+.1f}" + _by_row(lora[s], rosa[s]) + _diverged_marks(lora[s], rosa[s])
+                        f"{100 * d:+.1f}"
+                        + ("" if row_se[s] is None else f" ± {100 * row_se[s]:.1f} by row")
+                        + marks[s]
                         for s, d in zip(seeds, diffs, strict=True)
                     ),
                     f"{100 * mean:+.1f} ± {100 * se:.1f}"
                     if len(diffs) > 1
                     else f"{100 * mean:+.1f} (one seed: no SE)",
-                    ", ".join(_loss_ratio_text(lora[s], rosa[s]) for s in seeds),
+                    ", ".join(("-" if ratio[s] is None else f"{ratio[s]:.2f}") + marks[s] for s in seeds),
                 ]
             )
         )
-        lower_loss += [  # pairs that both trained, with a loss to compare
-            _loss_ratio(lora[s], rosa[s]) < 1
-            for s in seeds
-            if _loss_ratio(lora[s], rosa[s]) is not None and not _diverged_marks(lora[s], rosa[s])
-        ]
+        # pairs that both trained, with a loss to compare
+        lower_loss += [ratio[s] < 1 for s in seeds if ratio[s] is not None and not marks[s]]
         verdicts.append((task, budget, mean, se, len(seeds)))
-        bad = [s for s in seeds if diverged(lora[s]) or diverged(rosa[s])]
+        bad = [s for s in seeds if marks[s]]
         if bad:  # named, with the cell as it stands without those seeds beside it
             who = [
                 f"{m} seed {s}"
@@ -569,22 +573,13 @@ def _comparison(results: dict[str, Any]) -> str:
             f"table): {'; '.join(failed)}. Such a seed's difference measures the rate's stability, not the adapter "
             "at a rate that suits it; the verdict counts it."
         )
-    if any(row_paired_se(lora, rosa) is not None for lora, rosa in _pairs(cells)):
+    if row_se_shown:
         target = (
             'A seed\'s "± by row" is one standard error of its difference from the test rows alone (paired: both '
             "methods scored on the same rows). Every seed uses the same rows, so it does not shrink with seeds; "
             "the paired SE over seeds is the verdict's. " + target
         )
     return "\n".join(rows) + "\n\n" + target
-
-
-def _pairs(cells: dict[tuple, dict[str, dict[int, dict]]]) -> list[tuple[dict, dict]]:
-    """(LoRA run, RoSA run) of every seed both methods ran, in every cell."""
-    pairs = []
-    for methods in cells.values():
-        lora, rosa = methods.get("lora", {}), methods.get("rosa", {})
-        pairs += [(lora[s], rosa[s]) for s in sorted(set(lora) & set(rosa))]
-    return pairs
 
 
 def _diverged_marks(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
@@ -597,11 +592,6 @@ def _loss_ratio(lora: dict[str, Any], rosa: dict[str, Any]) -> float | None:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in (a, b)):
         return None
     return b / a
-
-
-def _loss_ratio_text(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
-    ratio = _loss_ratio(lora, rosa)
-    return ("-" if ratio is None else f"{ratio:.2f}") + _diverged_marks(lora, rosa)
 
 
 def _scored_rows(run: dict[str, Any]) -> str | None:
@@ -623,11 +613,6 @@ def row_paired_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
         return None
     diffs = [int(y) - int(x) for x, y in zip(rows_a, rows_b, strict=True)]
     return _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-
-
-def _by_row(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
-    se = row_paired_se(lora, rosa)
-    return "" if se is None else f" ± {100 * se:.1f} by row"
 
 
 def _pct(runs: list[dict]) -> str:

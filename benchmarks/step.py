@@ -409,13 +409,9 @@ def summarise(rounds: list[list[dict]]) -> list[dict]:
 
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's targets, checked against the summary."""
-
-    def get(setting, dtype, method):
-        return _row(rows, setting, dtype, method)
-
     checks = []
     for setting, dtype in sorted({(r["setting"], r["dtype"]) for r in rows}):
-        rosa, lora, supra = (get(setting, dtype, m) for m in ("rosa", "lora", "supra"))
+        rosa, lora, supra = (_row(rows, setting, dtype, m) for m in ("rosa", "lora", "supra"))
         if not (rosa and lora) or any("error" in r for r in (rosa, lora)):
             continue
 
