@@ -9,7 +9,14 @@ needs the config classes, and so takes as long as ``import rosa``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+# bitsandbytes (imported by PEFT, so by ``import rosa``) logs at import time, on CPUs with AVX512-BF16, that it could
+# not fetch an optional CPU kernel from the hub: a line about its own download on every command, whatever -q says.
+# The command sets its logger's level before it imports rosa; ``python -m rosa.cli`` imports rosa first and so still
+# shows it there.
+_IMPORT_NOTICES = ("bitsandbytes.backends.cpu.ops",)
 
 SETTINGS_HINT = "\nevery setting, with its default and meaning: rosa train --help\n"
 
@@ -154,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
+    for name in _IMPORT_NOTICES:
+        logging.getLogger(name).setLevel(logging.ERROR)
     from rosa.app.cli import run_command
 
     return run_command(args, split_overrides(args))

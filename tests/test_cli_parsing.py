@@ -5,9 +5,11 @@ other libraries on stderr."""
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +220,32 @@ print("OK")
 # --- quiet ------------------------------------------------------------------------------------------------
 
 
+def test_the_command_quiets_import_time_notices_before_it_imports_rosa(monkeypatch):
+    """bitsandbytes logs while PEFT imports it, on CPUs with AVX512-BF16 only; this checks the order on any CPU. The
+    application module is replaced by one that records the loggers' levels when the command imports from it."""
+    seen: dict[str, int] = {}
+
+    class Application(types.ModuleType):
+        def __getattr__(self, name: str):
+            seen.update({n: logging.getLogger(n).level for n in cli._IMPORT_NOTICES})
+            return lambda args, config_and_overrides: 0
+
+    loggers = [logging.getLogger(n) for n in cli._IMPORT_NOTICES]
+    before = [logger.level for logger in loggers]
+    monkeypatch.setitem(sys.modules, "rosa.app.cli", Application("rosa.app.cli"))
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.NOTSET)
+        assert cli.main(["train", "-q"]) == 0
+    finally:
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
+    assert seen and set(seen.values()) == {logging.ERROR}
+
+
 def test_quiet_train_leaves_only_rosa_lines_on_stderr(tmp_path, tiny_model_dir: Path):
-    """Gradient checkpointing on: it draws transformers' deprecation warnings and its use_cache notice."""
+    """Gradient checkpointing on: it draws transformers' deprecation warnings and its use_cache notice. Run as the
+    console script runs (rosa_cli first): on a CPU with AVX512-BF16, bitsandbytes logs at import time."""
     argv = [
         "train",
         f"model.name={tiny_model_dir}",
@@ -229,7 +255,7 @@ def test_quiet_train_leaves_only_rosa_lines_on_stderr(tmp_path, tiny_model_dir: 
         "model.gradient_checkpointing=true",
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "rosa.cli", *argv],
+        [sys.executable, "-m", "rosa_cli", *argv],
         capture_output=True,
         text=True,
         timeout=600,

@@ -40,8 +40,6 @@ def _configure_logging() -> None:
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
     logger.setLevel(logging.WARNING)
-    # bitsandbytes (imported by PEFT) tries to fetch an optional CPU kernel from the hub and warns when offline.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
