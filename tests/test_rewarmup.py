@@ -86,15 +86,20 @@ def test_each_step_after_the_mask_moves_at_the_ramped_rate(restart):
     assert sched.lr_factor == 1.0
 
 
-def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
-    model = wrap_rosa(tiny_llama())
-    opt = _optimizer(model, lr=0.1)
-    sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=1, rewarmup_steps=0))
-    for batch in make_batches(3):
+def _sgd_steps(model, opt, sched, steps: int) -> None:
+    """The loop a user writes, with the scheduler stepped after the optimizer."""
+    for batch in make_batches(steps):
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad()
         sched.step(opt)
+
+
+def test_zero_rewarmup_and_mask_before_the_first_step_apply_no_ramp():
+    model = wrap_rosa(tiny_llama())
+    opt = _optimizer(model, lr=0.1)
+    sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=1, rewarmup_steps=0))
+    _sgd_steps(model, opt, sched, 3)
     assert sched.mask_fixed_step == 2 and sched.lr_factor == 1.0
     # a data-free mask fixed before any step: the run's own LR warm-up covers it
     model = wrap_rosa(tiny_llama())
@@ -109,11 +114,7 @@ def test_the_trainers_lr_warmup_is_the_ramp_unless_it_has_none(lr_warmup, expect
     model = wrap_rosa(tiny_llama())
     opt = _optimizer(model, lr=0.1)
     sched = RosaScheduler(model, rosa_config(warmup_steps=1, mask_steps=2), lr_warmup_steps=lr_warmup)
-    for batch in make_batches(4):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        sched.step(opt)
+    _sgd_steps(model, opt, sched, 4)
     assert sched.mask_fixed_step == 3 and sched.rewarmup_steps == expected
     assert sched.lr_factor == pytest.approx(2 / expected)  # the second step after the mask is next
 
