@@ -193,6 +193,19 @@ def test_qrosa_verdicts_come_from_the_values_and_hand_edits_are_flagged():
     assert "keys the script never writes (`notes`)" in qrosa.markdown(results)
 
 
+@pytest.mark.parametrize(("time_ratio", "memory_ratio"), [(1.3, 1.0), (1.0, 1.3), (1.0, 1.0), (1.3, 1.3)])
+def test_qrosa_explains_only_the_targets_the_joint_phase_misses(time_ratio, memory_ratio):
+    qrosa = load_benchmark("qrosa")
+    results = json.loads((RESULTS / "qrosa.json").read_text())
+    time_t, mem_t = results["targets"]["time_ratio"], results["targets"]["memory_ratio"]
+    joint = results["summary"]["qrosa_joint"]
+    joint.update(time_ratio=time_ratio * time_t, cpu_time_ratio=time_ratio * time_t)
+    joint.update(memory_ratio=memory_ratio * mem_t)
+    text = qrosa.markdown(results)
+    assert ("misses its time target" in text) == (time_ratio > 1)
+    assert ("The memory column is the process's peak RSS" in text) == (memory_ratio > 1)
+
+
 def test_adapter_target_verdict_is_computed():
     adapter_size = load_benchmark("adapter_size")
     results = json.loads((RESULTS / "adapter_size.json").read_text())
