@@ -595,9 +595,14 @@ def _findings(report: dict) -> list[str]:
                 f"and {12 * values / MiB:.1f} MiB for the support's index arrays (12 bytes per nonzero: two "
                 "int32 column lists and an int32 permutation); "
                 "the rest is what the step itself holds at its worst moment. Those two alone come to "
-                f"{100 * 28 * values / MiB / lora['allocator_peak_mib']:.1f}% of LoRA's fp32 peak: at this "
-                f"density RoSA cannot stay within {100 * (MEMORY_VS_LORA - 1):.0f}% of LoRA at the same rank, "
-                "whatever the step does."
+                + " and ".join(
+                    f"{100 * 28 * values / MiB / get('block7b', d, 'lora')['allocator_peak_mib']:.1f}% of LoRA's "
+                    f"{d} peak"
+                    for d in ("fp32", "bf16")
+                    if get("block7b", d, "lora")
+                )
+                + f": at this density RoSA cannot stay within {100 * (MEMORY_VS_LORA - 1):.0f}% of LoRA at the "
+                "same rank, whatever the step does."
             )
         out.append(text)
     bf16 = get("smollm2", "bf16", "rosa")

@@ -337,6 +337,25 @@ def test_step_splits_rosa_excess_over_lora_into_sparse_ops_matmuls_and_the_rest(
     assert "took 1.00-1.30 s under the profiler (1.30x from fastest to slowest process)" in text
 
 
+def test_step_puts_the_sparse_state_against_each_dtypes_lora_peak():
+    """The sparse values' state (16 bytes each) and index arrays (12) as a share of LoRA's allocator peak, per
+    dtype measured: a fixed cost weighs more against bf16's smaller peak."""
+    step = load_benchmark("step")
+    report = json.loads((RESULTS / "step.json").read_text())
+    row = {(r["setting"], r["dtype"], r["method"]): r for r in report["rows"]}
+    values = row["block7b", "fp32", "rosa"]["trainable"] - row["block7b", "fp32", "lora"]["trainable"]
+    shares = {
+        d: 100 * 28 * values / 2**20 / row["block7b", d, "lora"]["allocator_peak_mib"]
+        for d in ("fp32", "bf16")
+        if ("block7b", d, "lora") in row
+    }
+    text = "\n".join(step._findings(report))
+    expected = " and ".join(f"{v:.1f}% of LoRA's {d} peak" for d, v in shares.items())
+    assert f"Those two alone come to {expected}:" in text
+    fp32_only = {**report, "rows": [r for r in report["rows"] if r["dtype"] == "fp32"]}
+    assert f"come to {shares['fp32']:.1f}% of LoRA's fp32 peak:" in "\n".join(step._findings(fp32_only))
+
+
 def test_step_profile_counts_the_forward_kernel_among_rosa_sparse_ops(monkeypatch):
     """sparse_linear's forward runs its kernel without a second dispatch, so the kernel's time shows up under
     the autograd node torch wraps the op in, not under a ``rosa::`` event: it must still count as rosa's."""
