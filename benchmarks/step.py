@@ -580,27 +580,23 @@ def _findings(report: dict) -> list[str]:
         lora, rosa = get("block7b", "fp32", "lora"), get("block7b", "fp32", "rosa")
         if lora and rosa:
             values = rosa["trainable"] - lora["trainable"]
-            excess = [
-                get("block7b", d, "rosa")["allocator_peak_mib"]
-                - get("block7b", d, "lora")["allocator_peak_mib"]
-                for d in ("fp32", "bf16")
-                if get("block7b", d, "rosa") and get("block7b", d, "lora")
+            block = {d: (get("block7b", d, "lora"), get("block7b", d, "rosa")) for d in ("fp32", "bf16")}
+            excess = [r["allocator_peak_mib"] - q["allocator_peak_mib"] for q, r in block.values() if q and r]
+            state, index = 16 * values / MiB, 12 * values / MiB
+            shares = [
+                f"{100 * (state + index) / q['allocator_peak_mib']:.1f}% of LoRA's {d} peak"
+                for d, (q, _) in block.items()
+                if q
             ]
-            state = 16 * values / MiB
             text += (
                 f" On the 7B block RoSA has LoRA's rank *plus* density {100 * report['settings']['density']:g}%: it "
                 f"trains {rosa['trainable'] / lora['trainable']:.1f}x LoRA's parameters. Its excess over LoRA at "
                 f"the peak, {' and '.join(f'{e:.0f}' for e in excess)} MiB, compares with {state:.1f} MiB for "
                 f"the {values:,} sparse values with their gradient and two AdamW moments (fp32, 16 bytes each) "
-                f"and {12 * values / MiB:.1f} MiB for the support's index arrays (12 bytes per nonzero: two "
+                f"and {index:.1f} MiB for the support's index arrays (12 bytes per nonzero: two "
                 "int32 column lists and an int32 permutation); "
                 "the rest is what the step itself holds at its worst moment. Those two alone come to "
-                + " and ".join(
-                    f"{100 * 28 * values / MiB / get('block7b', d, 'lora')['allocator_peak_mib']:.1f}% of LoRA's "
-                    f"{d} peak"
-                    for d in ("fp32", "bf16")
-                    if get("block7b", d, "lora")
-                )
+                + " and ".join(shares)
                 + f": at this density RoSA cannot stay within {100 * (MEMORY_VS_LORA - 1):.0f}% of LoRA at the "
                 "same rank, whatever the step does."
             )
