@@ -6,7 +6,7 @@ renders it with ``describe(results)``, and says so plainly when a JSON predates 
 
     {"command": "python benchmarks/sparse_ops.py --repeats 7", "git_commit": "<sha>[+dirty]",
      "date": "2026-11-29T10:00:00+00:00", "python": ..., "platform": ..., "torch": ..., "torch_threads": ...,
-     "cuda": ..., "cpu_model": ..., "cpu_count": ..., "cpu_affinity": ..., "gpus": [...],
+     "cuda": ..., "cpu_model": ..., "cpu_bf16": [...], "cpu_count": ..., "cpu_affinity": ..., "gpus": [...],
      "load_average_start": [1, 5, 15 min], "load_average_end": [...]}
 """
 
@@ -69,6 +69,24 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the x86 instructions that compute in bf16
+
+
+def cpu_bf16(cpuinfo: str | None = None) -> list[str] | None:
+    """The bf16 instruction sets the CPU reports (``[]``: none), or None where /proc/cpuinfo cannot say. A bf16
+    timing means something else on each kind: without them a bf16 GEMM is slower than fp32's."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in BF16_FLAGS if f in flags]
+    return None
+
+
 def _torch_info() -> dict[str, Any]:
     try:
         import torch
@@ -96,6 +114,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         **_torch_info(),
         "cpu_model": _cpu_model(),
+        "cpu_bf16": cpu_bf16(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average_start": load_average(),
@@ -157,6 +176,8 @@ def describe(results: dict[str, Any], script: str) -> str:
     if not p:
         return _legacy(results, script)
     where = p.get("cpu_model") or "unknown CPU"
+    if "cpu_bf16" in p and p["cpu_bf16"] is not None:
+        where += f" ({', '.join(p['cpu_bf16']) or 'no bf16 instructions'})"
     if p.get("cpu_count"):
         where += f", {p['cpu_count']} CPUs"
     if p.get("gpus"):

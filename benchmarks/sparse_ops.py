@@ -699,6 +699,19 @@ KERNELS = {
 }
 
 
+def _bf16_gemm_sentence(speed: list[float], cpu_bf16: list[str] | None) -> str:
+    """How a bf16 GEMM compares with fp32's on the machine that ran: the yardstick of every bf16 ratio."""
+    cause = (
+        ""
+        if cpu_bf16 is None
+        else f" (the CPU has {', '.join(cpu_bf16)})"
+        if cpu_bf16
+        else " (no bf16 instructions in the CPU)"
+    )
+    text = f"On this machine a bf16 GEMM takes {_range(speed, 1)}x the time of the same GEMM in fp32{cause}"
+    return text + (", which makes the bf16 ratios small." if min(speed) > 1 else ".")
+
+
 def markdown(results: dict) -> str:
     """The README's sparse-operations section, from the JSON alone: every number and every claim (targets met,
     which strategy is faster, how often the cost rule agrees) is computed here."""
@@ -788,10 +801,7 @@ def markdown(results: dict) -> str:
     gemm32 = [r for r in rows if r.get("dtype") == "bf16" and "gemm_fp32" in r["seconds"]]
     if gemm32:
         speed = [r["seconds"]["gemm"] / r["seconds"]["gemm_fp32"] for r in gemm32]
-        para.append(
-            f"On this machine a bf16 GEMM takes {_range(speed, 1)}x the time of the same GEMM in fp32 (no bf16 "
-            "instructions in the CPU), which makes the bf16 ratios small."
-        )
+        para.append(_bf16_gemm_sentence(speed, (results.get("provenance") or {}).get("cpu_bf16")))
     loads = [r["foreign_load_cores"] for r in rows if r.get("foreign_load_cores") is not None]
     if loads:
         para.append(

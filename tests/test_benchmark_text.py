@@ -46,6 +46,21 @@ def test_provenance_records_command_commit_date_machine_andload_benchmark(proven
     assert p["git_commit"] in line and p["date"] in line and "load average" in line
 
 
+def test_provenance_says_whether_the_cpu_computes_in_bf16(provenance):
+    info = "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse avx512f {} avx2\n\n"
+    assert provenance.cpu_bf16(info.format("avx512_bf16 amx_bf16")) == ["avx512_bf16", "amx_bf16"]
+    assert provenance.cpu_bf16(info.format("avx512bw")) == []
+    assert provenance.cpu_bf16("processor\t: 0\n") is None  # no flags line: unknown, not "none"
+    base = {"cpu_model": "AMD EPYC", "cpu_count": 2, "command": "python benchmarks/x.py"}
+    with_bf16 = provenance.describe({"provenance": {**base, "cpu_bf16": ["avx512_bf16"]}}, "benchmarks/x.py")
+    without = provenance.describe({"provenance": {**base, "cpu_bf16": []}}, "benchmarks/x.py")
+    unknown = provenance.describe({"provenance": {**base, "cpu_bf16": None}}, "benchmarks/x.py")
+    older = provenance.describe({"provenance": base}, "benchmarks/x.py")  # written before the field existed
+    assert "AMD EPYC (avx512_bf16), 2 CPUs" in with_bf16
+    assert "AMD EPYC (no bf16 instructions), 2 CPUs" in without
+    assert "AMD EPYC, 2 CPUs" in unknown and "AMD EPYC, 2 CPUs" in older
+
+
 def test_a_rewritten_result_is_not_a_dirty_tree_but_a_code_change_is(provenance, tmp_path):
     import subprocess
 
@@ -176,6 +191,20 @@ def test_sparse_ops_table_uses_one_statistic_throughout(sparse_ops):
         assert cell in text
 
 
+@pytest.mark.parametrize(
+    ("speed", "cpu_bf16", "cause", "small"),
+    [
+        ([6.1, 6.8], [], " (no bf16 instructions in the CPU)", True),
+        ([0.4, 0.5], ["avx512_bf16"], " (the CPU has avx512_bf16)", False),
+        ([2.0, 2.2], None, "", True),  # an older JSON: the CPU's instructions were not recorded
+    ],
+)
+def test_sparse_ops_reads_the_bf16_gemm_against_the_cpu_that_ran(sparse_ops, speed, cpu_bf16, cause, small):
+    text = sparse_ops._bf16_gemm_sentence(speed, cpu_bf16)
+    assert text.startswith(f"On this machine a bf16 GEMM takes {sparse_ops._range(speed, 1)}x the time")
+    assert f"fp32{cause}" in text and ("makes the bf16 ratios small" in text) == small
+
+
 # --- verdicts and hand-edited keys ------------------------------------------------------------------------
 
 
@@ -238,7 +267,8 @@ def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(strategy, 
     rows[1].update(rosa_over_lora=1.05, met=True)
     text = layer.markdown(results)
     assert "| 1.50x (" in text and "**not met**" in text and "Goal met on 1 of 2 rows." in text
-    assert "From fp32 to bf16 the dense GEMM gets" in text
+    gemm = rows[1]["seconds"]["gemm"] / rows[0]["seconds"]["gemm"]  # bf16's time over fp32's
+    assert f"In bf16 the dense GEMM takes {gemm:.2f}x its fp32 time" in text
     assert ("2 x fold" in text) == (strategy == "fold") and ("spmm_t" in text) == (strategy == "spmm")
 
 
