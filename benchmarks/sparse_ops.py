@@ -708,7 +708,7 @@ def _bf16_gemm_sentence(speed: list[float], cpu_bf16: list[str] | None) -> str:
         if cpu_bf16
         else " (no bf16 instructions in the CPU)"
     )
-    text = f"On this machine a bf16 GEMM takes {_range(speed, 1)}x the time of the same GEMM in fp32{cause}"
+    text = f"On this machine a bf16 GEMM takes {_range(speed)}x the time of the same GEMM in fp32{cause}"
     return text + (", which makes the bf16 ratios small." if min(speed) > 1 else ".")
 
 
