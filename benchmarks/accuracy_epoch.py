@@ -656,8 +656,21 @@ def _candidates(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _seed_points(lora: dict, rosa: dict) -> list[tuple[float | None, list[float], list[float]]]:
+    """For LoRA then RoSA: (mean exact match over the seeds both have or None, those seeds' values, the values
+    of seeds the other method lacks), in percent."""
+    paired = set(lora) & set(rosa)
+    points = []
+    for runs in (lora, rosa):
+        values = [100 * r["exact_match"] for seed, r in sorted(runs.items()) if seed in paired]
+        alone = [100 * r["exact_match"] for seed, r in sorted(runs.items()) if seed not in paired]
+        points.append((sum(values) / len(values) if values else None, values, alone))
+    return points
+
+
 def _plot(results: dict[str, Any], plot: Path) -> None:
-    """Per cell: each seed's exact match for LoRA and RoSA (lines pair a seed), means as bars."""
+    """Per cell: each seed's exact match for LoRA and RoSA (lines pair a seed); bars are the means over the seeds
+    both methods have, as in the table, and a seed only one method has yet is drawn hollow."""
     cells = _cells(results)
     if not cells:
         return
@@ -670,11 +683,13 @@ def _plot(results: dict[str, Any], plot: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), squeeze=False)
     for ax, cell in zip(axes[0], names):
         lora, rosa = cells[cell].get("lora", {}), cells[cell].get("rosa", {})
-        for x, runs in ((0, lora), (1, rosa)):
-            values = [100 * r["exact_match"] for r in runs.values()]
+        for x, (mean, values, alone) in enumerate(_seed_points(lora, rosa)):
+            color = ("C0", "C3")[x]
             if values:
-                ax.bar(x, sum(values) / len(values), color=("C0", "C3")[x], alpha=0.5)
-                ax.scatter([x] * len(values), values, color=("C0", "C3")[x], zorder=3)
+                ax.bar(x, mean, color=color, alpha=0.5)
+                ax.scatter([x] * len(values), values, color=color, zorder=3)
+            if alone:
+                ax.scatter([x] * len(alone), alone, facecolors="none", edgecolors=color, zorder=3)
         for seed in set(lora) & set(rosa):
             ax.plot(
                 [0, 1], [100 * lora[seed]["exact_match"], 100 * rosa[seed]["exact_match"]], "k-", alpha=0.3
@@ -682,7 +697,11 @@ def _plot(results: dict[str, Any], plot: Path) -> None:
         ax.set_xticks([0, 1], ["LoRA", "RoSA"])
         ax.set_title(f"{cell[0]}, budget {cell[1]}", fontsize=9)
         ax.set_ylabel("exact match, % (500 test rows)")
-    fig.suptitle("SmolLM2-135M, one epoch: each dot a seed, lines pair a seed's runs", fontsize=9)
+    fig.suptitle(
+        "SmolLM2-135M, one epoch: each dot a seed, lines pair a seed's runs, bars the paired seeds' mean "
+        "(hollow: a seed not yet run by the other method)",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(plot, dpi=110)
     print(f"wrote {plot}")

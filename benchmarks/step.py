@@ -702,7 +702,7 @@ def markdown(report: dict) -> str:
         lines.append(markdown_row([c["setting"], c["dtype"], c["target"], f"{c['value']:.2f}", verdict]))
     lines += [
         "",
-        "![step time and memory](docs/benchmarks/step.png)",
+        "![step time and memory](benchmarks/step.png)",
         "",
         "What this shows:",
         *_findings(report),

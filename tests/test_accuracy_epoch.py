@@ -355,3 +355,17 @@ def test_a_pair_without_a_usable_validation_loss_shows_a_dash_and_is_not_counted
             results["runs"][spec.key] = run
     text = bench._comparison(results)
     assert "| 0.50, - |" in text and "RoSA's is lower in 1 of the 1 pairs" in text
+
+
+def test_the_plot_averages_the_seeds_the_table_pairs_and_keeps_a_lone_seed_apart(bench):
+    lora = {0: {"exact_match": 0.80}, 1: {"exact_match": 0.70}, 2: {"exact_match": 0.10}}
+    rosa = {1: {"exact_match": 0.75}, 0: {"exact_match": 0.90}}
+    (lora_mean, lora_values, lora_alone), (rosa_mean, rosa_values, rosa_alone) = bench._seed_points(
+        lora, rosa
+    )
+    assert lora_values == pytest.approx([80.0, 70.0]) and lora_alone == pytest.approx([10.0])
+    assert lora_mean == pytest.approx(75.0) and rosa_mean == pytest.approx(
+        82.5
+    )  # seed 2 (LoRA only) left out
+    assert rosa_values == pytest.approx([90.0, 75.0]) and rosa_alone == []
+    assert bench._seed_points({0: {"exact_match": 0.5}}, {})[0] == (None, [], [pytest.approx(50.0)])

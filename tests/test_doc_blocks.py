@@ -55,6 +55,20 @@ def test_readme_is_short_and_documents_hold_no_machine_paths():
         assert not found, f"{path.name}: {found[:3]}"
 
 
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
+def test_every_relative_link_and_image_resolves_from_its_document(path):
+    """A link is read relative to the document holding it (as GitHub renders it), so the same path cannot be
+    right in both README.md and docs/*.md."""
+    targets = [
+        t.split("#")[0] for t in LINK.findall(path.read_text()) if "://" not in t and not t.startswith("#")
+    ]
+    missing = [t for t in targets if t and not (path.parent / t).exists()]
+    assert not missing, f"{path.name}: links to {missing} resolve to nothing"
+
+
 def test_readme_python_blocks_run(tiny_model_dir, tmp_path, monkeypatch, one_thread):
     from rosa.mask import mask_layers
 

@@ -47,7 +47,6 @@ SPARSE_STRATEGIES: tuple[str, ...] = get_args(SparseStrategy)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# Sanity bounds: well above any real use, well below what overflows or exhausts memory before a layer exists.
 @dataclass
 class RosaConfig(PeftConfig):
     """Configuration of a RoSA adapter: a LoRA pair plus a sparse matrix whose support is chosen from data.

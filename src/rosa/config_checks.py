@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 
+# Sanity bounds: well above any real use, well below what overflows or exhausts memory before a layer exists.
 MAX_RANK = 1 << 16  # above any released model's hidden size; a layer's own bound is min(out, in)
 MAX_ALPHA = 1e6  # lora_alpha: the LoRA scale is alpha / r; typical values are 8 to 512
 MAX_CAPACITY_FACTOR = 1e6  # global_capacity_factor: a layer's values are capped at out * in anyway
