@@ -267,6 +267,9 @@ def test_layer_benchmark_writes_rows_whose_verdicts_follow_the_values(strategy, 
     rows[1].update(rosa_over_lora=1.05, met=True)
     text = layer.markdown(results)
     assert "| 1.50x (" in text and "**not met**" in text and "Goal met on 1 of 2 rows." in text
+    lora_gemms = rows[0]["seconds"]["lora"] / rows[0]["seconds"]["gemm"]  # the worst (missed) row's LoRA step
+    allowed = (layer.TARGET - 1) * lora_gemms
+    assert f"where the goal allows {allowed:.2f} (LoRA's step takes {lora_gemms:.2f} GEMMs)" in text
     gemm = rows[1]["seconds"]["gemm"] / rows[0]["seconds"]["gemm"]  # bf16's time over fp32's
     assert f"In bf16 the dense GEMM takes {gemm:.2f}x its fp32 time" in text
     assert ("2 x fold" in text) == (strategy == "fold") and ("spmm_t" in text) == (strategy == "spmm")
