@@ -59,28 +59,28 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join(["python", *argv]).strip()
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> str | None:
+    """/proc/cpuinfo's text, or None where there is none (read once: the model and the flags come from it)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return None
+
+
+def _cpu_model(cpuinfo: str | None) -> str:
+    for line in (cpuinfo or "").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of the x86 instructions that compute in bf16
 
 
-def cpu_bf16(cpuinfo: str | None = None) -> list[str] | None:
-    """The bf16 instruction sets the CPU reports (``[]``: none), or None where /proc/cpuinfo cannot say. A bf16
-    timing means something else on each kind: without them a bf16 GEMM is slower than fp32's."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
+def cpu_bf16(cpuinfo: str | None) -> list[str] | None:
+    """The bf16 instruction sets ``cpuinfo`` (/proc/cpuinfo's text) reports (``[]``: none), or None where it cannot
+    say. A bf16 timing means something else on each kind: without them a bf16 GEMM is slower than fp32's."""
+    for line in (cpuinfo or "").splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             return [f for f in BF16_FLAGS if f in flags]
@@ -106,6 +106,7 @@ def _torch_info() -> dict[str, Any]:
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line, git commit (+dirty), UTC date, Python / torch / CPU / GPU description and the load average
     at the moment of the call (call it when the benchmark starts)."""
+    cpuinfo = _cpuinfo()
     return {
         "command": command_line(argv),
         "git_commit": git_commit(),
@@ -113,8 +114,8 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         **_torch_info(),
-        "cpu_model": _cpu_model(),
-        "cpu_bf16": cpu_bf16(),
+        "cpu_model": _cpu_model(cpuinfo),
+        "cpu_bf16": cpu_bf16(cpuinfo),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "load_average_start": load_average(),

@@ -364,8 +364,7 @@ def test_the_plot_averages_the_seeds_the_table_pairs_and_keeps_a_lone_seed_apart
         lora, rosa
     )
     assert lora_values == pytest.approx([80.0, 70.0]) and lora_alone == pytest.approx([10.0])
-    assert lora_mean == pytest.approx(75.0) and rosa_mean == pytest.approx(
-        82.5
-    )  # seed 2 (LoRA only) left out
+    # seed 2 (LoRA only) is left out of both means
+    assert lora_mean == pytest.approx(75.0) and rosa_mean == pytest.approx(82.5)
     assert rosa_values == pytest.approx([90.0, 75.0]) and rosa_alone == []
     assert bench._seed_points({0: {"exact_match": 0.5}}, {})[0] == (None, [], [pytest.approx(50.0)])
