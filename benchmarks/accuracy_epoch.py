@@ -21,7 +21,9 @@ optimizer step, from the library).
 Learning rates: one rule for every method. Each (task, budget) trains at the rate the first protocol's policy
 kept at 150 steps (``RATES``: probes, then two finalists trained in full, lower validation loss; recorded in
 docs/benchmarks/accuracy.json, a test checks the table against it). At every cell the policy kept the same rate
-for LoRA and for RoSA. Every run: batches of 8 (length-grouped, seeded), linear warm-up over 10% of the steps
+for LoRA and for RoSA. ``--other-finalist`` trains a comparison run at the finalist the policy did not keep
+(``OTHER_FINALISTS``), reported beside its seed's run at the kept rate and never in the comparison: whether
+validation at one epoch would have kept the same rate. Every run: batches of 8 (length-grouped, seeded), linear warm-up over 10% of the steps
 then cosine, AdamW without weight decay, clipping at 1.0, fp32 weights; the same batches for both methods of a seed.
 
 RoSA's schedule is the library's (``rosa.schedule.RosaSchedule``, from the RosaConfig): the mask from the first 8
@@ -48,6 +50,7 @@ a killed process) goes on from its last checkpoint (every 25 steps, in ``.accura
 
     python benchmarks/accuracy_epoch.py --part lora-reference candidates --threads 1
     python benchmarks/accuracy_epoch.py --part comparison --methods lora --budgets low --seeds 0 1 2 --threads 1
+    python benchmarks/accuracy_epoch.py --part comparison --other-finalist --tasks sql --seeds 0 --threads 1
     python benchmarks/accuracy_epoch.py --report
 """
 
@@ -81,6 +84,14 @@ BUDGETS = {"low": 4, "mid": 16}  # the LoRA rank whose trainable count is the bu
 CANDIDATE_BUDGET = "low"  # the budget the candidates choose RoSA's split at (see split_rank)
 # The rate the first protocol's policy kept at 150 steps, the same for LoRA and RoSA at every cell.
 RATES = {("viggo", "low"): 9e-3, ("sql", "low"): 3e-3, ("viggo", "mid"): 3e-3, ("sql", "mid"): 3e-3}
+# The finalist the policy did not keep, per (task, budget, method) (also a copy, checked against accuracy.json):
+# ``--other-finalist`` trains it for one epoch, so one-epoch validation can say whether it would have kept the same.
+OTHER_FINALISTS = {
+    ("viggo", "low", "lora"): 3e-3, ("viggo", "low", "rosa"): 2.7e-2,
+    ("sql", "low", "lora"): 9e-3, ("sql", "low", "rosa"): 9e-3,
+    ("viggo", "mid", "lora"): 9e-3, ("viggo", "mid", "rosa"): 9e-3,
+    ("sql", "mid", "lora"): 1e-3, ("sql", "mid", "rosa"): 1e-3,
+}  # fmt: skip
 GRANULARITIES = ("example", "micro_batch")
 SPLITS = ("r2", "r1", "r3", "r0", "auto")  # the first protocol's split first: the granularity is chosen there
 SPARSE_RATIOS = (1.0, 0.5)  # the third stage, beside the first protocol's lr / 3.5
@@ -99,6 +110,7 @@ class Spec:
     split: str = "r2"
     sparse_lr_ratio: float = 3.5
     score_test: bool = True
+    other_finalist: bool = False  # at the policy's other finalist rate (OTHER_FINALISTS), not the kept one
 
     @property
     def key(self) -> str:
@@ -106,10 +118,13 @@ class Spec:
         variant = (
             f"/{self.granularity}/{self.split}/sr{self.sparse_lr_ratio:g}" if self.method == "rosa" else ""
         )
-        return f"{self.task}/{self.method}/{self.budget}/{length}{variant}/seed{self.seed}"
+        rate = f"/lr{self.lr:g}" if self.other_finalist else ""
+        return f"{self.task}/{self.method}/{self.budget}/{length}{variant}{rate}/seed{self.seed}"
 
     @property
     def lr(self) -> float:
+        if self.other_finalist:
+            return OTHER_FINALISTS[(self.task, self.budget, self.method)]
         return RATES[(self.task, self.budget)]
 
 
@@ -348,7 +363,10 @@ def _progress(results: dict[str, Any]) -> str:
     candidates_run = sum(
         r["spec"]["method"] == "rosa" and r["spec"]["steps"] == CANDIDATE_STEPS for r in runs
     )
-    compared = sum(r["spec"]["steps"] is None and "exact_match" in r for r in runs)
+    compared = sum(
+        r["spec"]["steps"] is None and "exact_match" in r and not r["spec"].get("other_finalist")
+        for r in runs
+    )
     planned = sum(2 * len(TASKS) * n for n in COMPARISON_SEEDS.values())
     chosen = []
     for stage, describe in enumerate(
@@ -378,7 +396,7 @@ def _progress(results: dict[str, Any]) -> str:
 def report(results: dict[str, Any], plot: Path | None = None) -> str:
     """The markdown the docs show: the comparison with its verdict, every one-epoch run, then the candidates
     (all from the JSON)."""
-    parts = (_comparison(results), _epoch_runs(results), _candidates(results))
+    parts = (_comparison(results), _other_finalists(results), _epoch_runs(results), _candidates(results))
     text = "\n\n".join(p for p in parts if p) if any(parts) else _progress(results)
     text += "\n"
     print(text)
@@ -416,7 +434,7 @@ def _epoch_runs(results: dict[str, Any]) -> str:
             "LoRA"
             if s["method"] == "lora"
             else f"RoSA ({s['split']}, fisher per {s['granularity']}, sparse lr / {s['sparse_lr_ratio']:g})"
-        )
+        ) + (" at the other finalist" if s.get("other_finalist") else "")
         lines.append(
             markdown_row(
                 [
@@ -470,7 +488,7 @@ def _cells(results: dict[str, Any]) -> dict[tuple, dict[str, dict[int, dict]]]:
     cells: dict[tuple, dict[str, dict[int, dict]]] = {}
     for run in results["runs"].values():
         s = run["spec"]
-        if s["steps"] is None and "exact_match" in run:
+        if s["steps"] is None and "exact_match" in run and not s.get("other_finalist"):
             cells.setdefault((s["task"], s["budget"]), {}).setdefault(s["method"], {})[s["seed"]] = run
     return cells
 
@@ -580,6 +598,40 @@ def _comparison(results: dict[str, Any]) -> str:
             "the paired SE over seeds is the verdict's. " + target
         )
     return "\n".join(rows) + "\n\n" + target
+
+
+def _other_finalists(results: dict[str, Any]) -> str:
+    """Each run at the policy's other finalist beside its seed's run at the kept rate: would validation at one
+    epoch have kept the same rate?"""
+    cells = _cells(results)
+    rows, agree = [], []
+    for run in results["runs"].values():
+        s = run["spec"]
+        if not (s.get("other_finalist") and s["steps"] is None and "exact_match" in run):
+            continue
+        kept = cells.get((s["task"], s["budget"]), {}).get(s["method"], {}).get(s["seed"])
+        if kept is None or any(kept["spec"].get(k) != v for k, v in s.items() if k != "other_finalist"):
+            continue
+        picks_kept = math.isnan(run["val_loss"]) or kept["val_loss"] <= run["val_loss"]  # nan never wins
+        agree.append(picks_kept)
+        rows.append(
+            [s["task"], s["budget"], "LoRA" if s["method"] == "lora" else "RoSA", s["seed"]]
+            + [f"{r['lr']:g}: {100 * r['exact_match']:.1f}%, {r['val_loss']:.4f}" + (" **diverged**" if diverged(r) else "")
+               for r in (kept, run)]
+            + [f"{(kept if picks_kept else run)['lr']:g}" + ("" if picks_kept else " (not the kept rate)")]
+        )  # fmt: skip
+    if not rows:
+        return ""
+    table = markdown_table(
+        ["task", "budget", "method", "seed", "kept rate: exact match, val loss", "other finalist: the same",
+         "one-epoch validation picks"],
+        sorted(rows),
+    )  # fmt: skip
+    return (
+        "The rate policy's two finalists at one epoch (the comparison runs at the rate kept at 150 steps; the "
+        "other finalist trained for one epoch at the same seed):\n\n" + "\n".join(table) + "\n\n"
+        f"One-epoch validation loss picks the rate kept at 150 steps in {sum(agree)} of {len(agree)}."
+    )
 
 
 def _diverged_marks(lora: dict[str, Any], rosa: dict[str, Any]) -> str:
@@ -719,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only specs whose key contains one of these"
     )
+    parser.add_argument(
+        "--other-finalist",
+        action="store_true",
+        help="comparison at the rate policy's other finalist (OTHER_FINALISTS), not the kept rate",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument(
@@ -744,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             if defaults is None:
                 raise SystemExit("RoSA's defaults come from the candidates: run --part candidates first")
             specs = comparison(args.methods, args.budgets, args.seeds, defaults)
-            specs = [s for s in specs if s.task in args.tasks]
+            specs = [replace(s, other_finalist=args.other_finalist) for s in specs if s.task in args.tasks]
         if args.only:
             specs = [s for s in specs if any(part in s.key for part in args.only)]
         run(specs, args.out)

@@ -68,6 +68,24 @@ def test_rates_are_what_the_first_protocols_policy_kept(bench, first_protocol):
         assert kept == {"lora": rate, "rosa": rate}, (task, budget, kept)
 
 
+def test_other_finalists_are_the_finalists_the_policy_did_not_keep(bench, first_protocol):
+    """OTHER_FINALISTS is a copy too: per policy run, its recorded finalists less the rate it kept."""
+    runs = json.loads(first_protocol.OUT.read_text())["runs"]
+    policy = first_protocol.RATE_POLICY
+    other = {
+        (run["spec"]["task"], run["spec"].get("budget"), run["spec"]["method"]): [
+            float(lr) for lr in run["finalists"] if float(lr) != run["lr"]
+        ]
+        for run in runs.values()
+        if run.get("rate_policy") == policy
+        and "finalists" in run
+        and run["spec"].get("seed", 0) == 0
+        and run["spec"]["steps"] == first_protocol.STEPS
+        and first_protocol.kind(run["spec"]) == "comparison"
+    }
+    assert other == {cell: [lr] for cell, lr in bench.OTHER_FINALISTS.items()}
+
+
 def _result(bench, spec, val_loss):
     return {"spec": asdict(spec), "val_loss": val_loss}
 
@@ -368,3 +386,52 @@ def test_the_plot_averages_the_seeds_the_table_pairs_and_keeps_a_lone_seed_apart
     assert lora_mean == pytest.approx(75.0) and rosa_mean == pytest.approx(82.5)
     assert rosa_values == pytest.approx([90.0, 75.0]) and rosa_alone == []
     assert bench._seed_points({0: {"exact_match": 0.5}}, {})[0] == (None, [], [pytest.approx(50.0)])
+
+
+def _epoch_run(bench, spec, exact_match, val_loss):
+    return {
+        **_result(bench, spec, val_loss),
+        "exact_match": exact_match,
+        "correct": round(500 * exact_match),
+        "count": 500,
+        "lr": spec.lr,
+        "steps": 350,
+        "wall_seconds": 60,
+        "cpu_seconds": 60,
+        "commit": "0" * 40,
+    }
+
+
+def test_a_run_at_the_other_finalist_is_set_beside_its_seeds_kept_rate_and_stays_out_of_the_comparison(bench):
+    results = bench.empty_results()
+    defaults = {"granularity": "example", "split": "r2", "sparse_lr_ratio": 3.5}
+    kept = [s for s in bench.comparison(["lora", "rosa"], ["low"], [0], defaults) if s.task == "sql"]
+    other = [replace(s, other_finalist=True) for s in kept]
+    assert all(
+        o.key != k.key and o.lr == bench.OTHER_FINALISTS[("sql", "low", o.method)]
+        for o, k in zip(other, kept)
+    )
+    for spec in kept:
+        results["runs"][spec.key] = _epoch_run(bench, spec, 0.40, 0.15)
+    before = bench._comparison(results)
+    assert bench._other_finalists(results) == ""  # nothing at the other finalist yet
+    # LoRA's other rate validates better (0.14 < 0.15) and scores higher; RoSA's worse
+    results["runs"][other[0].key] = _epoch_run(bench, other[0], 0.45, 0.14)
+    results["runs"][other[1].key] = _epoch_run(bench, other[1], 0.30, 0.16)
+    assert bench._comparison(results) == before  # the comparison is at the kept rate only
+    text = bench._other_finalists(results)
+    lora_lr, rosa_lr = (bench.OTHER_FINALISTS[("sql", "low", m)] for m in ("lora", "rosa"))
+    kept_lr = bench.RATES[("sql", "low")]
+    assert (
+        f"| sql | low | LoRA | 0 | {kept_lr:g}: 40.0%, 0.1500 | {lora_lr:g}: 45.0%, 0.1400 | {lora_lr:g} (not the kept rate) |"
+        in text
+    )
+    assert (
+        f"| sql | low | RoSA | 0 | {kept_lr:g}: 40.0%, 0.1500 | {rosa_lr:g}: 30.0%, 0.1600 | {kept_lr:g} |"
+        in text
+    )
+    assert "picks the rate kept at 150 steps in 1 of 2" in text
+    assert bench._epoch_runs(results).count("at the other finalist") == 2
+    assert "4 of the comparison" not in bench._progress(results) and "2 of the comparison" in bench._progress(
+        results
+    )
