@@ -435,3 +435,15 @@ def test_a_run_at_the_other_finalist_is_set_beside_its_seeds_kept_rate_and_stays
     assert "4 of the comparison" not in bench._progress(results) and "2 of the comparison" in bench._progress(
         results
     )
+
+
+def test_an_other_finalist_without_a_finite_validation_loss_is_never_picked(bench):
+    results = bench.empty_results()
+    defaults = {"granularity": "example", "split": "r2", "sparse_lr_ratio": 3.5}
+    kept = next(s for s in bench.comparison(["lora"], ["low"], [0], defaults) if s.task == "viggo")
+    other = replace(kept, other_finalist=True)
+    results["runs"][kept.key] = _epoch_run(bench, kept, 0.80, 0.03)
+    results["runs"][other.key] = _epoch_run(bench, other, 0.0, float("nan"))
+    text = bench._other_finalists(results)
+    assert f"| {bench.RATES[('viggo', 'low')]:g} |" in text and "not the kept rate" not in text
+    assert "in 1 of 1" in text
