@@ -447,3 +447,22 @@ def test_an_other_finalist_without_a_finite_validation_loss_is_never_picked(benc
     text = bench._other_finalists(results)
     assert f"| {bench.RATES[('viggo', 'low')]:g} |" in text and "not the kept rate" not in text
     assert "in 1 of 1" in text
+
+
+def test_the_readme_summary_names_each_rate_one_epoch_validation_would_change_and_each_not_run(bench):
+    results = bench.empty_results()
+    defaults = {"granularity": "example", "split": "r2", "sparse_lr_ratio": 3.5}
+    for spec in bench.comparison(["lora", "rosa"], ["low"], [0], defaults):
+        results["runs"][spec.key] = _epoch_run(bench, spec, 0.40, 0.15)
+    assert "Rate check" not in bench.summary(results)  # no run at another rate: no sentence
+    sql, viggo = (replace(bench.Spec(t, "lora"), other_finalist=True) for t in ("sql", "viggo"))
+    results["runs"][sql.key] = _epoch_run(bench, sql, 0.30, 0.20)  # worse: the kept rate stays
+    results["runs"][viggo.key] = _epoch_run(bench, viggo, 0.50, 0.10)  # better: validation would change it
+    text = bench.summary(results)
+    assert "keeps the 150-step rate for LoRA on sql at low;" in text
+    assert (
+        f"the other finalist for LoRA on viggo at low (50.0%, val loss 0.1000 at {viggo.lr:g} against 40.0%, "
+        f"0.1500 at the kept {bench.RATES[('viggo', 'low')]:g})" in text
+    )
+    assert "Not run at one epoch: RoSA on viggo at low" in text and "RoSA on sql at low" in text
+    assert "at mid" not in text.split("Rate check")[1]  # no run at mid: its finalists are not listed
