@@ -23,8 +23,8 @@ kept at 150 steps (``RATES``: probes, then two finalists trained in full, lower 
 docs/benchmarks/accuracy.json, a test checks the table against it). At every cell the policy kept the same rate
 for LoRA and for RoSA. ``--other-finalist`` trains a comparison run at the finalist the policy did not keep
 (``OTHER_FINALISTS``), reported beside its seed's run at the kept rate and never in the comparison: whether
-validation at one epoch would have kept the same rate. Every run: batches of 8 (length-grouped, seeded), linear warm-up over 10% of the steps
-then cosine, AdamW without weight decay, clipping at 1.0, fp32 weights; the same batches for both methods of a seed.
+validation at one epoch would have kept the same rate. Every run: batches of 8 (length-grouped, seeded), linear
+warm-up over 10% of the steps then cosine, AdamW without weight decay, clipping at 1.0, fp32 weights; the same batches for both methods of a seed.
 
 RoSA's schedule is the library's (``rosa.schedule.RosaSchedule``, from the RosaConfig): the mask from the first 8
 micro-batches of training, then A and B restart and everything that starts re-warms up over 10% of the steps;
@@ -367,10 +367,7 @@ def _progress(results: dict[str, Any]) -> str:
     candidates_run = sum(
         r["spec"]["method"] == "rosa" and r["spec"]["steps"] == CANDIDATE_STEPS for r in runs
     )
-    compared = sum(
-        r["spec"]["steps"] is None and "exact_match" in r and not r["spec"].get("other_finalist")
-        for r in runs
-    )
+    compared = sum(len(seeds) for methods in _cells(results).values() for seeds in methods.values())
     planned = sum(2 * len(TASKS) * n for n in COMPARISON_SEEDS.values())
     chosen = []
     for stage, describe in enumerate(
@@ -620,8 +617,8 @@ def _finalist_pairs(results: dict[str, Any]) -> list[tuple[dict, dict, dict, boo
     return sorted(pairs, key=lambda p: (list(BUDGETS).index(p[0]["budget"]), p[0]["task"], p[0]["method"]))
 
 
-def _method_name(spec: dict[str, Any]) -> str:
-    return "LoRA" if spec["method"] == "lora" else "RoSA"
+def _method_name(method: str) -> str:
+    return "LoRA" if method == "lora" else "RoSA"
 
 
 def _other_finalists(results: dict[str, Any]) -> str:
@@ -631,7 +628,7 @@ def _other_finalists(results: dict[str, Any]) -> str:
     if not pairs:
         return ""
     rows = [
-        [s["task"], s["budget"], _method_name(s), s["seed"]]
+        [s["task"], s["budget"], _method_name(s["method"]), s["seed"]]
         + [f"{r['lr']:g}: {100 * r['exact_match']:.1f}%, {r['val_loss']:.4f}" + (" **diverged**" if diverged(r) else "")
            for r in (kept, run)]
         + [f"{(kept if picks_kept else run)['lr']:g}" + ("" if picks_kept else " (not the kept rate)")]
@@ -656,9 +653,11 @@ def _rate_check(results: dict[str, Any]) -> str:
     pairs = _finalist_pairs(results)
     if not pairs:
         return ""
-    confirmed = [f"{_method_name(s)} on {s['task']} at {s['budget']}" for s, *_, keeps in pairs if keeps]
+    confirmed = [
+        f"{_method_name(s['method'])} on {s['task']} at {s['budget']}" for s, *_, keeps in pairs if keeps
+    ]
     changed = [
-        f"{_method_name(s)} on {s['task']} at {s['budget']} ({100 * run['exact_match']:.1f}%, val loss "
+        f"{_method_name(s['method'])} on {s['task']} at {s['budget']} ({100 * run['exact_match']:.1f}%, val loss "
         f"{run['val_loss']:.4f} at {run['lr']:g} against {100 * kept['exact_match']:.1f}%, {kept['val_loss']:.4f} "
         f"at the kept {kept['lr']:g})"
         for s, kept, run, keeps in pairs
@@ -668,7 +667,7 @@ def _rate_check(results: dict[str, Any]) -> str:
     ran = {(s["task"], s["budget"], s["method"]) for s, *_ in pairs}
     budgets = {budget for _, budget, _ in ran}
     missing = [
-        f"{_method_name({'method': m})} on {t} at {b} ({lr:g})"
+        f"{_method_name(m)} on {t} at {b} ({lr:g})"
         for (t, b, m), lr in OTHER_FINALISTS.items()
         if b in budgets and (t, b, m) not in ran
     ]
@@ -836,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="print the tables and draw the plot; no training"
     )
     args = parser.parse_args(argv)
+    if args.other_finalist and args.part != ["comparison"]:
+        parser.error("--other-finalist applies to --part comparison alone")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.report or not args.part:

@@ -49,41 +49,53 @@ def test_test_rows_never_chose_a_setting_or_trained(bench, first_protocol, task)
     assert [_rows(p) for p in bench.splits(task)] == [train, val, test]  # fixed seeds: the same every call
 
 
+def _policy_runs(first_protocol) -> list[dict]:
+    """The first protocol's comparison runs that its rate policy chose a rate for (seed 0, standard length)."""
+    runs = json.loads(first_protocol.OUT.read_text())["runs"]
+    return [
+        run
+        for run in runs.values()
+        if run.get("rate_policy") == first_protocol.RATE_POLICY
+        and run["spec"].get("seed", 0) == 0
+        and run["spec"]["steps"] == first_protocol.STEPS
+        and first_protocol.kind(run["spec"]) == "comparison"
+    ]
+
+
 def test_rates_are_what_the_first_protocols_policy_kept(bench, first_protocol):
     """RATES is a copy of decisions recorded in docs/benchmarks/accuracy.json: the same rate for LoRA and RoSA."""
-    runs = json.loads(first_protocol.OUT.read_text())["runs"]
-    policy = first_protocol.RATE_POLICY
+    runs = _policy_runs(first_protocol)
     for (task, budget), rate in bench.RATES.items():
         kept = {
             run["spec"]["method"]: run["lr"]
-            for run in runs.values()
-            if run.get("rate_policy") == policy
-            and run["spec"]["task"] == task
+            for run in runs
+            if run["spec"]["task"] == task
             and run["spec"].get("budget") == budget
             and run["spec"]["method"] in ("lora", "rosa")
-            and run["spec"].get("seed", 0) == 0
-            and run["spec"]["steps"] == first_protocol.STEPS
-            and first_protocol.kind(run["spec"]) == "comparison"
         }
         assert kept == {"lora": rate, "rosa": rate}, (task, budget, kept)
 
 
 def test_other_finalists_are_the_finalists_the_policy_did_not_keep(bench, first_protocol):
     """OTHER_FINALISTS is a copy too: per policy run, its recorded finalists less the rate it kept."""
-    runs = json.loads(first_protocol.OUT.read_text())["runs"]
-    policy = first_protocol.RATE_POLICY
     other = {
         (run["spec"]["task"], run["spec"].get("budget"), run["spec"]["method"]): [
             float(lr) for lr in run["finalists"] if float(lr) != run["lr"]
         ]
-        for run in runs.values()
-        if run.get("rate_policy") == policy
-        and "finalists" in run
-        and run["spec"].get("seed", 0) == 0
-        and run["spec"]["steps"] == first_protocol.STEPS
-        and first_protocol.kind(run["spec"]) == "comparison"
+        for run in _policy_runs(first_protocol)
+        if "finalists" in run
     }
     assert other == {cell: [lr] for cell, lr in bench.OTHER_FINALISTS.items()}
+
+
+@pytest.mark.parametrize("part", [[], ["candidates"], ["comparison", "candidates"]])
+def test_other_finalist_outside_the_comparison_is_refused(bench, part, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main([*(["--part", *part] if part else []), "--other-finalist"])
+    assert (
+        exit.value.code == 2
+        and "--other-finalist applies to --part comparison alone" in capsys.readouterr().err
+    )
 
 
 def _result(bench, spec, val_loss):
